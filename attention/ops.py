@@ -1,0 +1,78 @@
+"""The fused kernels as torch ops, so autograd and torch.compile see one opaque call per direction.
+
+Each fused backend has a forward op ``(q, k, v, causal, softmax_scale) -> (o, lse)`` and a backward
+op ``(dout, q, k, v, o, lse, causal, softmax_scale) -> (dq, dk, dv)``:
+- ``fused_attention::fwd`` / ``::bwd``: the C++ ops of ``attention._C`` (CPU and, when built, CUDA);
+- ``fused_attention_triton::fwd`` / ``::bwd``: the Triton kernels, defined here.
+Both get the same fake implementation (outputs are always fresh contiguous tensors) and the same
+autograd formula. lse is returned without a gradient: it is marked non-differentiable.
+"""
+import importlib
+
+import torch
+from torch import Tensor
+
+try:
+    importlib.import_module("attention._C")  # registers fused_attention::fwd/bwd
+    EXTENSION_ERROR = None
+except ImportError as exc:  # not built (no compiler at install time) or built for another torch
+    EXTENSION_ERROR = f"the C++ extension attention._C is not available ({exc})"
+
+
+@torch.library.custom_op("fused_attention_triton::fwd", mutates_args=())
+def triton_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> tuple[Tensor, Tensor]:
+    from .triton_kernels.forward import attention_forward
+
+    return attention_forward(q, k, v, causal, softmax_scale)
+
+
+@torch.library.custom_op("fused_attention_triton::bwd", mutates_args=())
+def triton_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, softmax_scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    from .triton_kernels.backward import attention_backward
+
+    return attention_backward(dout, q, k, v, o, lse, causal, softmax_scale)
+
+
+def _fake_forward(q, k, v, causal, softmax_scale):
+    batch, heads, n_q, head_dim = q.shape
+    return q.new_empty(batch, heads, n_q, head_dim), q.new_empty(batch, heads, n_q, dtype=torch.float32)
+
+
+def _fake_backward(dout, q, k, v, o, lse, causal, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, softmax_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _autograd_for(backward_op):
+    def backward(ctx, dout, _dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1:  # e.g. the expanded gradient of o.sum()
+            dout = dout.contiguous()
+        dq, dk, dv = backward_op(dout, q, k, v, o, lse, ctx.causal, ctx.softmax_scale)
+        return dq, dk, dv, None, None
+
+    return backward
+
+
+_OPS = [("fused_attention_triton::fwd", "fused_attention_triton::bwd", triton_backward)]
+if EXTENSION_ERROR is None:
+    _OPS.append(("fused_attention::fwd", "fused_attention::bwd", torch.ops.fused_attention.bwd))
+
+for _fwd_name, _bwd_name, _bwd_op in _OPS:
+    torch.library.register_fake(_fwd_name)(_fake_forward)
+    torch.library.register_fake(_bwd_name)(_fake_backward)
+    torch.library.register_autograd(_fwd_name, _autograd_for(_bwd_op), setup_context=_setup_context)
+
+# Whether attention._C was built with the CUDA kernels; read once here, so dispatch stays traceable.
+HAS_CUDA_KERNELS = EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fused_attention::fwd", "CUDA"
+)

@@ -1,0 +1,263 @@
+"""Long-context profiler: `python -m benchmarks.profile` doubles N until each provider runs out of memory or time.
+
+Default on a GPU: B=1, H=16, d=128, bf16, causal, forward and fwd+bwd, N from 1K; our backends go
+to 1M tokens (2^20), baselines stop once their next call would pass --time-limit seconds. Records
+time and peak memory, fits the scaling exponents (time ~ N^a, memory ~ N^b) over the largest points,
+says where each provider stopped (naive attention: out of memory), and plots both, log-log.
+``--trace N`` instead profiles one call of each provider at length N into a Chrome/Perfetto trace
+(open in ui.perfetto.dev), with a torch.profiler range and an NVTX range (for Nsight) per call.
+Without a GPU: the same at small sizes on the CPU (it says so).
+"""
+import argparse
+import contextlib
+import dataclasses
+import math
+import pathlib
+import sys
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works without a display
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from .providers import needs_grad, select_providers  # noqa: E402
+from .report import RESULTS_DIR, log_y_axis, seqlen_axis, write_json  # noqa: E402
+from .run import DTYPES, Config, describe, device_slug, environment, make_inputs, measure, result_row  # noqa: E402
+from .scaling import fit_exponent  # noqa: E402
+
+# At fixed batch and heads attention's work grows as N^2: doubling N quadruples the next call.
+NEXT_CALL_GROWTH = 4.0
+
+# (batch, heads, head_dim, dtype, first N, last N, time limit for baselines, for ours) per device.
+DEFAULTS = {
+    "cuda": (1, 16, 128, "bf16", 1024, 2**20, 20.0, 300.0),
+    "cpu": (1, 4, 64, "fp32", 128, 8192, 1.0, 5.0),
+}
+
+
+def _name_list(text):
+    return [x for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--providers", type=_name_list, help="comma list of provider names (default: all)")
+    p.add_argument("--modes", type=_name_list, default=["fwd", "fwd+bwd"], help="comma list of fwd,bwd,fwd+bwd")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--head-dim", type=int)
+    p.add_argument("--dtype", choices=tuple(DTYPES))
+    p.add_argument("--non-causal", action="store_true", help="profile without the causal mask")
+    p.add_argument("--start", type=int, help="first sequence length")
+    p.add_argument("--max-seqlen", type=int, help="last sequence length")
+    p.add_argument("--time-limit", type=float, help="seconds: a baseline stops when its next call would pass it")
+    p.add_argument("--ours-time-limit", type=float, help="the same, for our backends")
+    p.add_argument("--fit-points", type=int, default=4, help="how many of the largest N the exponent fit uses")
+    p.add_argument("--cpu-min-time", type=float, default=0.2, help="seconds of repeats per CPU timing")
+    p.add_argument("--trace", type=int, metavar="N", help="write a profiler trace of one call per provider at N")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    p.add_argument("--out", type=pathlib.Path, help="output folder (default: benchmarks/results/<device>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.fit_points < 2:
+        p.error(f"--fit-points must be at least 2 (a line needs two points), got {args.fit_points}")
+    return args
+
+
+def sweep(providers, modes, base, max_seqlen, limits, device, cpu_min_time_s, progress=True):
+    """Each provider from ``base.seqlen`` doubling to ``max_seqlen``; returns (rows, why each one stopped).
+
+    ``limits[is_ours]`` is the longest call in seconds a provider may be asked for.
+    """
+    env = environment(device)
+    rows, stops = [], {}
+    bar = tqdm(disable=not progress, unit="run", file=sys.stderr)
+    for mode in modes:
+        for provider in providers:
+            limit_s = limits[provider.is_ours]
+            n = base.seqlen
+            while True:
+                bar.set_description(f"{provider.name:>14} {mode:>7} N={n}")
+                config = dataclasses.replace(base, seqlen=n)
+                m = measure(provider, config, mode, device, cpu_min_time_s)
+                bar.update()
+                rows.append(result_row(provider, config, mode, m, env))
+                if m.status != "ok":
+                    stops[provider.name, mode] = m.reason if m.status == "skipped" else f"{m.status} at N={n}"
+                    break
+                if n * 2 > max_seqlen:
+                    stops[provider.name, mode] = f"reached the last N={n}"
+                    break
+                next_call_s = m.ms / 1e3 * NEXT_CALL_GROWTH
+                if next_call_s > limit_s:
+                    stops[provider.name, mode] = f"time limit after N={n} (next call ~{next_call_s:.1f} s > {limit_s:g} s)"
+                    break
+                n *= 2
+    bar.close()
+    return rows, stops
+
+
+def exponents(rows, upper_points):
+    """{(provider, mode): (time exponent, memory exponent)} over the ``upper_points`` largest N."""
+    series = defaultdict(list)
+    for row in rows:
+        if row["status"] == "ok":
+            series[row["provider"], row["mode"]].append(row)
+    return {
+        key: (
+            fit_exponent([r["seqlen"] for r in rs], [r["ms"] for r in rs], upper_points),
+            fit_exponent([r["seqlen"] for r in rs], [r["peak_memory_mib"] for r in rs], upper_points),
+        )
+        for key, rs in series.items()
+    }
+
+
+def format_report(rows, stops, fits, upper_points):
+    lines = [f"{'mode':>8}{'provider':>15}{'N':>9}{'ms':>12}{'TFLOP/s':>9}{'peak MiB':>11}  status"]
+    for row in rows:
+        if row["status"] == "skipped":
+            continue
+        lines.append(
+            f"{row['mode']:>8}{row['provider']:>15}{row['seqlen']:>9}{row['ms']:>12.3f}{row['tflops']:>9.3f}"
+            f"{row['peak_memory_mib']:>11.1f}  {row['status']}"
+        )
+    lines += ["", f"scaling exponents (least squares in log-log over the {upper_points} largest N):"]
+    lines.append(f"{'mode':>8}{'provider':>15}{'time ~ N^a':>12}{'memory ~ N^b':>14}  stopped")
+    for (name, mode), stop in stops.items():
+        a, b = (f"{x:.2f}" if math.isfinite(x) else "-" for x in fits.get((name, mode), (math.nan, math.nan)))
+        lines.append(f"{mode:>8}{name:>15}{a:>12}{b:>14}  {stop}")
+    return "\n".join(lines)
+
+
+def plot_profile(rows, out_dir):
+    """Time vs N and peak memory vs N, log-log, one panel per mode, every provider; returns the paths."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    modes = list(dict.fromkeys(r["mode"] for r in ok))
+    providers = sorted({r["provider"] for r in ok})
+    paths = []
+    for metric, label, name in (("ms", "time per call (ms)", "profile_time.png"),
+                                ("peak_memory_mib", "peak memory (MiB)", "profile_memory.png")):
+        if not modes:
+            break
+        fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            for i, provider in enumerate(providers):
+                points = sorted((r["seqlen"], r[metric]) for r in ok if (r["provider"], r["mode"]) == (provider, mode))
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=provider, color=plt.get_cmap("tab10")(i % 10))
+            for row in rows:  # mark where a provider ran out of memory
+                if row["mode"] == mode and row["status"] == "OOM":
+                    ax.axvline(row["seqlen"], color="gray", linestyle=":", linewidth=1)
+                    ax.annotate(f"{row['provider']} OOM", (row["seqlen"], 0.02), xycoords=("data", "axes fraction"),
+                                rotation=90, fontsize=7, color="gray")
+            seqlen_axis(ax, {r["seqlen"] for r in rows if r["mode"] == mode and r["status"] in ("ok", "OOM")})
+            log_y_axis(ax)
+            ax.set_title(f"{mode}", fontsize=10)
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        first = ok[0]
+        fig.suptitle(
+            f"B={first['batch']} H={first['heads']} d={first['head_dim']} {first['dtype']}"
+            f"{' causal' if first['causal'] else ''}, {first['device_name']}", fontsize=10,
+        )
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths
+
+
+@contextlib.contextmanager
+def _ranges(name, device):
+    # record_function names the call in the torch.profiler trace; NVTX names it for Nsight Systems.
+    with torch.profiler.record_function(name):
+        if device.type == "cuda":
+            with torch.cuda.nvtx.range(name):
+                yield
+        else:
+            yield
+
+
+def write_trace(providers, modes, base, n, device, path):
+    """One call of each provider and mode at length ``n``, warmed up first, into a Chrome trace JSON."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    config = dataclasses.replace(base, seqlen=n)
+    steps = []
+    for mode in modes:
+        for provider in providers:
+            reason = provider.why_not(device, DTYPES[base.dtype], base.head_dim, base.causal, mode)
+            if reason:
+                print(f"  {provider.name} {mode}: not traced ({reason})")
+                continue
+            steps.append((f"{provider.name} {mode} N={n}", provider, mode))
+    with torch.profiler.profile(activities=activities) as prof:
+        for name, provider, mode in steps:
+            try:
+                step = provider.step(mode, *make_inputs(config, device, needs_grad(mode)), base.causal)
+                with torch.profiler.record_function("warm-up"):
+                    step()  # compiles and autotunes: kept apart from the call that matters
+                with _ranges(name, device):
+                    step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            except Exception as exc:  # out of memory, most likely: the other providers still get traced
+                print(f"  {name}: not traced ({describe(exc)})")
+            step = None  # frees this provider's tensors before the next one allocates
+    prof.export_chrome_trace(str(path))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA GPU")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch, heads, head_dim, dtype, start, max_seqlen, limit, ours_limit = DEFAULTS[device.type]
+    base = Config(
+        args.batch or batch, args.heads or heads, args.start or start, args.head_dim or head_dim,
+        not args.non_causal, args.dtype or dtype,
+    )
+    max_seqlen = args.max_seqlen or max_seqlen
+    limits = {False: args.time_limit or limit, True: args.ours_time_limit or ours_limit}
+    try:
+        providers = select_providers(args.providers)
+    except ValueError as exc:
+        sys.exit(f"--providers: {exc}")
+    out_dir = args.out or RESULTS_DIR / device_slug(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    if device.type == "cpu":
+        print("No GPU in use: profiling the CPU paths at small sizes (no out-of-memory on CPU: time limits stop them).")
+    shape = f"B={base.batch} H={base.heads} d={base.head_dim} {base.dtype}{' causal' if base.causal else ''}"
+    if args.trace:
+        path = out_dir / f"trace_N{args.trace}.json"
+        print(f"tracing one call per provider and mode at N={args.trace}, {shape}, on {device}")
+        write_trace(providers, args.modes, base, args.trace, device, path)
+        print(f"wrote {path} (open in https://ui.perfetto.dev or chrome://tracing)")
+        return
+
+    print(
+        f"{shape} on {device}: N from {base.seqlen} doubling to {max_seqlen}; a provider stops at out-of-memory or when "
+        f"its next call would take over {limits[False]:g} s ({limits[True]:g} s for ours)"
+    )
+    rows, stops = sweep(providers, args.modes, base, max_seqlen, limits, device, args.cpu_min_time,
+                        progress=not args.no_progress)
+    fits = exponents(rows, args.fit_points)
+    report = format_report(rows, stops, fits, args.fit_points)
+    print(report)
+    (out_dir / "profile.txt").write_text(report + "\n")
+    write_json(rows, out_dir / "profile.json")
+    plots = plot_profile(rows, out_dir)
+    print(f"\nwrote {out_dir / 'profile.json'}, {out_dir / 'profile.txt'}, {', '.join(p.name for p in plots)}")
+
+
+if __name__ == "__main__":
+    main()

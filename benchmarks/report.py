@@ -1,0 +1,167 @@
+"""Turning result rows into a text table, a JSON file and PNG plots."""
+import json
+import math
+import pathlib
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works without a display
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.ticker  # noqa: E402
+
+from .flops import MODES  # noqa: E402
+from .providers import OUR_BACKENDS  # noqa: E402
+
+RESULTS_DIR = pathlib.Path(__file__).parent / "results"
+GROUP_KEYS = ("mode", "dtype", "causal", "head_dim")
+
+
+def _fmt(value, spec):
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _group_title(mode, dtype, causal, head_dim):
+    return f"{mode} | {dtype} | {'causal' if causal else 'non-causal'} | d={head_dim}"
+
+
+def format_table(rows):
+    """One section per (mode, dtype, causal, head_dim); the providers that did not run are listed after."""
+    columns = ("N", "B", "H", "provider", "ms", "TFLOP/s", "peak MiB", "x naive", "x sdpa-flash", "x sdpa-cudnn")
+    widths = (7, 4, 4, 15, 11, 10, 10, 9, 14, 14)
+    header = "".join(f"{c:>{w}}" for c, w in zip(columns, widths))
+    groups = defaultdict(list)
+    not_run = defaultdict(set)
+    for row in rows:
+        if row["status"] == "skipped":
+            not_run[row["provider"]].add(row["reason"])
+        else:
+            groups[tuple(row[k] for k in GROUP_KEYS)].append(row)
+    lines = []
+    for key in sorted(groups, key=lambda k: (MODES.index(k[0]), k[1], k[2], k[3])):
+        lines += ["", f"== {_group_title(*key)} ==", header]
+        for row in sorted(groups[key], key=lambda r: r["seqlen"]):
+            if row["status"] == "ok":
+                cells = (
+                    _fmt(row["ms"], ".3f"),
+                    _fmt(row["tflops"], ".4g"),
+                    _fmt(row["peak_memory_mib"], ".1f"),
+                    _fmt(row["speedup_vs_naive"], ".2f"),
+                    _fmt(row["ratio_vs_sdpa_flash"], ".2f"),
+                    _fmt(row["ratio_vs_sdpa_cudnn"], ".2f"),
+                )
+            else:  # "OOM" or "error": no numbers, the status in the time column
+                cells = (row["status"], "nan", "nan", "nan", "nan", "nan")
+            values = (row["seqlen"], row["batch"], row["heads"], row["provider"], *cells)
+            lines.append("".join(f"{v:>{w}}" for v, w in zip(values, widths)))
+    if not_run:
+        lines += ["", "not run:"]
+        lines += [f"  {name}: {' | '.join(sorted(reasons))}" for name, reasons in not_run.items()]
+    errors = sorted({f"  {r['provider']} {r['mode']} N={r['seqlen']}: {r['reason']}" for r in rows if r["status"] == "error"})
+    if errors:
+        lines += ["", "errors:", *errors]
+    return "\n".join(lines)
+
+
+def _json_safe(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_json(rows, path):
+    """The rows as a JSON list, one row a line; nan and inf become null (JSON has no NaN)."""
+    lines = [json.dumps({k: _json_safe(v) for k, v in row.items()}) for row in rows]
+    with open(path, "w") as f:
+        f.write("[\n" + ",\n".join(lines) + "\n]\n")
+
+
+def seqlen_label(n):
+    """512, 1K, 16K, 1M: the way sequence lengths are spoken of."""
+    for unit, size in (("M", 2**20), ("K", 2**10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def seqlen_axis(ax, seqlens):
+    """A log2 x axis with a labelled tick at each measured sequence length."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(seqlens), [seqlen_label(n) for n in sorted(seqlens)], fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("sequence length N")
+
+
+def log_y_axis(ax):
+    """A log y axis labelled 1, 2, 5, 10, 20, 50 (not 2x10^1)."""
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=(2, 5)))
+    plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="both", labelsize=7)
+
+
+def _style(provider, providers):
+    # Ours solid and thick, baselines dashed: the comparison reads at a glance.
+    color = plt.get_cmap("tab10")(sorted(providers).index(provider) % 10)
+    if provider in OUR_BACKENDS:
+        return dict(color=color, linestyle="-", linewidth=2.2, marker="o")
+    return dict(color=color, linestyle="--", linewidth=1.2, marker=".")
+
+
+def plot_metric(rows, metric, ylabel, title, path, log_y=False):
+    """A grid of panels (rows: modes; columns: head_dim x causal), one line per provider, y vs seqlen."""
+    ok = [r for r in rows if r["status"] == "ok" and math.isfinite(r[metric])]
+    if not ok:
+        return None
+    modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
+    columns = sorted({(r["head_dim"], r["causal"]) for r in ok})
+    providers = sorted({r["provider"] for r in ok})
+    fig, axes = plt.subplots(
+        len(modes), len(columns), figsize=(4.2 * len(columns), 3.2 * len(modes)), squeeze=False
+    )
+    for i, mode in enumerate(modes):
+        for j, (head_dim, causal) in enumerate(columns):
+            ax = axes[i][j]
+            for provider in providers:
+                points = sorted(
+                    (r["seqlen"], r[metric])
+                    for r in ok
+                    if (r["provider"], r["mode"], r["head_dim"], r["causal"]) == (provider, mode, head_dim, causal)
+                )
+                if points:
+                    ax.plot(*zip(*points), label=provider, **_style(provider, providers))
+            seqlen_axis(ax, {r["seqlen"] for r in ok})
+            if log_y:
+                log_y_axis(ax)
+            ax.set_title(f"{mode}, d={head_dim}, {'causal' if causal else 'non-causal'}", fontsize=9)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(title, y=1.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_results(rows, out_dir):
+    """TFLOP/s vs N and peak memory vs N (log-log), one pair of PNGs per dtype; returns the paths."""
+    device_name = rows[0]["device_name"] if rows else ""
+    paths = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        subset = [r for r in rows if r["dtype"] == dtype]
+        paths.append(plot_metric(
+            subset, "tflops", "TFLOP/s", f"attention throughput, {dtype}, {device_name}",
+            out_dir / f"tflops_{dtype}.png",
+        ))
+        paths.append(plot_metric(
+            subset, "peak_memory_mib", "peak memory (MiB)", f"attention peak memory, {dtype}, {device_name}",
+            out_dir / f"memory_{dtype}.png", log_y=True,
+        ))
+    return [p for p in paths if p is not None]

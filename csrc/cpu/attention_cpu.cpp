@@ -1,0 +1,501 @@
+// The C++ CPU attention kernels: FlashAttention-2's tiled online softmax in plain C++.
+//
+// Each (batch, head, tile) is one work item of at::parallel_for. A work item converts the tiles it
+// needs into float scratch buffers (inputs may be fp16/bf16 and strided), does all math in float
+// there, and writes only its own output rows: no atomics, and results do not depend on the
+// number of threads.
+// - forward, per query tile: running max, running sum and a float accumulator over the key tiles;
+// - backward: delta = rowsum(dO * O) first, then dK/dV per key tile and dQ per query tile, both
+//   recomputing P from q, k and the forward's lse.
+// Scores are kept in log2 units (softmax_scale * log2(e) is folded into q) so exp is one exp2.
+// Causal masks are bottom-right aligned: query i sees keys j <= i + Nk - Nq.
+#include "attention_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "../checks.h"
+
+// setup.py compiles for the baseline ISA (SSE2 on x86-64), which leaves most of an AVX2 or AVX-512
+// core idle. The few functions holding the hot loops are therefore compiled once per x86-64 ISA
+// level, and the loader picks the best one the CPU has (GCC function multiversioning, via ifunc).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define FA_MULTIVERSIONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FA_MULTIVERSIONED
+#endif
+
+namespace fused_attention {
+namespace {
+
+constexpr int64_t kBlock = 64;  // query rows of a query tile, keys of a key tile
+// gemm's register block. Scratch tiles are sized so that gemm can run over whole blocks: their
+// padding rows and columns hold leftovers of earlier tiles (zeros at first), which only ever flow
+// into padding rows or columns of a product, never into a stored result.
+constexpr int64_t kMicroRows = 4;
+constexpr int64_t kMicroCols = 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// ---------------------------------------------------------------------------------------------
+// Float math on scratch tiles (the hot loops)
+
+// Clamps an exponent to [-127, 127], where exp2_poly is valid; 2^-127 is below every probability
+// that matters, and masked scores arrive as -inf. Loops apply it in a loop of its own, apart from
+// the exp2_poly loop: under the default -ftrapping-math, GCC vectorizes no loop in which a float
+// compare is followed by more float arithmetic.
+inline float clamp_exponent(float x) {
+  x = x < -127.0f ? -127.0f : x;
+  return x > 127.0f ? 127.0f : x;
+}
+
+// 2^x for x in [-127, 127] without a libm call or a compare, so that loops over it vectorize:
+// x = n + f with n an integer and |f| <= 1/2; 2^n comes from the exponent bits, 2^f from its
+// Taylor polynomial of degree 7 (relative error < 1e-8, below float rounding). 2^-127 gives 0.
+inline float exp2_poly(float x) {
+  const int32_t n = static_cast<int32_t>(x + 127.5f) - 127;  // round(x): the cast truncates a value >= 0
+  const float f = x - static_cast<float>(n);
+  float p = 1.5252733804059840e-5f;  // ln(2)^k / k!, k = 7 down to 0
+  p = p * f + 1.5403530393381606e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  const uint32_t exponent_bits = static_cast<uint32_t>(n + 127) << 23;  // n = -127 gives +0.0f
+  return p * std::bit_cast<float>(exponent_bits);
+}
+
+// c[rows x cols] = (accumulate ? c : 0) + a[rows x depth] * b[depth x cols], row-major with
+// leading dimensions lda, ldb, ldc. rows must be a multiple of kMicroRows, cols of kMicroCols.
+// Each kMicroRows x kMicroCols block of c stays in registers while the depth loop runs; the
+// fixed-size inner loops are what the compiler vectorizes.
+FA_MULTIVERSIONED void gemm(bool accumulate, int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t lda,
+                            const float* b, int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kMicroRows) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kMicroCols) {
+      float block[kMicroRows][kMicroCols];
+      for (int64_t r = 0; r < kMicroRows; ++r) {
+        for (int64_t j = 0; j < kMicroCols; ++j) block[r][j] = accumulate ? c[(r0 + r) * ldc + c0 + j] : 0.0f;
+      }
+      for (int64_t k = 0; k < depth; ++k) {
+        const float* b_row = b + k * ldb + c0;
+        for (int64_t r = 0; r < kMicroRows; ++r) {
+          const float a_rk = a[(r0 + r) * lda + k];
+          for (int64_t j = 0; j < kMicroCols; ++j) block[r][j] += a_rk * b_row[j];
+        }
+      }
+      for (int64_t r = 0; r < kMicroRows; ++r) {
+        for (int64_t j = 0; j < kMicroCols; ++j) c[(r0 + r) * ldc + c0 + j] = block[r][j];
+      }
+    }
+  }
+}
+
+// Which keys of a tile a query sees, as a run of columns [begin, end) per row of a score tile,
+// varying by at most one column per row: begin(r) = clamp(begin0 + r * begin_step, 0, cols) and
+// likewise end(r). Causal masks are bottom-right aligned, so in (query, key) layout a row sees a
+// prefix of the tile's keys, and in (key, query) layout a suffix of its queries.
+struct VisibleColumns {
+  int64_t begin0, begin_step, end0, end_step;
+
+  std::pair<int64_t, int64_t> of_row(int64_t r, int64_t cols) const {
+    return {std::clamp(begin0 + r * begin_step, int64_t{0}, cols), std::clamp(end0 + r * end_step, int64_t{0}, cols)};
+  }
+};
+
+// One key tile of the forward's online softmax, for each query row m < rows of the score tile s:
+// the row's visible scores become p = 2^(s - new running max), its other columns up to cols 0;
+// the running sum and the accumulator row are rescaled to the new max.
+FA_MULTIVERSIONED void online_softmax_step(float* s, int64_t lds, int64_t rows, int64_t cols, VisibleColumns visible,
+                                           float* row_max, float* row_sum, float* acc, int64_t ldacc,
+                                           int64_t acc_cols) {
+  for (int64_t m = 0; m < rows; ++m) {
+    float* s_row = s + m * lds;
+    const auto [begin, end] = visible.of_row(m, cols);
+    float tile_max = -kInf;
+#pragma omp simd reduction(max : tile_max)  // a max reduction over floats needs it to vectorize
+    for (int64_t n = begin; n < end; ++n) tile_max = s_row[n] > tile_max ? s_row[n] : tile_max;
+    const float new_max = std::max(row_max[m], tile_max);
+    if (new_max == -kInf) {  // this row has seen no key yet: nothing to add, nothing to rescale
+      std::fill(s_row, s_row + cols, 0.0f);
+      continue;
+    }
+    for (int64_t n = begin; n < end; ++n) s_row[n] = clamp_exponent(s_row[n] - new_max);
+    float tile_sum = 0.0f;
+#pragma omp simd reduction(+ : tile_sum)  // lets GCC reorder the sum (-fopenmp; setup.py passes it)
+    for (int64_t n = begin; n < end; ++n) {
+      s_row[n] = exp2_poly(s_row[n]);
+      tile_sum += s_row[n];
+    }
+    std::fill(s_row, s_row + begin, 0.0f);
+    std::fill(s_row + end, s_row + cols, 0.0f);
+    const float correction = exp2_poly(clamp_exponent(row_max[m] - new_max));  // 0 when row_max is still -inf
+    row_max[m] = new_max;
+    row_sum[m] = row_sum[m] * correction + tile_sum;
+    float* acc_row = acc + m * ldacc;
+    for (int64_t d = 0; d < acc_cols; ++d) acc_row[d] *= correction;
+  }
+}
+
+// The backward's P and dS = P * (dP - delta) for a tile in (query row, key column) layout: P over
+// the scores s, dS over dp, 0 where the key is hidden. Row m has log2-sum-exp lse2[m] and delta[m].
+FA_MULTIVERSIONED void softmax_grad_query_rows(float* s, float* dp, int64_t ld, int64_t rows, int64_t cols,
+                                               VisibleColumns visible, const float* lse2, const float* delta) {
+  for (int64_t m = 0; m < rows; ++m) {
+    float* s_row = s + m * ld;
+    float* dp_row = dp + m * ld;
+    const auto [begin, end] = visible.of_row(m, cols);
+    const float row_lse2 = lse2[m];
+    const float row_delta = delta[m];
+    for (int64_t n = begin; n < end; ++n) s_row[n] = clamp_exponent(s_row[n] - row_lse2);
+    for (int64_t n = begin; n < end; ++n) {
+      const float p = exp2_poly(s_row[n]);
+      s_row[n] = p;
+      dp_row[n] = p * (dp_row[n] - row_delta);
+    }
+    for (auto [first, last] : {std::pair{int64_t{0}, begin}, std::pair{end, cols}}) {
+      std::fill(s_row + first, s_row + last, 0.0f);
+      std::fill(dp_row + first, dp_row + last, 0.0f);
+    }
+  }
+}
+
+// The same in (key row, query column) layout: lse2 and delta are indexed by column.
+FA_MULTIVERSIONED void softmax_grad_key_rows(float* s, float* dp, int64_t ld, int64_t rows, int64_t cols,
+                                             VisibleColumns visible, const float* lse2, const float* delta) {
+  for (int64_t n = 0; n < rows; ++n) {
+    float* s_row = s + n * ld;
+    float* dp_row = dp + n * ld;
+    const auto [begin, end] = visible.of_row(n, cols);
+    for (int64_t m = begin; m < end; ++m) s_row[m] = clamp_exponent(s_row[m] - lse2[m]);
+    for (int64_t m = begin; m < end; ++m) {
+      const float p = exp2_poly(s_row[m]);
+      s_row[m] = p;
+      dp_row[m] = p * (dp_row[m] - delta[m]);
+    }
+    for (auto [first, last] : {std::pair{int64_t{0}, begin}, std::pair{end, cols}}) {
+      std::fill(s_row + first, s_row + last, 0.0f);
+      std::fill(dp_row + first, dp_row + last, 0.0f);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Moving tiles between the tensors and the scratch buffers
+
+// A (B, H, N, D) tensor read in place: row n of head (b, h) starts at rows(b, h, n), elements
+// along D are contiguous.
+template <typename T>
+struct StridedRows {
+  const T* data;
+  int64_t stride_b, stride_h, stride_n;
+
+  const T* rows(int64_t b, int64_t h, int64_t n) const { return data + b * stride_b + h * stride_h + n * stride_n; }
+};
+
+template <typename T>
+StridedRows<T> strided_rows(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// dst[r][c] = multiplier * src[r][c] for r < rows, c < cols, into a float tile of leading dimension ld.
+template <typename scalar_t>
+void load_tile(float* dst, int64_t ld, const scalar_t* src, int64_t src_row_stride, int64_t rows, int64_t cols,
+               float multiplier) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src_row = src + r * src_row_stride;
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] = multiplier * static_cast<float>(src_row[c]);
+  }
+}
+
+// The transpose: dst[c][r] = multiplier * src[r][c].
+template <typename scalar_t>
+void load_tile_transposed(float* dst, int64_t ld, const scalar_t* src, int64_t src_row_stride, int64_t rows,
+                          int64_t cols, float multiplier) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src_row = src + r * src_row_stride;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = multiplier * static_cast<float>(src_row[c]);
+  }
+}
+
+// dst[r][c] = multiplier * src[r][c] into contiguous rows of cols elements.
+template <typename scalar_t>
+void store_tile(scalar_t* dst, const float* src, int64_t ld, int64_t rows, int64_t cols, float multiplier) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = static_cast<scalar_t>(multiplier * src[r * ld + c]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tiled passes
+
+struct Shape {
+  int64_t batch, heads, n_q, n_k, head_dim;
+  bool causal;
+
+  int64_t diagonal() const { return n_k - n_q; }  // causal: query i sees keys j <= i + diagonal()
+  // Row index of (b, h, i) in the contiguous (B, H, N) layout of lse and delta, or of o's rows.
+  int64_t row_index(int64_t b, int64_t h, int64_t i, int64_t n) const { return (b * heads + h) * n + i; }
+
+  // The keys [0, end) that some query of [0, query_end) sees.
+  int64_t key_end(int64_t query_end) const {
+    return causal ? std::clamp(query_end + diagonal(), int64_t{0}, n_k) : n_k;
+  }
+  // The first query that sees key j.
+  int64_t first_query(int64_t key) const { return causal ? std::clamp(key - diagonal(), int64_t{0}, n_q) : 0; }
+
+  // The keys of the tile starting at key0 that each query of the tile starting at query0 sees,
+  // in (query, key) layout, and in (key, query) layout.
+  VisibleColumns keys_seen(int64_t query0, int64_t key0) const {
+    return causal ? VisibleColumns{0, 0, query0 + diagonal() + 1 - key0, 1} : VisibleColumns{0, 0, kBlock, 0};
+  }
+  VisibleColumns queries_seeing(int64_t key0, int64_t query0) const {
+    return causal ? VisibleColumns{key0 - diagonal() - query0, 1, kBlock, 0} : VisibleColumns{0, 0, kBlock, 0};
+  }
+};
+
+// Work item -> (batch * heads + head, tile). Tiles are visited 0, last, 1, last - 1, ... so that
+// the contiguous item ranges at::parallel_for gives each thread mix cheap and costly causal tiles.
+std::pair<int64_t, int64_t> split_work_item(int64_t item, int64_t tiles_per_head) {
+  const int64_t t = item % tiles_per_head;
+  return {item / tiles_per_head, t % 2 == 0 ? t / 2 : tiles_per_head - 1 - t / 2};
+}
+
+// Head-dim-wide scratch tiles are padded to ld_d columns, so gemm over them needs no edge case.
+int64_t padded_head_dim(int64_t head_dim) { return round_up(head_dim, kMicroCols); }
+
+template <typename scalar_t>
+void forward_pass(const Shape& shape, float scale_log2, StridedRows<scalar_t> q, StridedRows<scalar_t> k,
+                  StridedRows<scalar_t> v, scalar_t* o, float* lse) {
+  const int64_t d = shape.head_dim;
+  const int64_t ld_d = padded_head_dim(d);
+  const int64_t query_tiles = ceil_div(shape.n_q, kBlock);
+  at::parallel_for(0, shape.batch * shape.heads * query_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_tile(kBlock * ld_d), k_tile_t(d * kBlock), v_tile(kBlock * ld_d);
+    std::vector<float> scores(kBlock * kBlock), acc(kBlock * ld_d), row_max(kBlock), row_sum(kBlock);
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [bh, tile] = split_work_item(item, query_tiles);
+      const int64_t b = bh / shape.heads, h = bh % shape.heads;
+      const int64_t q0 = tile * kBlock;
+      const int64_t rows = std::min(kBlock, shape.n_q - q0);
+      const int64_t padded_rows = round_up(rows, kMicroRows);
+      load_tile(q_tile.data(), ld_d, q.rows(b, h, q0), q.stride_n, rows, d, scale_log2);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(row_max.begin(), row_max.end(), -kInf);
+      std::fill(row_sum.begin(), row_sum.end(), 0.0f);
+
+      for (int64_t k0 = 0; k0 < shape.key_end(q0 + rows); k0 += kBlock) {
+        const int64_t cols = std::min(kBlock, shape.n_k - k0);
+        load_tile_transposed(k_tile_t.data(), kBlock, k.rows(b, h, k0), k.stride_n, cols, d, 1.0f);
+        load_tile(v_tile.data(), ld_d, v.rows(b, h, k0), v.stride_n, cols, d, 1.0f);
+        gemm(false, padded_rows, round_up(cols, kMicroCols), d, q_tile.data(), ld_d, k_tile_t.data(), kBlock,
+             scores.data(), kBlock);
+        online_softmax_step(scores.data(), kBlock, rows, cols, shape.keys_seen(q0, k0), row_max.data(),
+                            row_sum.data(), acc.data(), ld_d, d);
+        gemm(true, padded_rows, ld_d, cols, scores.data(), kBlock, v_tile.data(), ld_d, acc.data(), ld_d);
+      }
+
+      const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
+      for (int64_t m = 0; m < rows; ++m) {
+        const bool sees_a_key = row_sum[m] > 0.0f;
+        store_tile(o + (first_row + m) * d, acc.data() + m * ld_d, ld_d, 1, d, sees_a_key ? 1.0f / row_sum[m] : 0.0f);
+        lse[first_row + m] = sees_a_key ? row_max[m] * kLn2 + std::log(row_sum[m]) : -kInf;
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+struct BackwardInputs {
+  StridedRows<scalar_t> dout, q, k, v, o;
+  const float* lse;  // (B, H, Nq), element (b, h, i) at lse[b * lse_stride_b + h * lse_stride_h + i * lse_stride_n]
+  int64_t lse_stride_b, lse_stride_h, lse_stride_n;
+};
+
+// delta = rowsum(dO * O) and lse2 = lse * log2(e), both contiguous (B, H, Nq). (The -inf lse of a
+// row that sees no key is never used: the passes compute P only where a key is visible.)
+template <typename scalar_t>
+void row_statistics_pass(const Shape& shape, const BackwardInputs<scalar_t>& in, float* delta, float* lse2) {
+  const int64_t n_q = shape.n_q;
+  at::parallel_for(0, shape.batch * shape.heads * n_q, kBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row % n_q, b = row / n_q / shape.heads, h = row / n_q % shape.heads;
+      const scalar_t* dout_row = in.dout.rows(b, h, i);
+      const scalar_t* o_row = in.o.rows(b, h, i);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < shape.head_dim; ++c) sum += static_cast<float>(dout_row[c]) * static_cast<float>(o_row[c]);
+      delta[row] = sum;
+      const float row_lse = in.lse[b * in.lse_stride_b + h * in.lse_stride_h + i * in.lse_stride_n];
+      lse2[row] = row_lse * kLog2e;
+    }
+  });
+}
+
+// dK and dV, one key tile per work item, accumulated over the query tiles that see it; the tiles
+// are laid out (key row, query column) so every product is a plain row-major gemm.
+template <typename scalar_t>
+void key_value_grad_pass(const Shape& shape, float scale, float scale_log2, const BackwardInputs<scalar_t>& in,
+                         const float* delta, const float* lse2, scalar_t* dk, scalar_t* dv) {
+  const int64_t d = shape.head_dim;
+  const int64_t ld_d = padded_head_dim(d);
+  const int64_t key_tiles = ceil_div(shape.n_k, kBlock);
+  at::parallel_for(0, shape.batch * shape.heads * key_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> k_tile(kBlock * ld_d), v_tile(kBlock * ld_d), q_tile(kBlock * ld_d), q_tile_t(d * kBlock);
+    std::vector<float> dout_tile(kBlock * ld_d), dout_tile_t(d * kBlock), p_t(kBlock * kBlock), dp_t(kBlock * kBlock);
+    std::vector<float> dk_acc(kBlock * ld_d), dv_acc(kBlock * ld_d);
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [bh, tile] = split_work_item(item, key_tiles);
+      const int64_t b = bh / shape.heads, h = bh % shape.heads;
+      const int64_t k0 = tile * kBlock;
+      const int64_t keys = std::min(kBlock, shape.n_k - k0);
+      const int64_t padded_keys = round_up(keys, kMicroRows);
+      load_tile(k_tile.data(), ld_d, in.k.rows(b, h, k0), in.k.stride_n, keys, d, 1.0f);
+      load_tile(v_tile.data(), ld_d, in.v.rows(b, h, k0), in.v.stride_n, keys, d, 1.0f);
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+
+      for (int64_t q0 = shape.first_query(k0) / kBlock * kBlock; q0 < shape.n_q; q0 += kBlock) {
+        const int64_t queries = std::min(kBlock, shape.n_q - q0);
+        const int64_t padded_queries = round_up(queries, kMicroCols);
+        const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
+        load_tile_transposed(q_tile_t.data(), kBlock, in.q.rows(b, h, q0), in.q.stride_n, queries, d, scale_log2);
+        load_tile(q_tile.data(), ld_d, in.q.rows(b, h, q0), in.q.stride_n, queries, d, 1.0f);
+        load_tile_transposed(dout_tile_t.data(), kBlock, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d, 1.0f);
+        load_tile(dout_tile.data(), ld_d, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d, 1.0f);
+        gemm(false, padded_keys, padded_queries, d, k_tile.data(), ld_d, q_tile_t.data(), kBlock, p_t.data(), kBlock);
+        gemm(false, padded_keys, padded_queries, d, v_tile.data(), ld_d, dout_tile_t.data(), kBlock, dp_t.data(),
+             kBlock);
+        softmax_grad_key_rows(p_t.data(), dp_t.data(), kBlock, keys, queries, shape.queries_seeing(k0, q0),
+                              lse2 + first_row, delta + first_row);
+        gemm(true, padded_keys, ld_d, queries, p_t.data(), kBlock, dout_tile.data(), ld_d, dv_acc.data(), ld_d);
+        gemm(true, padded_keys, ld_d, queries, dp_t.data(), kBlock, q_tile.data(), ld_d, dk_acc.data(), ld_d);
+      }
+
+      const int64_t first_key_row = shape.row_index(b, h, k0, shape.n_k);
+      store_tile(dk + first_key_row * d, dk_acc.data(), ld_d, keys, d, scale);
+      store_tile(dv + first_key_row * d, dv_acc.data(), ld_d, keys, d, 1.0f);
+    }
+  });
+}
+
+// dQ, one query tile per work item, accumulated over the key tiles it sees.
+template <typename scalar_t>
+void query_grad_pass(const Shape& shape, float scale, float scale_log2, const BackwardInputs<scalar_t>& in,
+                     const float* delta, const float* lse2, scalar_t* dq) {
+  const int64_t d = shape.head_dim;
+  const int64_t ld_d = padded_head_dim(d);
+  const int64_t query_tiles = ceil_div(shape.n_q, kBlock);
+  at::parallel_for(0, shape.batch * shape.heads * query_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_tile(kBlock * ld_d), dout_tile(kBlock * ld_d), k_tile(kBlock * ld_d), k_tile_t(d * kBlock);
+    std::vector<float> v_tile_t(d * kBlock), p(kBlock * kBlock), dp(kBlock * kBlock), dq_acc(kBlock * ld_d);
+    for (int64_t item = begin; item < end; ++item) {
+      const auto [bh, tile] = split_work_item(item, query_tiles);
+      const int64_t b = bh / shape.heads, h = bh % shape.heads;
+      const int64_t q0 = tile * kBlock;
+      const int64_t rows = std::min(kBlock, shape.n_q - q0);
+      const int64_t padded_rows = round_up(rows, kMicroRows);
+      const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
+      load_tile(q_tile.data(), ld_d, in.q.rows(b, h, q0), in.q.stride_n, rows, d, scale_log2);
+      load_tile(dout_tile.data(), ld_d, in.dout.rows(b, h, q0), in.dout.stride_n, rows, d, 1.0f);
+      std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+
+      for (int64_t k0 = 0; k0 < shape.key_end(q0 + rows); k0 += kBlock) {
+        const int64_t cols = std::min(kBlock, shape.n_k - k0);
+        const int64_t padded_cols = round_up(cols, kMicroCols);
+        load_tile_transposed(k_tile_t.data(), kBlock, in.k.rows(b, h, k0), in.k.stride_n, cols, d, 1.0f);
+        load_tile(k_tile.data(), ld_d, in.k.rows(b, h, k0), in.k.stride_n, cols, d, 1.0f);
+        load_tile_transposed(v_tile_t.data(), kBlock, in.v.rows(b, h, k0), in.v.stride_n, cols, d, 1.0f);
+        gemm(false, padded_rows, padded_cols, d, q_tile.data(), ld_d, k_tile_t.data(), kBlock, p.data(), kBlock);
+        gemm(false, padded_rows, padded_cols, d, dout_tile.data(), ld_d, v_tile_t.data(), kBlock, dp.data(), kBlock);
+        softmax_grad_query_rows(p.data(), dp.data(), kBlock, rows, cols, shape.keys_seen(q0, k0), lse2 + first_row,
+                                delta + first_row);
+        gemm(true, padded_rows, ld_d, cols, dp.data(), kBlock, k_tile.data(), ld_d, dq_acc.data(), ld_d);
+      }
+
+      store_tile(dq + first_row * d, dq_acc.data(), ld_d, rows, d, scale);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Torch glue
+
+// The kernels read each row of head_dim elements in place, whatever the other strides.
+at::Tensor with_contiguous_rows(const at::Tensor& t) { return t.size(3) == 1 || t.stride(3) == 1 ? t : t.contiguous(); }
+
+Shape make_shape(const at::Tensor& q, const at::Tensor& k, bool causal) {
+  return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), causal};
+}
+
+// Calls body with a value of the C++ element type of dtype (one of the three checks.h admits).
+template <typename Body>
+void dispatch_dtype(at::ScalarType dtype, const Body& body) {
+  switch (dtype) {
+    case at::kFloat: return body(float{});
+    case at::kHalf: return body(c10::Half{});
+    case at::kBFloat16: return body(c10::BFloat16{});
+    default: TORCH_CHECK(false, "fused_attention: unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                         const at::Tensor& v_in, bool causal, double softmax_scale) {
+  check_attention_inputs(q_in, k_in, v_in);
+  const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
+  const Shape shape = make_shape(q, k, causal);
+  at::Tensor o = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({shape.batch, shape.heads, shape.n_q}, q.options().dtype(at::kFloat));
+  dispatch_dtype(q.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    forward_pass<scalar_t>(shape, static_cast<float>(softmax_scale * kLog2e), strided_rows<scalar_t>(q),
+                           strided_rows<scalar_t>(k), strided_rows<scalar_t>(v), o.data_ptr<scalar_t>(),
+                           lse.data_ptr<float>());
+  });
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                                                      const at::Tensor& k_in, const at::Tensor& v_in,
+                                                                      const at::Tensor& o_in, const at::Tensor& lse,
+                                                                      bool causal, double softmax_scale) {
+  check_backward_inputs(dout_in, q_in, k_in, v_in, o_in, lse);
+  const at::Tensor dout = with_contiguous_rows(dout_in), q = with_contiguous_rows(q_in);
+  const at::Tensor k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in), o = with_contiguous_rows(o_in);
+  const Shape shape = make_shape(q, k, causal);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  std::vector<float> delta(shape.batch * shape.heads * shape.n_q), lse2(delta.size());
+  const float scale = static_cast<float>(softmax_scale);
+  const float scale_log2 = static_cast<float>(softmax_scale * kLog2e);
+  dispatch_dtype(q.scalar_type(), [&](auto element) {
+    using scalar_t = decltype(element);
+    const BackwardInputs<scalar_t> in{strided_rows<scalar_t>(dout), strided_rows<scalar_t>(q), strided_rows<scalar_t>(k),
+                                      strided_rows<scalar_t>(v),    strided_rows<scalar_t>(o), lse.const_data_ptr<float>(),
+                                      lse.stride(0),                lse.stride(1),             lse.stride(2)};
+    row_statistics_pass(shape, in, delta.data(), lse2.data());
+    key_value_grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), dk.data_ptr<scalar_t>(),
+                        dv.data_ptr<scalar_t>());
+    query_grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), dq.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace fused_attention

@@ -1,0 +1,117 @@
+// The torch side of the CUDA kernels: checks the tensors, fills AttentionParams, allocates the
+// outputs and queues the kernels on the current stream. Registers the CUDA implementations of
+// fused_attention::fwd and fused_attention::bwd, whose schemas csrc/ops.cpp defines.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "../checks.h"
+#include "launch.h"
+#include "params.h"
+
+namespace fused_attention {
+namespace {
+
+constexpr int64_t kMaxGridDim = 65535;  // batch and heads index grid dimensions y and z
+
+// The kernels read each row as one run of head_dim elements.
+bool has_contiguous_rows(const at::Tensor& t) { return t.size(3) == 1 || t.stride(3) == 1; }
+
+void check_contiguous_rows(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(has_contiguous_rows(t), "cuda backend: ", name, " must have a contiguous last dim, got strides ",
+              t.strides());
+}
+
+StridedTensor strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// What the CUDA kernels need beyond the shared checks of checks.h.
+void check_cuda_requirements(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.is_cuda(), "cuda backend: q must be a CUDA tensor, got one on ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "cuda backend: q must be float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.size(3) <= kCudaMaxHeadDim, "cuda backend: head_dim must be at most ", kCudaMaxHeadDim, ", got ",
+              q.size(3));
+  TORCH_CHECK(q.size(0) <= kMaxGridDim && q.size(1) <= kMaxGridDim, "cuda backend: batch and heads must be at most ",
+              kMaxGridDim, ", got q of shape ", q.sizes());
+  TORCH_CHECK(q.size(2) <= std::numeric_limits<int>::max() && k.size(2) <= std::numeric_limits<int>::max(),
+              "cuda backend: sequence lengths must fit in int32, got q ", q.sizes(), " and k ", k.sizes());
+  check_contiguous_rows("q", q);
+  check_contiguous_rows("k", k);
+  check_contiguous_rows("v", v);
+}
+
+// The parts of the params every call shares; outputs and backward-only fields are set by the caller.
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                            double softmax_scale) {
+  AttentionParams params{};
+  params.q = strided(q);
+  params.k = strided(k);
+  params.v = strided(v);
+  params.batch = static_cast<int>(q.size(0));
+  params.heads = static_cast<int>(q.size(1));
+  params.seqlen_q = static_cast<int>(q.size(2));
+  params.seqlen_k = static_cast<int>(k.size(2));
+  params.head_dim = static_cast<int>(q.size(3));
+  params.softmax_scale = static_cast<float>(softmax_scale);
+  params.causal = causal;
+  params.element_type = q.scalar_type() == at::kHalf ? ElementType::kFloat16 : ElementType::kBFloat16;
+  return params;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                bool causal, double softmax_scale) {
+  check_attention_inputs(q, k, v);
+  check_cuda_requirements(q, k, v);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  at::Tensor o = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+
+  AttentionParams params = make_params(q, k, v, causal, softmax_scale);
+  params.o = strided(o);
+  params.lse = lse.data_ptr<float>();
+  C10_CUDA_CHECK(launch_attention_forward(params, at::cuda::getCurrentCUDAStream()));
+  return {o, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& dout, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& o, const at::Tensor& lse, bool causal,
+                                                             double softmax_scale) {
+  check_backward_inputs(dout, q, k, v, o, lse);
+  check_cuda_requirements(q, k, v);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  // A gradient may arrive with any strides (the expanded gradient of o.sum(), say): copy only then.
+  const at::Tensor dout_rows = has_contiguous_rows(dout) ? dout : dout.contiguous();
+  const at::Tensor o_rows = has_contiguous_rows(o) ? o : o.contiguous();
+  const at::Tensor lse_contiguous = lse.contiguous();
+
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+
+  AttentionParams params = make_params(q, k, v, causal, softmax_scale);
+  params.o = strided(o_rows);
+  params.lse = lse_contiguous.data_ptr<float>();
+  params.dout = strided(dout_rows);
+  params.dq = strided(dq);
+  params.dk = strided(dk);
+  params.dv = strided(dv);
+  params.delta = delta.data_ptr<float>();
+  C10_CUDA_CHECK(launch_attention_backward(params, at::cuda::getCurrentCUDAStream()));
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace fused_attention
+
+TORCH_LIBRARY_IMPL(fused_attention, CUDA, m) {
+  m.impl("fwd", &fused_attention::forward_cuda);
+  m.impl("bwd", &fused_attention::backward_cuda);
+}

@@ -1,0 +1,389 @@
+// FlashAttention-2 backward, in three deterministic kernels (no atomics):
+//   1. delta = rowsum(dO * O), one fp32 per query row;
+//   2. per key tile: dV = P^T dO and dK = scale * dS^T Q, looping over query tiles;
+//   3. per query tile: dQ = scale * dS K, looping over key tiles;
+// where P = exp(scale * Q K^T - lse) is recomputed from the forward's logsumexp and
+// dS = P * (dO V^T - delta). Kernels 2 and 3 both recompute P and dO V^T: that costs two extra
+// products but keeps every output written by exactly one block.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "dispatch.cuh"
+#include "launch.h"
+#include "mma.cuh"
+#include "params.h"
+#include "scores.cuh"
+#include "tile_io.cuh"
+#include "warp_gemm.cuh"
+
+namespace fused_attention {
+namespace {
+
+constexpr int kDeltaWarps = 4;
+constexpr int kDeltaRowsPerBlock = 64;
+
+// Per key tile: warps are laid out as kKeyStrips strips of 16 keys times kSplitD slices of the
+// head dim. The warps of one strip all recompute that strip's scores (full head dim) and each
+// accumulates dK and dV for its own slice of columns, which keeps those two accumulators within
+// the register file at head dim 256.
+template <int kHeadDim>
+struct KeyTileTiles {
+  static constexpr int kKeyStrips = 4;
+  static constexpr int kSplitD = kHeadDim > 128 ? 2 : 1;
+  static constexpr int kWarps = kKeyStrips * kSplitD;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockN = 16 * kKeyStrips;            // keys per block
+  static constexpr int kBlockM = kHeadDim <= 64 ? 64 : 32;  // queries per pipeline stage
+  static constexpr int kSliceCols = kHeadDim / kSplitD;      // dK/dV columns per warp
+  // Shared memory: 16-bit tiles (K and V once, Q and dO in two stages), then fp32 per-query
+  // values (lse in log2 units and delta, two stages each).
+  static constexpr int kKOffset = 0;
+  static constexpr int kVOffset = kKOffset + kBlockN * kHeadDim;
+  static constexpr int kQOffset = kVOffset + kBlockN * kHeadDim;
+  static constexpr int kDoOffset = kQOffset + 2 * kBlockM * kHeadDim;
+  static constexpr int kTileElements = kDoOffset + 2 * kBlockM * kHeadDim;
+  static constexpr int kLseOffset = 0;  // in floats, after the tiles
+  static constexpr int kDeltaOffset = kLseOffset + 2 * kBlockM;
+  static constexpr int kRowValues = kDeltaOffset + 2 * kBlockM;
+  static constexpr size_t kSmemBytes = kTileElements * sizeof(uint16_t) + kRowValues * sizeof(float);
+  static_assert(kSmemBytes <= kMaxSharedBytesPerBlock, "tiles must fit in shared memory on sm_80");
+};
+
+// Per query tile: 4 warps of 16 query rows, as in the forward.
+template <int kHeadDim>
+struct QueryTileTiles {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kWarps;                 // queries per block
+  // Keys per pipeline stage. At head dim 256 the dQ accumulator alone takes 128 registers a
+  // thread; 16-key stages leave room for the scores and dP (ptxas -v: no spills up to 128, 4
+  // bytes at 256).
+  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 16;
+  // Shared memory in 16-bit elements: Q and dO once, K and V in two stages each.
+  static constexpr int kQOffset = 0;
+  static constexpr int kDoOffset = kQOffset + kBlockM * kHeadDim;
+  static constexpr int kKOffset = kDoOffset + kBlockM * kHeadDim;
+  static constexpr int kVOffset = kKOffset + 2 * kBlockN * kHeadDim;
+  static constexpr int kSmemElements = kVOffset + 2 * kBlockN * kHeadDim;
+  static constexpr size_t kSmemBytes = kSmemElements * sizeof(uint16_t);
+  static_assert(kSmemBytes <= kMaxSharedBytesPerBlock, "tiles must fit in shared memory on sm_80");
+};
+
+// The forward's lse in the log2 units of the scores. A row with no visible key has lse -inf;
+// +inf makes every exp2(score - lse) of that row 0, so its gradients are 0 instead of NaN.
+__device__ __forceinline__ float lse_in_log2_units(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+__device__ __forceinline__ int64_t row_values_offset(const AttentionParams& params, int batch, int head) {
+  return (static_cast<int64_t>(batch) * params.heads + head) * params.seqlen_q;
+}
+
+// delta[row] = sum_d dO[row, d] * O[row, d] in fp32; one warp per row at a time.
+template <typename T>
+__global__ void __launch_bounds__(32 * kDeltaWarps)
+    attention_backward_delta_kernel(const __grid_constant__ AttentionParams params) {
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  float* const delta = params.delta + row_values_offset(params, batch, head);
+  const int row_begin = blockIdx.x * kDeltaRowsPerBlock;
+  const int row_end = min(params.seqlen_q, row_begin + kDeltaRowsPerBlock);
+  for (int row = row_begin + warp; row < row_end; row += kDeltaWarps) {
+    const uint16_t* const dout = row_pointer(params.dout, batch, head, row);
+    const uint16_t* const out = row_pointer(params.o, batch, head, row);
+    float sum = 0.f;
+    for (int d = lane; d < params.head_dim; d += 32) sum += element_to_float<T>(dout[d]) * element_to_float<T>(out[d]);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane == 0) delta[row] = sum;
+  }
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
+    attention_backward_dk_dv_kernel(const __grid_constant__ AttentionParams params, bool chunked) {
+  using Tiles = KeyTileTiles<kHeadDim>;
+  constexpr int kBlockM = Tiles::kBlockM;
+  constexpr int kBlockN = Tiles::kBlockN;
+  constexpr int kThreads = Tiles::kThreads;
+  constexpr int kSliceCols = Tiles::kSliceCols;
+
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  uint16_t* const smem = reinterpret_cast<uint16_t*>(shared_bytes);
+  uint16_t* const k_tile = smem + Tiles::kKOffset;
+  uint16_t* const v_tile = smem + Tiles::kVOffset;
+  uint16_t* const q_tiles = smem + Tiles::kQOffset;
+  uint16_t* const do_tiles = smem + Tiles::kDoOffset;
+  float* const row_values = reinterpret_cast<float*>(smem + Tiles::kTileElements);
+  float* const lse_stages = row_values + Tiles::kLseOffset;
+  float* const delta_stages = row_values + Tiles::kDeltaOffset;
+
+  const int n0 = blockIdx.x * kBlockN;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int strip_row0 = 16 * (warp % Tiles::kKeyStrips);  // this warp's keys inside the block
+  const int slice_col0 = kSliceCols * (warp / Tiles::kKeyStrips);
+  const int seqlen_q = params.seqlen_q;
+  const int seqlen_k = params.seqlen_k;
+  const int head_dim = params.head_dim;
+  const ScoreMask mask{seqlen_q, seqlen_k, params.causal};
+
+  // Causal: key n0 is seen by queries i >= n0 - (seqlen_k - seqlen_q); start at that i's tile.
+  const int query_begin = params.causal ? max(0, n0 - (seqlen_k - seqlen_q)) / kBlockM * kBlockM : 0;
+  const int query_tiles = query_begin < seqlen_q ? ceil_div(seqlen_q - query_begin, kBlockM) : 0;
+
+  const uint16_t* const q_rows = row_pointer(params.q, batch, head, 0);
+  const uint16_t* const do_rows = row_pointer(params.dout, batch, head, 0);
+  const float* const lse = params.lse + row_values_offset(params, batch, head);
+  const float* const delta = params.delta + row_values_offset(params, batch, head);
+  auto load_query_stage = [&](int tile, int stage) {
+    const int m0 = query_begin + tile * kBlockM;
+    load_tile<kBlockM, kHeadDim, kThreads>(q_tiles + stage * kBlockM * kHeadDim, q_rows + m0 * params.q.row_stride,
+                                           params.q.row_stride, seqlen_q - m0, head_dim, chunked);
+    load_tile<kBlockM, kHeadDim, kThreads>(do_tiles + stage * kBlockM * kHeadDim,
+                                           do_rows + m0 * params.dout.row_stride, params.dout.row_stride,
+                                           seqlen_q - m0, head_dim, chunked);
+    // Queries past the end get lse +inf (so P = 0) and delta 0.
+    const int thread = threadIdx.x;
+    if (thread < kBlockM) {
+      const int row = m0 + thread;
+      lse_stages[stage * kBlockM + thread] = row < seqlen_q ? lse_in_log2_units(lse[row]) : INFINITY;
+      delta_stages[stage * kBlockM + thread] = row < seqlen_q ? delta[row] : 0.f;
+    }
+  };
+
+  load_tile<kBlockN, kHeadDim, kThreads>(k_tile, row_pointer(params.k, batch, head, n0), params.k.row_stride,
+                                         seqlen_k - n0, head_dim, chunked);
+  load_tile<kBlockN, kHeadDim, kThreads>(v_tile, row_pointer(params.v, batch, head, n0), params.v.row_stride,
+                                         seqlen_k - n0, head_dim, chunked);
+  if (query_tiles > 0) load_query_stage(0, 0);
+  cp_async_commit();
+
+  const float scale_log2 = params.softmax_scale * kLog2e;
+  float dk[kSliceCols / 8][4] = {};
+  float dv[kSliceCols / 8][4] = {};
+
+  for (int tile = 0; tile < query_tiles; ++tile) {
+    const int stage = tile % 2;
+    const int m0 = query_begin + tile * kBlockM;
+    if (tile + 1 < query_tiles) load_query_stage(tile + 1, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const uint16_t* const q_tile = q_tiles + stage * kBlockM * kHeadDim;
+    const uint16_t* const do_tile = do_tiles + stage * kBlockM * kHeadDim;
+    const float* const lse_log2 = lse_stages + stage * kBlockM;
+    const float* const delta_tile = delta_stages + stage * kBlockM;
+
+    // Transposed scores S^T: this strip's 16 keys x kBlockM queries. Column c is query m0 + c, so
+    // lse and delta vary along the columns here.
+    float scores[kBlockM / 8][4] = {};
+    warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockM>(scores, k_tile, strip_row0, q_tile, 0);
+#pragma unroll
+    for (int n = 0; n < kBlockM / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) scores[n][i] = scores[n][i] * scale_log2 - lse_log2[8 * n + 2 * (lane % 4) + i % 2];
+    }
+    if (mask.block_needs_mask(m0, kBlockM, n0, kBlockN)) {
+      hide_masked_scores<true>(scores, n0 + strip_row0, m0, mask);
+    }
+    // P^T = exp2(scores), kept in `scores`; dV += P^T dO.
+#pragma unroll
+    for (int n = 0; n < kBlockM / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) scores[n][i] = exp2f(scores[n][i]);
+    }
+    uint32_t p_fragments[kBlockM / 16][4];
+    accumulator_to_a_fragments<T, kBlockM>(p_fragments, scores);
+    warp_gemm_registers_by_tile<T, kHeadDim, kBlockM, kSliceCols>(dv, p_fragments, do_tile, 0, slice_col0);
+
+    // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta) in place; dK += dS^T Q.
+    float ds[kBlockM / 8][4] = {};
+    warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockM>(ds, v_tile, strip_row0, do_tile, 0);
+#pragma unroll
+    for (int n = 0; n < kBlockM / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ds[n][i] = scores[n][i] * (ds[n][i] - delta_tile[8 * n + 2 * (lane % 4) + i % 2]);
+    }
+    uint32_t ds_fragments[kBlockM / 16][4];
+    accumulator_to_a_fragments<T, kBlockM>(ds_fragments, ds);
+    warp_gemm_registers_by_tile<T, kHeadDim, kBlockM, kSliceCols>(dk, ds_fragments, q_tile, 0, slice_col0);
+    __syncthreads();
+  }
+  // Completes the first stage's copies when there was no query tile, before K and V are reused.
+  cp_async_wait<0>();
+  __syncthreads();
+
+  store_accumulator<T, kHeadDim, kSliceCols / 8>(k_tile, strip_row0, slice_col0, dk, params.softmax_scale,
+                                                 params.softmax_scale);
+  store_accumulator<T, kHeadDim, kSliceCols / 8>(v_tile, strip_row0, slice_col0, dv, 1.f, 1.f);
+  __syncthreads();
+  store_tile<kBlockN, kHeadDim, kThreads>(row_pointer(params.dk, batch, head, n0), params.dk.row_stride,
+                                          seqlen_k - n0, head_dim, k_tile, chunked);
+  store_tile<kBlockN, kHeadDim, kThreads>(row_pointer(params.dv, batch, head, n0), params.dv.row_stride,
+                                          seqlen_k - n0, head_dim, v_tile, chunked);
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
+    attention_backward_dq_kernel(const __grid_constant__ AttentionParams params, bool chunked) {
+  using Tiles = QueryTileTiles<kHeadDim>;
+  constexpr int kBlockM = Tiles::kBlockM;
+  constexpr int kBlockN = Tiles::kBlockN;
+  constexpr int kThreads = Tiles::kThreads;
+
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  uint16_t* const smem = reinterpret_cast<uint16_t*>(shared_bytes);
+  uint16_t* const q_tile = smem + Tiles::kQOffset;
+  uint16_t* const do_tile = smem + Tiles::kDoOffset;
+  uint16_t* const k_tiles = smem + Tiles::kKOffset;
+  uint16_t* const v_tiles = smem + Tiles::kVOffset;
+
+  const int m0 = blockIdx.x * kBlockM;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int warp_row0 = 16 * warp;
+  const int seqlen_q = params.seqlen_q;
+  const int seqlen_k = params.seqlen_k;
+  const int head_dim = params.head_dim;
+  const ScoreMask mask{seqlen_q, seqlen_k, params.causal};
+
+  const int key_end = params.causal ? max(0, min(seqlen_k, m0 + kBlockM + seqlen_k - seqlen_q)) : seqlen_k;
+  const int key_tiles = ceil_div(key_end, kBlockN);
+
+  const uint16_t* const k_rows = row_pointer(params.k, batch, head, 0);
+  const uint16_t* const v_rows = row_pointer(params.v, batch, head, 0);
+  auto load_kv_stage = [&](int tile, int stage) {
+    const int n0 = tile * kBlockN;
+    load_tile<kBlockN, kHeadDim, kThreads>(k_tiles + stage * kBlockN * kHeadDim, k_rows + n0 * params.k.row_stride,
+                                           params.k.row_stride, seqlen_k - n0, head_dim, chunked);
+    load_tile<kBlockN, kHeadDim, kThreads>(v_tiles + stage * kBlockN * kHeadDim, v_rows + n0 * params.v.row_stride,
+                                           params.v.row_stride, seqlen_k - n0, head_dim, chunked);
+  };
+
+  load_tile<kBlockM, kHeadDim, kThreads>(q_tile, row_pointer(params.q, batch, head, m0), params.q.row_stride,
+                                         seqlen_q - m0, head_dim, chunked);
+  load_tile<kBlockM, kHeadDim, kThreads>(do_tile, row_pointer(params.dout, batch, head, m0),
+                                         params.dout.row_stride, seqlen_q - m0, head_dim, chunked);
+  if (key_tiles > 0) load_kv_stage(0, 0);
+  cp_async_commit();
+
+  // This lane's rows g (half 0) and g + 8 (half 1): their lse and delta stay in registers.
+  float lse_log2[2];
+  float row_delta[2];
+  {
+    const float* const lse = params.lse + row_values_offset(params, batch, head);
+    const float* const delta = params.delta + row_values_offset(params, batch, head);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = m0 + warp_row0 + lane / 4 + 8 * half;
+      lse_log2[half] = row < seqlen_q ? lse_in_log2_units(lse[row]) : INFINITY;
+      row_delta[half] = row < seqlen_q ? delta[row] : 0.f;
+    }
+  }
+
+  const float scale_log2 = params.softmax_scale * kLog2e;
+  float dq[kHeadDim / 8][4] = {};
+
+  for (int tile = 0; tile < key_tiles; ++tile) {
+    const int stage = tile % 2;
+    const int n0 = tile * kBlockN;
+    if (tile + 1 < key_tiles) load_kv_stage(tile + 1, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const uint16_t* const k_tile = k_tiles + stage * kBlockN * kHeadDim;
+    const uint16_t* const v_tile = v_tiles + stage * kBlockN * kHeadDim;
+
+    float scores[kBlockN / 8][4] = {};
+    warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockN>(scores, q_tile, warp_row0, k_tile, 0);
+    float dp[kBlockN / 8][4] = {};
+    warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockN>(dp, do_tile, warp_row0, v_tile, 0);
+
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) scores[n][i] = scores[n][i] * scale_log2 - lse_log2[i / 2];
+    }
+    if (mask.block_needs_mask(m0, kBlockM, n0, kBlockN)) {
+      hide_masked_scores<false>(scores, m0 + warp_row0, n0, mask);
+    }
+    // dS = P * (dP - delta), kept in `dp`.
+#pragma unroll
+    for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dp[n][i] = exp2f(scores[n][i]) * (dp[n][i] - row_delta[i / 2]);
+    }
+
+    uint32_t ds_fragments[kBlockN / 16][4];
+    accumulator_to_a_fragments<T, kBlockN>(ds_fragments, dp);
+    warp_gemm_registers_by_tile<T, kHeadDim, kBlockN, kHeadDim>(dq, ds_fragments, k_tile, 0, 0);
+    __syncthreads();
+  }
+  // Completes the Q and dO copies when there was no key tile, before q_tile is reused.
+  cp_async_wait<0>();
+  __syncthreads();
+
+  store_accumulator<T, kHeadDim, kHeadDim / 8>(q_tile, warp_row0, 0, dq, params.softmax_scale,
+                                               params.softmax_scale);
+  __syncthreads();
+  store_tile<kBlockM, kHeadDim, kThreads>(row_pointer(params.dq, batch, head, m0), params.dq.row_stride,
+                                          seqlen_q - m0, head_dim, q_tile, chunked);
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) {
+  const int head_dim = params.head_dim;
+  const bool chunked = allows_16_byte_chunks(params.q, head_dim) && allows_16_byte_chunks(params.k, head_dim) &&
+                       allows_16_byte_chunks(params.v, head_dim) && allows_16_byte_chunks(params.dout, head_dim) &&
+                       allows_16_byte_chunks(params.dq, head_dim) && allows_16_byte_chunks(params.dk, head_dim) &&
+                       allows_16_byte_chunks(params.dv, head_dim);
+
+  // With no query rows there is no delta and no dQ, but dK and dV still need their zeros.
+  if (params.seqlen_q > 0) {
+    const dim3 grid(ceil_div(params.seqlen_q, kDeltaRowsPerBlock), params.heads, params.batch);
+    attention_backward_delta_kernel<T><<<grid, 32 * kDeltaWarps, 0, stream>>>(params);
+    const cudaError_t error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+  }
+  if (params.seqlen_k > 0) {
+    using Tiles = KeyTileTiles<kHeadDim>;
+    auto kernel = attention_backward_dk_dv_kernel<T, kHeadDim>;
+    cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
+    if (error != cudaSuccess) return error;
+    const dim3 grid(ceil_div(params.seqlen_k, Tiles::kBlockN), params.heads, params.batch);
+    kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params, chunked);
+    error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+  }
+  if (params.seqlen_q > 0) {
+    using Tiles = QueryTileTiles<kHeadDim>;
+    auto kernel = attention_backward_dq_kernel<T, kHeadDim>;
+    cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
+    if (error != cudaSuccess) return error;
+    const dim3 grid(ceil_div(params.seqlen_q, Tiles::kBlockM), params.heads, params.batch);
+    kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params, chunked);
+    error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t launch_attention_backward(const AttentionParams& params, cudaStream_t stream) {
+  if (params.batch == 0 || params.heads == 0 || (params.seqlen_q == 0 && params.seqlen_k == 0)) return cudaSuccess;
+  return dispatch_element_type_and_head_dim(params, [&](auto element, auto head_dim) {
+    return launch_backward<typename decltype(element)::type, decltype(head_dim)::value>(params, stream);
+  });
+}
+
+}  // namespace fused_attention

@@ -1,0 +1,26 @@
+// The fused_attention torch ops and the Python module attention._C.
+//
+// Importing attention._C loads this library, whose static initializers register the op schemas
+// below and the kernels of each device (CPU here, CUDA in cuda/binding.cpp when built). The module
+// itself is empty; it is created with the limited C API only, so one wheel fits every CPython.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/attention_cpu.h"
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "Registers the fused_attention torch ops.", -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(fused_attention, m) {
+  m.def("fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale) -> (Tensor o, Tensor lse)");
+  m.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float softmax_scale)"
+      " -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {
+  m.impl("fwd", &fused_attention::attention_forward_cpu);
+  m.impl("bwd", &fused_attention::attention_backward_cpu);
+}

@@ -1,0 +1,232 @@
+"""Kernel-level tests of the Triton launchers against the float32 reference, with the 2x/3x tolerance rule.
+
+Without a GPU the kernels run on Triton's interpreter (slow: shapes stay tiny, and bf16 is left out because
+the interpreter's bf16 tl.dot is wrong). With a GPU, bf16 and long sequences / big head dims are added.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+# The interpreter must be chosen before the kernels are defined, i.e. before attention.triton_kernels loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from attention.reference import naive_attention  # noqa: E402
+from attention.triton_kernels import attention_backward, attention_forward, backward, common, forward  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="too slow for the Triton interpreter")
+
+# (batch, heads, Nq, Nk, head_dim): single token, odd lengths, Nq != Nk both ways, padded head dims.
+SHAPES = [
+    (1, 1, 1, 1, 16),
+    (1, 2, 17, 17, 40),
+    (2, 1, 17, 40, 64),
+    (1, 2, 40, 17, 16),
+    (1, 1, 113, 31, 80),
+    (1, 1, 5, 9, 1),
+]
+GPU_SHAPES = [
+    (2, 3, 1023, 1023, 64),
+    (1, 2, 1025, 1023, 128),
+    (1, 2, 1023, 1025, 96),
+    (1, 1, 1023, 257, 192),
+    (1, 1, 255, 1025, 256),
+]
+
+
+def random_inputs(shape, dtype, seed):
+    batch, heads, n_q, n_k, head_dim = shape
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(n):
+        return torch.randn(batch, heads, n, head_dim, generator=gen, device=DEVICE).to(dtype)
+
+    return randn(n_q), randn(n_k), randn(n_k), randn(n_q)
+
+
+def naive_results(q, k, v, do, causal, scale, dtype):
+    """Output, lse and gradients of the naive attention computed in `dtype`."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    o, lse = naive_attention(*leaves, causal=causal, softmax_scale=scale, return_lse=True)
+    o.backward(do.to(dtype))
+    return o.detach(), lse.detach(), *(x.grad for x in leaves)
+
+
+def assert_within_rule(ours, ref, lowprec, factor, name):
+    """max|ours - ref| <= factor * max|lowprec - ref| + 1e-5, with lowprec the same math in the input dtype."""
+    assert ours.shape == ref.shape, name
+    our_error = (ours.double() - ref.double()).abs().max().item()
+    torch_error = (lowprec.double() - ref.double()).abs().max().item()
+    bound = factor * torch_error + 1e-5
+    assert our_error <= bound, f"{name}: error {our_error:.3g} > {bound:.3g} (torch in low precision: {torch_error:.3g})"
+
+
+def assert_lse_within_rule(ours, ref, lowprec):
+    hidden = ref == float("-inf")
+    assert torch.equal(ours == float("-inf"), hidden), "lse is -inf exactly on the rows that see no key"
+    seen = ~hidden
+    assert_within_rule(ours[seen], ref[seen], lowprec[seen], 2, "lse")
+
+
+def check_against_reference(q, k, v, do, causal, scale):
+    """Run our forward and backward and hold every result to the tolerance rule.
+
+    The reference is float32 math, or float64 for float32 inputs (whose low-precision math is float32).
+    """
+    o, lse = attention_forward(q, k, v, causal, scale)
+    dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal, scale)
+    ref = naive_results(q, k, v, do, causal, scale, torch.float64 if q.dtype == torch.float32 else torch.float32)
+    low = naive_results(q, k, v, do, causal, scale, q.dtype)
+    assert_within_rule(o, ref[0], low[0], 2, "o")
+    assert_lse_within_rule(lse, ref[1], low[1])
+    for name, ours, ref_grad, low_grad in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:], low[2:]):
+        assert_within_rule(ours, ref_grad, low_grad, 3, name)
+    return o, lse, dq, dk, dv
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(shape, causal, dtype):
+    q, k, v, do = random_inputs(shape, dtype, seed=sum(shape))
+    check_against_reference(q, k, v, do, causal, 1.0 / math.sqrt(shape[-1]))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_matches_reference_large(shape, causal, dtype):
+    q, k, v, do = random_inputs(shape, dtype, seed=sum(shape))
+    check_against_reference(q, k, v, do, causal, 1.0 / math.sqrt(shape[-1]))
+
+
+def test_outputs_are_fresh_contiguous_tensors():
+    shape = (1, 2, 17, 9, 40)
+    q, k, v, do = random_inputs(shape, torch.float16, seed=1)
+    k = k.transpose(2, 3).contiguous().transpose(2, 3)  # column-major k: strided inputs, contiguous outputs
+    o, lse = attention_forward(q, k, v, False, 0.2)
+    dq, dk, dv = attention_backward(do, q, k, v, o, lse, False, 0.2)
+    assert o.shape == q.shape and o.dtype == q.dtype and o.is_contiguous()
+    assert lse.shape == (1, 2, 17) and lse.dtype == torch.float32 and lse.is_contiguous()
+    for grad, x in ((dq, q), (dk, k), (dv, v)):
+        assert grad.shape == x.shape and grad.dtype == x.dtype and grad.is_contiguous()
+        assert grad.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_packed_qkv_and_transposed_views(causal):
+    """q/k/v as views into a packed (B, N, 3, H, D) projection, dO as a (B, N, H, D) transpose: no copies."""
+    batch, heads, n, head_dim = 2, 2, 23, 40
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    qkv = torch.randn(batch, n, 3, heads, head_dim, generator=gen, device=DEVICE).half()
+    q, k, v = (x.transpose(1, 2) for x in qkv.unbind(2))
+    do = torch.randn(batch, n, heads, head_dim, generator=gen, device=DEVICE).half().transpose(1, 2)
+    assert not any(x.is_contiguous() for x in (q, k, v, do))
+    check_against_reference(q, k, v, do, causal, 0.3)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(1, 2, 40, 17, 40), (2, 1, 17, 33, 80)], ids=str)
+def test_never_reads_outside_the_views(shape, causal):
+    """q/k/v/dO live inside NaN-filled buffers: any out-of-bounds row or column read would turn results NaN."""
+    batch, heads, n_q, n_k, head_dim = shape
+    pad = 3
+    gen = torch.Generator(device=DEVICE).manual_seed(11)
+
+    def nan_padded(n):
+        storage = torch.full(
+            (batch, heads, n + 2 * pad, head_dim + 2 * pad), float("nan"), dtype=torch.float16, device=DEVICE
+        )
+        view = storage[:, :, pad : pad + n, pad : pad + head_dim]
+        view.copy_(torch.randn(batch, heads, n, head_dim, generator=gen, device=DEVICE))
+        return view
+
+    q, k, v, do = nan_padded(n_q), nan_padded(n_k), nan_padded(n_k), nan_padded(n_q)
+    results = check_against_reference(q, k, v, do, causal, 1.0 / math.sqrt(head_dim))
+    assert not any(x.isnan().any() for x in results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_rows_without_visible_keys(dtype):
+    """Causal with Nq > Nk: query i sees keys j <= i - (Nq - Nk), so the first Nq - Nk rows see none."""
+    shape = (1, 2, 40, 17, 16)
+    q, k, v, do = random_inputs(shape, dtype, seed=3)
+    o, lse, dq, dk, dv = check_against_reference(q, k, v, do, True, 0.25)
+    blind = shape[2] - shape[3]
+    assert torch.all(o[:, :, :blind] == 0)
+    assert torch.all(lse[:, :, :blind] == float("-inf"))
+    assert torch.all(torch.isfinite(lse[:, :, blind:]))
+    assert torch.all(dq[:, :, :blind] == 0)
+    assert all(torch.isfinite(x).all() for x in (o, dq, dk, dv))
+
+
+def test_backward_is_deterministic():
+    shape = (2, 2, 45, 37, 64)
+    q, k, v, do = random_inputs(shape, torch.float16, seed=5)
+    o, lse = attention_forward(q, k, v, True, 0.125)
+    first = attention_backward(do, q, k, v, o, lse, True, 0.125)
+    second = attention_backward(do, q, k, v, o, lse, True, 0.125)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# Tile shapes other than the default one, to exercise the loop bounds with BLOCK_M != BLOCK_N both ways.
+TILES = [(16, 16), (16, 64), (64, 16)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("tile", TILES, ids=str)
+def test_other_tile_shapes(tile, causal, monkeypatch):
+    config = triton.Config({"BLOCK_M": tile[0], "BLOCK_N": tile[1]}, num_warps=4, num_stages=2)
+    for kernel in (forward._forward_kernel, backward._dkdv_kernel, backward._dq_kernel):
+        monkeypatch.setattr(kernel, "configs", [config])
+    for shape in [(1, 1, 70, 37, 32), (1, 1, 37, 70, 32)]:
+        q, k, v, do = random_inputs(shape, torch.float32, seed=sum(shape) + tile[0])
+        check_against_reference(q, k, v, do, causal, 0.2)
+
+
+H100_SHARED_MEMORY = 232448  # bytes per block (227 KiB)
+
+
+def config_shapes(configs):
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+
+
+@pytest.mark.parametrize(
+    "kernel, tensor_core_configs, fp32_configs, too_big, fitting",
+    [
+        # Shapes (BLOCK_M, BLOCK_N, warps, stages) at head dim 256 in fp16, with their shared memory in
+        # sm_90 builds: too big 458752 and 262144 bytes; fitting 196608 and 98304.
+        (forward._forward_kernel, forward.TENSOR_CORE_CONFIGS, forward.FP32_CONFIGS,
+         [(128, 128, 8, 3), (128, 64, 8, 3)], [(128, 64, 8, 2), (64, 32, 4, 2)]),
+        # too big 345088 and 271360; fitting 84096.
+        (backward._dkdv_kernel, backward.DKDV_TENSOR_CORE_CONFIGS, backward.DKDV_FP32_CONFIGS,
+         [(64, 128, 8, 3), (64, 64, 4, 3)], [(16, 64, 8, 2)]),
+        # too big 327680 and 262144; fitting 229376 and 131072.
+        (backward._dq_kernel, backward.DQ_TENSOR_CORE_CONFIGS, backward.DQ_FP32_CONFIGS,
+         [(128, 64, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3), (64, 32, 8, 2)]),
+    ],
+    ids=["forward", "dkdv", "dq"],
+)
+def test_config_pruning(kernel, tensor_core_configs, fp32_configs, too_big, fitting, monkeypatch):
+    """The autotuner only compiles configs meant for the dtype whose shared memory fits the device."""
+    monkeypatch.setattr(common, "_shared_memory_bytes", lambda device_index: H100_SHARED_MEMORY)
+    all_configs = tensor_core_configs + fp32_configs
+
+    def kept(dtype, head_dim):
+        q = torch.empty(1, 1, 1, head_dim, dtype=dtype)
+        return config_shapes(kernel.early_config_prune(all_configs, {"Q": q}, BLOCK_D=head_dim))
+
+    assert kept(torch.float16, 64) == config_shapes(tensor_core_configs)
+    assert kept(torch.float32, 64) == config_shapes(fp32_configs)
+    at_256 = kept(torch.bfloat16, 256)
+    assert at_256 <= config_shapes(tensor_core_configs)
+    assert not at_256 & set(too_big)
+    assert set(fitting) <= at_256

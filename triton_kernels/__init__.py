@@ -1,0 +1,11 @@
+"""Triton flash-attention kernels and their launchers (installed as ``attention.triton_kernels``).
+
+``attention_forward(q, k, v, causal, softmax_scale) -> (o, lse)`` and
+``attention_backward(do, q, k, v, o, lse, causal, softmax_scale) -> (dq, dk, dv)`` take (B, H, N, D)
+tensors the caller has already validated. Importing this package imports triton, and under
+``TRITON_INTERPRET=1`` (read at import) the kernels run on CPU tensors through Triton's interpreter.
+"""
+from .backward import attention_backward
+from .forward import attention_forward
+
+__all__ = ["attention_backward", "attention_forward"]

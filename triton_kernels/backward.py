@@ -1,0 +1,348 @@
+"""Flash-attention backward in Triton, in three deterministic kernels (no atomics).
+
+1. delta = rowsum(dO * O), the softmax-gradient term every score of a row shares.
+2. dK, dV: one program per key tile, looping over the query tiles that see it.
+3. dQ: one program per query tile, looping over the key tiles it sees.
+Both loops rebuild P = exp2(scale_log2 * q.k - lse_log2) from the forward's lse instead of storing P.
+Splitting dK/dV from dQ costs one extra recomputation of P but lets each kernel own its accumulators in
+registers and write them once, where a fused kernel would need atomics (non-deterministic) for dQ.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    INTERPRETING,
+    LOG2E,
+    autotune_configs,
+    config_pruner,
+    dot_precision,
+    key_range,
+    load_rows,
+    make_configs,
+    padded_head_dim,
+    store_rows,
+    visible,
+)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), checked against sm_90 builds like the forward's. dK/dV keeps
+# a key tile and two fp32 accumulators resident and streams narrow query tiles; dQ is the mirror image.
+# Narrow streamed tiles (and 8 warps at head dim 256) keep register pressure down where the tutorial's
+# single block shape spills.
+DKDV_TENSOR_CORE_CONFIGS = make_configs(
+    [
+        (32, 128, 4, 3),
+        (32, 128, 8, 3),
+        (64, 128, 8, 3),
+        (32, 64, 4, 3),
+        (64, 64, 4, 3),
+        (16, 64, 4, 2),
+        (16, 64, 8, 2),
+    ]
+)
+DKDV_FP32_CONFIGS = make_configs([(16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)])
+DQ_TENSOR_CORE_CONFIGS = make_configs(
+    [
+        (128, 32, 4, 3),
+        (128, 32, 8, 3),
+        (128, 64, 8, 3),
+        (64, 32, 4, 3),
+        (64, 64, 4, 3),
+        (64, 32, 8, 2),
+        (64, 16, 4, 2),
+    ]
+)
+DQ_FP32_CONFIGS = make_configs([(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)])
+
+DELTA_BLOCK_M = 16 if INTERPRETING else 64
+
+
+def _dkdv_shared_memory(config, block_d, element_bytes):
+    """Q and dO tiles per pipeline stage, the resident K and V tiles, and dS staged for its dot."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    tiles = 2 * config.num_stages * block_m * block_d + 2 * block_n * block_d + block_m * block_n
+    return tiles * element_bytes
+
+
+def _dq_shared_memory(config, block_d, element_bytes):
+    """K and V tiles per pipeline stage and the resident Q and dO tiles."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    tiles = 2 * config.num_stages * block_n * block_d + 2 * block_m * block_d
+    return tiles * element_bytes
+
+
+@triton.jit
+def _delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    n_heads, n_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = load_rows(O + batch * stride_ob + head * stride_oh, offs_m, stride_on, n_q, offs_d, HEAD_DIM)
+    do = load_rows(DO + batch * stride_dob + head * stride_doh, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (batch * n_heads + head) * n_q + offs_m, delta, mask=offs_m < n_q)
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q):
+    """lse (in base-2 units) and delta of rows offs_m; 0 past n_q, where q = dO = 0 make any P harmless.
+
+    A row that sees no key has lse = -inf and so P = exp2(s - lse) = inf; no guard is needed because each
+    of its (row, key) pairs is hidden and lies in a masked tile, where tl.where replaces P by 0.
+    """
+    in_bounds = offs_m < n_q
+    lse = tl.load(LSE + row_offset + offs_m, mask=in_bounds, other=0.0) * LOG2E
+    delta = tl.load(DELTA + row_offset + offs_m, mask=in_bounds, other=0.0)
+    return lse, delta
+
+
+@triton.autotune(
+    configs=autotune_configs(DKDV_TENSOR_CORE_CONFIGS, DKDV_FP32_CONFIGS, interpreter_shape=(16, 32, 4, 1)),
+    key=["BLOCK_D", "CAUSAL"],  # not the sequence lengths, as in the forward; dtypes are added by triton
+    prune_configs_by={"early_config_prune": config_pruner(_dkdv_shared_memory, DKDV_FP32_CONFIGS)},
+)
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    n_heads, n_q, n_k,
+    softmax_scale,
+    scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    q_base = Q + batch * stride_qb + head * stride_qh
+    do_base = DO + batch * stride_dob + head * stride_doh
+    row_offset = (batch * n_heads + head) * n_q
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    # Keys past n_k load as zeros; their dK/dV rows are computed but never stored.
+    k = load_rows(K + batch * stride_kb + head * stride_kh, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
+    v = load_rows(V + batch * stride_vb + head * stride_vh, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    if CAUSAL:
+        # Query i sees key j when i >= j - (n_k - n_q). Query tiles before the first one that sees key
+        # start_n are skipped; tiles from the first one that sees the tile's last key on need no mask.
+        shift = n_k - n_q
+        first_seeing = tl.minimum(tl.maximum(start_n - shift, 0), n_q)
+        all_seeing = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), n_q)
+        masked_start = (first_seeing // BLOCK_M) * BLOCK_M
+        unmasked_start = tl.cdiv(all_seeing, BLOCK_M) * BLOCK_M
+    else:
+        masked_start = 0
+        unmasked_start = 0
+    # Query rows past n_q need no mask in either loop: their q and dO load as zeros (see _load_row_stats).
+    dk, dv = _accumulate_dkdv(
+        dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, offs_n, offs_d,
+        n_q, n_k, scale_log2, masked_start, unmasked_start, True, CAUSAL, HEAD_DIM, DOT_PRECISION, BLOCK_M,
+    )
+    dk, dv = _accumulate_dkdv(
+        dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, offs_n, offs_d,
+        n_q, n_k, scale_log2, unmasked_start, n_q, False, CAUSAL, HEAD_DIM, DOT_PRECISION, BLOCK_M,
+    )
+
+    dk_base = DK + batch * stride_dkb + head * stride_dkh
+    dv_base = DV + batch * stride_dvb + head * stride_dvh
+    store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, n_k, offs_d, HEAD_DIM)
+    store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, n_k, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def _accumulate_dkdv(
+    dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, offs_n, offs_d,
+    n_q, n_k, scale_log2, start, end,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Add query tiles [start, end) to dK (unscaled) and dV; apply the causal mask only when MASKED."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_rows(q_base, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
+        do = load_rows(do_base, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
+        lse, delta = _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(visible(offs_m, offs_n, n_q, n_k, CAUSAL), p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(
+    configs=autotune_configs(DQ_TENSOR_CORE_CONFIGS, DQ_FP32_CONFIGS, interpreter_shape=(32, 16, 4, 1)),
+    key=["BLOCK_D", "CAUSAL"],
+    prune_configs_by={"early_config_prune": config_pruner(_dq_shared_memory, DQ_FP32_CONFIGS)},
+)
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    n_heads, n_q, n_k,
+    softmax_scale,
+    scale_log2,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    k_base = K + batch * stride_kb + head * stride_kh
+    v_base = V + batch * stride_vb + head * stride_vh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
+    do = load_rows(DO + batch * stride_dob + head * stride_doh, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
+    lse, delta = _load_row_stats(LSE, DELTA, (batch * n_heads + head) * n_q, offs_m, n_q)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Same key ranges as the forward. Keys past n_k must be masked here: with zero k their P would be
+    # exp2(-lse), which overflows to inf for very negative lse and turns into NaN against k = 0.
+    unmasked_end, visible_end = key_range(start_m, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _accumulate_dq(
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
+        0, unmasked_end, False, CAUSAL, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+    )
+    dq = _accumulate_dq(
+        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
+        unmasked_end, visible_end, True, CAUSAL, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+    )
+
+    dq_base = DQ + batch * stride_dqb + head * stride_dqh
+    store_rows(dq_base, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, n_q, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def _accumulate_dq(
+    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
+    start, end,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Add key tiles [start, end) to dQ (unscaled); mask keys (bounds, causal) only when MASKED."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
+        v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(visible(offs_m, offs_n, n_q, n_k, CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float):
+    """Gradients of fused attention: dq, dk, dv as new contiguous tensors shaped and typed like q, k, v.
+
+    q, k, v, causal and softmax_scale are the forward's inputs; o and lse (contiguous float32 (B, H, Nq))
+    its outputs. do is the gradient of o, any strides with a contiguous last dim. Deterministic: the same
+    inputs give bitwise the same gradients.
+    """
+    batch, heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    block_d = padded_head_dim(head_dim)
+    precision = dot_precision(q.dtype)
+    scale_log2 = softmax_scale * LOG2E.value
+
+    delta = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(n_q, DELTA_BLOCK_M), heads, batch)](
+        o, do, delta,
+        o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        heads, n_q,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=DELTA_BLOCK_M,
+    )
+
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+
+    def key_tiles(meta):
+        return (triton.cdiv(n_k, meta["BLOCK_N"]), heads, batch)
+
+    _dkdv_kernel[key_tiles](
+        q, k, v, do, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        heads, n_q, n_k,
+        softmax_scale,
+        scale_log2,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        CAUSAL=causal,
+        DOT_PRECISION=precision,
+    )
+
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+
+    def query_tiles(meta):
+        return (triton.cdiv(n_q, meta["BLOCK_M"]), heads, batch)
+
+    _dq_kernel[query_tiles](
+        q, k, v, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        heads, n_q, n_k,
+        softmax_scale,
+        scale_log2,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        CAUSAL=causal,
+        DOT_PRECISION=precision,
+    )
+    return dq, dk, dv
