@@ -37,7 +37,7 @@ def format_table(rows):
             not_run[row["provider"]].add(row["reason"])
         else:
             groups[tuple(row[k] for k in GROUP_KEYS)].append(row)
-    lines = []
+    lines = ["x <provider>: that provider's time / this one's (above 1: this one is faster)"]
     for key in sorted(groups, key=lambda k: (MODES.index(k[0]), k[1], k[2], k[3])):
         lines += ["", f"== {_group_title(*key)} ==", header]
         for row in sorted(groups[key], key=lambda r: r["seqlen"]):

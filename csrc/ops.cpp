@@ -2,7 +2,7 @@
 //
 // Importing attention._C loads this library, whose static initializers register the op schemas
 // below and the kernels of each device (CPU here, CUDA in cuda/binding.cpp when built). The module
-// itself is empty; it is created with the limited C API only, so one wheel fits every CPython.
+// itself is empty, made with CPython's limited API alone (no pybind11), so py_limited_api builds work.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -88,6 +88,17 @@ def test_matches_reference(dtype, causal, shape):
     assert_close_to_reference(q, k, v, dout, causal, scale, o, lse, (dq, dk, dv))
 
 
+@pytest.mark.parametrize("n_k", [1, 63, 64, 65, 129, 165])
+@pytest.mark.parametrize("n_q", [1, 63, 64, 65, 100, 130])
+def test_tile_boundaries(n_q, n_k):
+    """Lengths around the 64-row tiles, so that the causal diagonal crosses tiles at every offset."""
+    q, k, v, dout = random_inputs((1, 1, n_q, n_k, 8), torch.float32, seed=n_q * 1000 + n_k)
+    for causal in (False, True):
+        o, lse = fwd(q, k, v, causal, 0.35)
+        grads = bwd(dout, q, k, v, o, lse, causal, 0.35)
+        assert_close_to_reference(q, k, v, dout, causal, 0.35, o, lse, grads)
+
+
 @pytest.mark.parametrize("scale", [0.3, -0.05, 0.0])
 def test_softmax_scale(scale):
     q, k, v, dout = random_inputs((1, 2, 70, 90, 48), torch.float32)
@@ -140,6 +151,16 @@ def test_nan_padded_storage(dtype):
         assert_close_to_reference(q, k, v, dout, causal, 0.2, o, lse, grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_every_16_bit_value_passes_through(dtype):
+    """With one key, o = v: every fp16 / bf16 bit pattern (subnormals, inf, NaN) survives the kernel's conversions."""
+    v = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, 256, 1, 256)
+    q = k = torch.zeros_like(v)
+    o, _ = fwd(q, k, v, False, 1.0)
+    assert torch.equal(o.isnan(), v.isnan())
+    assert torch.equal(o.nan_to_num(), v.nan_to_num())  # -0.0 may come back as +0.0: equal values
+
+
 def test_rows_without_keys_give_zeros():
     q, k, v, dout = random_inputs((1, 2, 80, 17, 32), torch.float32)
     o, lse = fwd(q, k, v, True, 0.2)
@@ -182,22 +203,30 @@ def _inputs(**changes):
     return tensors["q"], tensors["k"], tensors["v"]
 
 
+def _same_head_dim(head_dim):
+    return _inputs(**{name: torch.randn(1, 1, 2, head_dim) for name in "qkv"})
+
+
 BAD_FORWARD_INPUTS = [
-    (_inputs(q=torch.randn(3, 5, 16)), "q must have rank 4"),
-    (_inputs(v=torch.randn(2, 3, 7, 16, 1)), "v must have rank 4"),
-    (_inputs(q=torch.randn(2, 3, 5, 16, dtype=torch.float64)), "q must be float16, bfloat16 or float32"),
-    (_inputs(k=torch.randn(2, 3, 7, 16, dtype=torch.float16)), r"k must have the same dtype as q \(got Half vs Float\)"),
-    (_inputs(v=torch.randn(2, 3, 7, 16, dtype=torch.bfloat16)), "v must have the same dtype as q"),
-    (_inputs(k=torch.randn(1, 3, 7, 16)), r"k must have the same \(batch, heads\) as q"),
-    (_inputs(v=torch.randn(2, 4, 7, 16)), r"v must have the same \(batch, heads\) as q"),
-    (_inputs(v=torch.randn(2, 3, 6, 16)), r"v must have as many keys \(dim 2\) as k \(got 6 vs 7\)"),
-    (_inputs(k=torch.randn(2, 3, 7, 8)), r"k must have the same head_dim as q \(got 8 vs 16\)"),
-    (_inputs(v=torch.randn(2, 3, 7, 8)), "v must have the same head_dim as q"),
-    (_inputs(q=torch.randn(1, 1, 2, 257), k=torch.randn(1, 1, 2, 257), v=torch.randn(1, 1, 2, 257)), "head_dim"),
+    pytest.param(_inputs(q=torch.randn(3, 5, 16)), "q must have rank 4", id="q-rank"),
+    pytest.param(_inputs(v=torch.randn(2, 3, 7, 16, 1)), "v must have rank 4", id="v-rank"),
+    pytest.param(_inputs(q=torch.randn(2, 3, 5, 16).double()), "q must be float16, bfloat16 or float32", id="q-dtype"),
+    pytest.param(_inputs(k=torch.randn(2, 3, 7, 16).half()), r"k must have the same dtype as q \(got Half vs Float\)",
+                 id="k-dtype"),
+    pytest.param(_inputs(v=torch.randn(2, 3, 7, 16).bfloat16()), "v must have the same dtype as q", id="v-dtype"),
+    pytest.param(_inputs(k=torch.randn(1, 3, 7, 16)), r"k must have the same \(batch, heads\) as q", id="k-batch"),
+    pytest.param(_inputs(v=torch.randn(2, 4, 7, 16)), r"v must have the same \(batch, heads\) as q", id="v-heads"),
+    pytest.param(_inputs(v=torch.randn(2, 3, 6, 16)), r"v must have as many keys \(dim 2\) as k \(got 6 vs 7\)",
+                 id="v-keys"),
+    pytest.param(_inputs(k=torch.randn(2, 3, 7, 8)), r"k must have the same head_dim as q \(got 8 vs 16\)",
+                 id="k-head_dim"),
+    pytest.param(_inputs(v=torch.randn(2, 3, 7, 8)), "v must have the same head_dim as q", id="v-head_dim"),
+    pytest.param(_same_head_dim(257), r"q head_dim must be in 1..256 \(got 257\)", id="q-head_dim-257"),
+    pytest.param(_same_head_dim(0), r"q head_dim must be in 1..256 \(got 0\)", id="q-head_dim-0"),
 ]
 
 
-@pytest.mark.parametrize("inputs, message", BAD_FORWARD_INPUTS, ids=[m.split(" ")[0] for _, m in BAD_FORWARD_INPUTS])
+@pytest.mark.parametrize("inputs, message", BAD_FORWARD_INPUTS)
 def test_forward_checks_name_the_argument(inputs, message):
     with pytest.raises(RuntimeError, match=message):
         fwd(*inputs, False, 0.25)
@@ -206,23 +235,28 @@ def test_forward_checks_name_the_argument(inputs, message):
 def _backward_inputs(**changes):
     """Valid (dout, q, k, v, o, lse), with some replaced."""
     q, k, v = _inputs()
-    tensors = {"dout": torch.randn_like(q), "q": q, "k": k, "v": v, "o": torch.randn_like(q), "lse": torch.randn(2, 3, 5)}
+    tensors = {"dout": torch.randn_like(q), "q": q, "k": k, "v": v, "o": torch.randn_like(q)}
+    tensors["lse"] = torch.randn(2, 3, 5)
     tensors.update(changes)
     return [tensors[name] for name in ("dout", "q", "k", "v", "o", "lse")]
 
 
 BAD_BACKWARD_INPUTS = [
-    (_backward_inputs(dout=torch.randn(2, 3, 6, 16)), "dout must have the same shape as q"),
-    (_backward_inputs(dout=torch.randn(2, 3, 5, 16).half()), "dout must have the same dtype as q"),
-    (_backward_inputs(o=torch.randn(2, 3, 5)), "o must have rank 4"),
-    (_backward_inputs(o=torch.randn(2, 3, 5, 16).bfloat16()), "o must have the same dtype as q"),
-    (_backward_inputs(lse=torch.randn(2, 3, 5).double()), "lse must be float32"),
-    (_backward_inputs(lse=torch.randn(2, 3, 7)), r"lse must have shape \(batch, heads, seq_len_q\)"),
-    (_backward_inputs(k=torch.randn(2, 3, 7, 8)), "k must have the same head_dim as q"),
+    pytest.param(_backward_inputs(dout=torch.randn(2, 3, 6, 16)), "dout must have the same shape as q",
+                 id="dout-shape"),
+    pytest.param(_backward_inputs(dout=torch.randn(2, 3, 5, 16).half()), "dout must have the same dtype as q",
+                 id="dout-dtype"),
+    pytest.param(_backward_inputs(o=torch.randn(2, 3, 5)), "o must have rank 4", id="o-rank"),
+    pytest.param(_backward_inputs(o=torch.randn(2, 3, 5, 16).bfloat16()), "o must have the same dtype as q",
+                 id="o-dtype"),
+    pytest.param(_backward_inputs(lse=torch.randn(2, 3, 5).double()), "lse must be float32", id="lse-dtype"),
+    pytest.param(_backward_inputs(lse=torch.randn(2, 3, 7)), r"lse must have shape \(batch, heads, seq_len_q\)",
+                 id="lse-shape"),
+    pytest.param(_backward_inputs(k=torch.randn(2, 3, 7, 8)), "k must have the same head_dim as q", id="k-head_dim"),
 ]
 
 
-@pytest.mark.parametrize("inputs, message", BAD_BACKWARD_INPUTS, ids=[m.split(" ")[0] for _, m in BAD_BACKWARD_INPUTS])
+@pytest.mark.parametrize("inputs, message", BAD_BACKWARD_INPUTS)
 def test_backward_checks_name_the_argument(inputs, message):
     with pytest.raises(RuntimeError, match=message):
         bwd(*inputs, False, 0.25)

@@ -65,7 +65,7 @@ def assert_within_rule(ours, ref, lowprec, factor, name):
     our_error = (ours.double() - ref.double()).abs().max().item()
     torch_error = (lowprec.double() - ref.double()).abs().max().item()
     bound = factor * torch_error + 1e-5
-    assert our_error <= bound, f"{name}: error {our_error:.3g} > {bound:.3g} (torch in low precision: {torch_error:.3g})"
+    assert our_error <= bound, f"{name}: error {our_error:.3g} > {bound:.3g} (low-precision torch: {torch_error:.3g})"
 
 
 def assert_lse_within_rule(ours, ref, lowprec):
@@ -100,7 +100,8 @@ def test_matches_reference(shape, causal, dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# fp32 stays with the small shapes: its CUDA-core tiles take minutes to autotune at head dim 256.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_matches_reference_large(shape, causal, dtype):

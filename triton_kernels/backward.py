@@ -138,7 +138,8 @@ def _dkdv_kernel(
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    # Keys past n_k load as zeros; their dK/dV rows are computed but never stored.
+    # Keys past n_k load as zeros. Their dK/dV rows may come out inf (P = exp2(-lse) there) but are never
+    # stored, and no other row depends on them.
     k = load_rows(K + batch * stride_kb + head * stride_kh, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
     v = load_rows(V + batch * stride_vb + head * stride_vh, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
