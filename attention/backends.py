@@ -79,10 +79,13 @@ class Backend:
     forward: Callable  # (q, k, v, causal, softmax_scale) -> (o, lse), differentiable in q, k, v
 
 
+# One C++ op serves both devices; looked up at call time, since attention._C may be missing.
+_cpp_forward = _fused_forward(lambda *args: torch.ops.fused_attention.fwd(*args))
+
 _REGISTRY = {
     "triton": Backend("triton", _triton_why_not, _fused_forward(torch.ops.fused_attention_triton.fwd)),
-    "cuda": Backend("cuda", _cuda_why_not, _fused_forward(lambda *a: torch.ops.fused_attention.fwd(*a))),
-    "cpu": Backend("cpu", _cpu_why_not, _fused_forward(lambda *a: torch.ops.fused_attention.fwd(*a))),
+    "cuda": Backend("cuda", _cuda_why_not, _cpp_forward),
+    "cpu": Backend("cpu", _cpu_why_not, _cpp_forward),
     "naive": Backend("naive", lambda q, k, v: [], _run_naive),
 }
 
