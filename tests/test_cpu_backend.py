@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from grid import assert_within_rule, max_err
+
 pytest.importorskip("attention._C", reason="the C++ extension attention._C is not built")
 
 fwd = torch.ops.fused_attention.fwd
@@ -54,10 +56,6 @@ def naive(q, k, v, dout, causal, scale, dtype):
     return o.detach(), lse, q.grad, k.grad, v.grad
 
 
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 def assert_close_to_reference(q, k, v, dout, causal, scale, o, lse, grads):
     """The tolerance rule: max|ours - ref| <= 2 x (3 x for gradients) max|same math in q's dtype - ref| + 1e-5."""
     ref = naive(q, k, v, dout, causal, scale, torch.float64)
@@ -65,8 +63,7 @@ def assert_close_to_reference(q, k, v, dout, causal, scale, o, lse, grads):
     names = ["o", "dq", "dk", "dv"]
     for name, ours, r, lo, factor in zip(names, [o, *grads], ref[:1] + ref[2:], low[:1] + low[2:], [2, 3, 3, 3]):
         assert torch.isfinite(ours).all(), f"{name} has NaN or inf"
-        err, base = max_err(ours, r), max_err(lo, r)
-        assert err <= factor * base + 1e-5, f"{name}: error {err:.3g} > {factor} x {base:.3g} + 1e-5"
+        assert_within_rule(name, ours, r, lo, factor)
     # lse is float32 from the exact float values of the inputs, whatever their dtype
     assert torch.equal(lse.isinf(), ref[1].isinf()), "lse is -inf exactly on the rows that see no key"
     assert max_err(lse.nan_to_num(neginf=0.0), ref[1].nan_to_num(neginf=0.0)) <= 2e-5

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from attention.reference import naive_attention  # noqa: E402
+from grid import assert_within_rule  # noqa: E402
 from attention.triton_kernels import attention_backward, attention_forward, backward, common, forward  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -59,20 +60,11 @@ def naive_results(q, k, v, do, causal, scale, dtype):
     return o.detach(), lse.detach(), *(x.grad for x in leaves)
 
 
-def assert_within_rule(ours, ref, lowprec, factor, name):
-    """max|ours - ref| <= factor * max|lowprec - ref| + 1e-5, with lowprec the same math in the input dtype."""
-    assert ours.shape == ref.shape, name
-    our_error = (ours.double() - ref.double()).abs().max().item()
-    torch_error = (lowprec.double() - ref.double()).abs().max().item()
-    bound = factor * torch_error + 1e-5
-    assert our_error <= bound, f"{name}: error {our_error:.3g} > {bound:.3g} (low-precision torch: {torch_error:.3g})"
-
-
 def assert_lse_within_rule(ours, ref, lowprec):
     hidden = ref == float("-inf")
     assert torch.equal(ours == float("-inf"), hidden), "lse is -inf exactly on the rows that see no key"
     seen = ~hidden
-    assert_within_rule(ours[seen], ref[seen], lowprec[seen], 2, "lse")
+    assert_within_rule("lse", ours[seen], ref[seen], lowprec[seen], 2)
 
 
 def check_against_reference(q, k, v, do, causal, scale):
@@ -84,10 +76,10 @@ def check_against_reference(q, k, v, do, causal, scale):
     dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal, scale)
     ref = naive_results(q, k, v, do, causal, scale, torch.float64 if q.dtype == torch.float32 else torch.float32)
     low = naive_results(q, k, v, do, causal, scale, q.dtype)
-    assert_within_rule(o, ref[0], low[0], 2, "o")
+    assert_within_rule("o", o, ref[0], low[0], 2)
     assert_lse_within_rule(lse, ref[1], low[1])
     for name, ours, ref_grad, low_grad in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:], low[2:]):
-        assert_within_rule(ours, ref_grad, low_grad, 3, name)
+        assert_within_rule(name, ours, ref_grad, low_grad, 3)
     return o, lse, dq, dk, dv
 
 
