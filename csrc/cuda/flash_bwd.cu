@@ -14,6 +14,7 @@
 #include "launch.h"
 #include "mma.cuh"
 #include "params.h"
+#include "runtime.cuh"
 #include "scores.cuh"
 #include "tile_io.cuh"
 #include "warp_gemm.cuh"
@@ -110,8 +111,7 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
   constexpr int kThreads = Tiles::kThreads;
   constexpr int kSliceCols = Tiles::kSliceCols;
 
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  uint16_t* const smem = reinterpret_cast<uint16_t*>(shared_bytes);
+  uint16_t* const smem = dynamic_shared_memory<uint16_t>();
   uint16_t* const k_tile = smem + Tiles::kKOffset;
   uint16_t* const v_tile = smem + Tiles::kVOffset;
   uint16_t* const q_tiles = smem + Tiles::kQOffset;
@@ -237,8 +237,7 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
   constexpr int kBlockN = Tiles::kBlockN;
   constexpr int kThreads = Tiles::kThreads;
 
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  uint16_t* const smem = reinterpret_cast<uint16_t*>(shared_bytes);
+  uint16_t* const smem = dynamic_shared_memory<uint16_t>();
   uint16_t* const q_tile = smem + Tiles::kQOffset;
   uint16_t* const do_tile = smem + Tiles::kDoOffset;
   uint16_t* const k_tiles = smem + Tiles::kKOffset;
@@ -350,8 +349,8 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
   // With no query rows there is no delta and no dQ, but dK and dV still need their zeros.
   if (params.seqlen_q > 0) {
     const dim3 grid(ceil_div(params.seqlen_q, kDeltaRowsPerBlock), params.heads, params.batch);
-    attention_backward_delta_kernel<T><<<grid, 32 * kDeltaWarps, 0, stream>>>(params);
-    const cudaError_t error = cudaGetLastError();
+    const cudaError_t error =
+        launch_kernel(attention_backward_delta_kernel<T>, grid, 32 * kDeltaWarps, 0, stream, params);
     if (error != cudaSuccess) return error;
   }
   if (params.seqlen_k > 0) {
@@ -360,8 +359,7 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
     cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
     if (error != cudaSuccess) return error;
     const dim3 grid(ceil_div(params.seqlen_k, Tiles::kBlockN), params.heads, params.batch);
-    kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params, chunked);
-    error = cudaGetLastError();
+    error = launch_kernel(kernel, grid, Tiles::kThreads, Tiles::kSmemBytes, stream, params, chunked);
     if (error != cudaSuccess) return error;
   }
   if (params.seqlen_q > 0) {
@@ -370,8 +368,7 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
     cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
     if (error != cudaSuccess) return error;
     const dim3 grid(ceil_div(params.seqlen_q, Tiles::kBlockM), params.heads, params.batch);
-    kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params, chunked);
-    error = cudaGetLastError();
+    error = launch_kernel(kernel, grid, Tiles::kThreads, Tiles::kSmemBytes, stream, params, chunked);
     if (error != cudaSuccess) return error;
   }
   return cudaSuccess;

@@ -12,6 +12,7 @@
 #include "launch.h"
 #include "mma.cuh"
 #include "params.h"
+#include "runtime.cuh"
 #include "scores.cuh"
 #include "tile_io.cuh"
 #include "warp_gemm.cuh"
@@ -83,8 +84,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
   constexpr int kBlockN = Tiles::kBlockN;
   constexpr int kThreads = Tiles::kThreads;
 
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  uint16_t* const smem = reinterpret_cast<uint16_t*>(shared_bytes);
+  uint16_t* const smem = dynamic_shared_memory<uint16_t>();
   uint16_t* const q_tile = smem + Tiles::kQOffset;
   uint16_t* const k_tiles = smem + Tiles::kKOffset;
   uint16_t* const v_tiles = smem + Tiles::kVOffset;
@@ -196,8 +196,7 @@ cudaError_t launch_forward(const AttentionParams& params, cudaStream_t stream) {
   cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
   if (error != cudaSuccess) return error;
   const dim3 grid(ceil_div(params.seqlen_q, Tiles::kBlockM), params.heads, params.batch);
-  kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params, chunked);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, Tiles::kThreads, Tiles::kSmemBytes, stream, params, chunked);
 }
 
 }  // namespace
