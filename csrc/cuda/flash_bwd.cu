@@ -17,6 +17,7 @@
 #include "runtime.cuh"
 #include "scores.cuh"
 #include "tile_io.cuh"
+#include "tiles.h"
 #include "warp_gemm.cuh"
 
 namespace fused_attention {
@@ -24,53 +25,6 @@ namespace {
 
 constexpr int kDeltaWarps = 4;
 constexpr int kDeltaRowsPerBlock = 64;
-
-// Per key tile: warps are laid out as kKeyStrips strips of 16 keys times kSplitD slices of the
-// head dim. The warps of one strip all recompute that strip's scores (full head dim) and each
-// accumulates dK and dV for its own slice of columns, which keeps those two accumulators within
-// the register file at head dim 256.
-template <int kHeadDim>
-struct KeyTileTiles {
-  static constexpr int kKeyStrips = 4;
-  static constexpr int kSplitD = kHeadDim > 128 ? 2 : 1;
-  static constexpr int kWarps = kKeyStrips * kSplitD;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockN = 16 * kKeyStrips;            // keys per block
-  static constexpr int kBlockM = kHeadDim <= 64 ? 64 : 32;  // queries per pipeline stage
-  static constexpr int kSliceCols = kHeadDim / kSplitD;      // dK/dV columns per warp
-  // Shared memory: 16-bit tiles (K and V once, Q and dO in two stages), then fp32 per-query
-  // values (lse in log2 units and delta, two stages each).
-  static constexpr int kKOffset = 0;
-  static constexpr int kVOffset = kKOffset + kBlockN * kHeadDim;
-  static constexpr int kQOffset = kVOffset + kBlockN * kHeadDim;
-  static constexpr int kDoOffset = kQOffset + 2 * kBlockM * kHeadDim;
-  static constexpr int kTileElements = kDoOffset + 2 * kBlockM * kHeadDim;
-  static constexpr int kLseOffset = 0;  // in floats, after the tiles
-  static constexpr int kDeltaOffset = kLseOffset + 2 * kBlockM;
-  static constexpr int kRowValues = kDeltaOffset + 2 * kBlockM;
-  static constexpr size_t kSmemBytes = kTileElements * sizeof(uint16_t) + kRowValues * sizeof(float);
-  static_assert(kSmemBytes <= kMaxSharedBytesPerBlock, "tiles must fit in shared memory on sm_80");
-};
-
-// Per query tile: 4 warps of 16 query rows, as in the forward.
-template <int kHeadDim>
-struct QueryTileTiles {
-  static constexpr int kWarps = 4;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kWarps;                 // queries per block
-  // Keys per pipeline stage. At head dim 256 the dQ accumulator alone takes 128 registers a
-  // thread; 16-key stages leave room for the scores and dP (ptxas -v: no spills up to 128, 4
-  // bytes at 256).
-  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 16;
-  // Shared memory in 16-bit elements: Q and dO once, K and V in two stages each.
-  static constexpr int kQOffset = 0;
-  static constexpr int kDoOffset = kQOffset + kBlockM * kHeadDim;
-  static constexpr int kKOffset = kDoOffset + kBlockM * kHeadDim;
-  static constexpr int kVOffset = kKOffset + 2 * kBlockN * kHeadDim;
-  static constexpr int kSmemElements = kVOffset + 2 * kBlockN * kHeadDim;
-  static constexpr size_t kSmemBytes = kSmemElements * sizeof(uint16_t);
-  static_assert(kSmemBytes <= kMaxSharedBytesPerBlock, "tiles must fit in shared memory on sm_80");
-};
 
 // The forward's lse in the log2 units of the scores. A row with no visible key has lse -inf;
 // +inf makes every exp2(score - lse) of that row 0, so its gradients are 0 instead of NaN.
