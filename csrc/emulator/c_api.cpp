@@ -12,7 +12,7 @@
 using fused_attention::AttentionParams;
 
 namespace {
-thread_local std::string t_message;
+thread_local std::string t_message;  // what fae_last_error returns
 }
 
 extern "C" {
@@ -46,20 +46,19 @@ void fae_configure(int eager_copies, unsigned long long delay_seed, int delay_ma
 
 // Both return the cudaError_t of the launches (0 on success); fae_last_error says why.
 int fae_forward(const AttentionParams* params) {
-  emulator::take_last_error();
-  const cudaError_t error = fused_attention::launch_attention_forward(*params, nullptr);
-  t_message = error == cudaSuccess ? "" : emulator::last_error_message();
-  return error;
+  emulator::clear_last_error();
+  return fused_attention::launch_attention_forward(*params, nullptr);
 }
 
 int fae_backward(const AttentionParams* params) {
-  emulator::take_last_error();
-  const cudaError_t error = fused_attention::launch_attention_backward(*params, nullptr);
-  t_message = error == cudaSuccess ? "" : emulator::last_error_message();
-  return error;
+  emulator::clear_last_error();
+  return fused_attention::launch_attention_backward(*params, nullptr);
 }
 
-const char* fae_last_error() { return t_message.c_str(); }
+const char* fae_last_error() {
+  t_message = emulator::last_error_message();
+  return t_message.c_str();
+}
 
 // launches, blocks, syncthreads, mma, ldmatrix, cp_async since the last reset.
 void fae_counters(unsigned long long* out) {

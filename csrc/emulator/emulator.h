@@ -41,8 +41,9 @@ struct Counters {
 Counters counters();
 void reset_counters();
 
-// The message of the last failed launch ("" if none).
+// The message of the last failed launch or attribute call ("" if none since clear_last_error).
 std::string last_error_message();
+void clear_last_error();
 
 // --- used through cuda_runtime.h and the kernels' seam (runtime.cuh, mma.cuh) ---
 unsigned char* block_shared_memory();

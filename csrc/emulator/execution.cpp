@@ -172,6 +172,12 @@ std::string last_error_message() {
   return g_last_message;
 }
 
+void clear_last_error() {
+  std::lock_guard<std::mutex> lock(g_error_mutex);
+  g_last_message.clear();
+  g_sticky_error = cudaSuccess;
+}
+
 unsigned char* block_shared_memory() { return g_shared; }
 
 unsigned char* shared_bytes_at(uint32_t address, size_t bytes, size_t alignment, const char* what) {
