@@ -69,6 +69,23 @@ def test_strided_inputs_read_in_place(backend, dtype, causal):
     check_against_reference(backend, q, k, v, dout, causal)
 
 
+def misaligned(shape, dtype, generator):
+    """A view whose data pointer is 2 bytes past a 16-byte boundary and whose rows are D + 3 elements apart."""
+    batch, heads, n, head_dim = shape
+    storage = torch.randn(batch, heads, n, head_dim + 3, generator=generator, device=DEVICE).to(dtype)
+    view = storage[..., 1 : 1 + head_dim]
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+def test_misaligned_views(backend, dtype):
+    """Rows that cannot be moved in 16-byte chunks: the kernels' element-wise copy paths."""
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    q, dout = (misaligned((1, 2, 70, 64), dtype, gen) for _ in range(2))
+    k, v = (misaligned((1, 2, 130, 64), dtype, gen) for _ in range(2))
+    check_against_reference(backend, q, k, v, dout, causal=True)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_no_out_of_bounds_reads(backend, dtype, causal):
     """Views inside NaN-filled storage: any read past a tensor's edge would turn results NaN."""

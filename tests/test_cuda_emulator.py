@@ -3,7 +3,7 @@
 The shared grid (test_attention.py) already runs them as the "cuda-emulated" backend. Here: the
 emulator itself (its fragment layouts against CuTe's, its launch checks and fault reports) and
 the cases the kernels' own paths need: several key tiles, head dims off the instantiated ones,
-16-byte misaligned views (the element-wise copies), no keys at all, one query against a long
+no keys at all, one query against a long
 cache, both causal alignments, a custom scale, a peaked softmax, element offsets above 2^31, the
 shared memory of an sm_86 device, and a race mode that shifts warps against each other.
 """
@@ -161,23 +161,6 @@ CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
 def test_kernel_paths(dtype, shape, causal, scale):
     check_against_reference(EMULATED_CUDA, *random_inputs(shape, dtype), causal, softmax_scale=scale)
-
-
-def misaligned(shape, dtype, generator):
-    """A view whose data pointer is 2 bytes past a 16-byte boundary and whose rows are 67 elements apart."""
-    batch, heads, n, head_dim = shape
-    storage = torch.randn(batch, heads, n, head_dim + 3, generator=generator).to(dtype)
-    view = storage[..., 1 : 1 + head_dim]
-    assert view.data_ptr() % 16 != 0
-    return view
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
-def test_misaligned_views_take_the_element_copies(dtype):
-    gen = torch.Generator().manual_seed(1)
-    q, dout = (misaligned((1, 2, 70, 64), dtype, gen) for _ in range(2))
-    k, v = (misaligned((1, 2, 130, 64), dtype, gen) for _ in range(2))
-    check_against_reference(EMULATED_CUDA, q, k, v, dout, causal=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
