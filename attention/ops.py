@@ -63,14 +63,16 @@ def _autograd_for(backward_op):
     return backward
 
 
-_OPS = [("fused_attention_triton::fwd", "fused_attention_triton::bwd", triton_backward)]
-if EXTENSION_ERROR is None:
-    _OPS.append(("fused_attention::fwd", "fused_attention::bwd", torch.ops.fused_attention.bwd))
+def register_fused_op(fwd_name, bwd_name, backward_op):
+    """Gives a forward/backward op pair with the signatures above its fake implementations and autograd."""
+    torch.library.register_fake(fwd_name)(_fake_forward)
+    torch.library.register_fake(bwd_name)(_fake_backward)
+    torch.library.register_autograd(fwd_name, _autograd_for(backward_op), setup_context=_setup_context)
 
-for _fwd_name, _bwd_name, _bwd_op in _OPS:
-    torch.library.register_fake(_fwd_name)(_fake_forward)
-    torch.library.register_fake(_bwd_name)(_fake_backward)
-    torch.library.register_autograd(_fwd_name, _autograd_for(_bwd_op), setup_context=_setup_context)
+
+register_fused_op("fused_attention_triton::fwd", "fused_attention_triton::bwd", triton_backward)
+if EXTENSION_ERROR is None:
+    register_fused_op("fused_attention::fwd", "fused_attention::bwd", torch.ops.fused_attention.bwd)
 
 # Whether attention._C was built with the CUDA kernels; read once here, so dispatch stays traceable.
 HAS_CUDA_KERNELS = EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
