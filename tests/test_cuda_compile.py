@@ -188,10 +188,11 @@ def test_resource_table_is_current(compiled, smem_bytes):
                 pytest.fail(f"{source.name} does not compile for {arch}")
             rows += parse_ptxas(output, smem_bytes)
     actual = table_text(rows, version)
-    diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), str(TABLE), "ptxas"))
-    assert actual == expected, (
-        f"{TABLE.relative_to(ROOT)} is out of date; review the change below, then regenerate it with "
-        f"`python tests/test_cuda_compile.py --update`:\n{diff}")
+    if actual != expected:
+        name = str(TABLE.relative_to(ROOT))
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), name, "ptxas -v"))
+        pytest.fail(f"{name} is out of date; review the change below, then regenerate it with "
+                    f"`python tests/test_cuda_compile.py --update`:\n{diff}", pytrace=False)
 
 
 def main():
