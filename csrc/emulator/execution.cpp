@@ -1,6 +1,7 @@
 // The emulator's execution model: blocks, threads, barriers, warp collectives, launch checks.
 #include <cuda_runtime.h>
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -77,6 +78,9 @@ void Barrier::arrive_and_wait(const std::function<void()>& on_complete) {
     futex_wake_all(&generation_);
     return;
   }
+  // The threads outnumber the cores many times over: give the core away a few times (the last
+  // arrivals are usually runnable) before sleeping, which costs a futex wake-up later.
+  for (int spin = 0; spin < 4 && generation_.load(std::memory_order_acquire) == generation; ++spin) sched_yield();
   while (generation_.load(std::memory_order_acquire) == generation) {
     if (g_aborted.load(std::memory_order_relaxed)) throw KernelFault();
     futex_wait(&generation_, generation);
