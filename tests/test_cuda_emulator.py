@@ -143,8 +143,9 @@ def test_grid_limits_are_the_hardware_s():
 
 # --- the kernels' own paths ---------------------------------------------------------------------------
 
-# (shape (B, H, Nq, Nk, D), causal, softmax_scale): the CUDA kernels take 64 queries per block and 64
-# keys per stage (16 at head dims above 128), instantiated for head dims 64, 128 and 256.
+# (shape (B, H, Nq, Nk, D), causal, softmax_scale), sized by csrc/cuda/tiles.h: the forward and dQ
+# kernels take 64 queries per block and 64 keys per stage at head dims up to 128 (fewer above), the
+# dK/dV kernel 64 keys per block; instantiated for head dims 64, 128 and 256.
 CASES = [
     ((1, 1, 67, 197, 36), True, None),  # Nq < Nk: 4 key tiles, bottom-right diagonal
     ((1, 1, 197, 67, 72), True, None),  # Nq > Nk: the first 130 queries see no key
