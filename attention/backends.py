@@ -99,24 +99,28 @@ def cuda_device_problems(capability, shared_memory_limit, targets, shared_memory
     return problems
 
 
+def _cuda_device_reasons(q, k, v):
+    """What keeps the CUDA kernels off this call's GPU: its capability, kernel image, shared memory."""
+    device = torch.cuda.get_device_properties(q.device)  # constant-folded by torch.compile
+    passes = ["forward"]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        passes.append("backward")
+    needed = {p: ops.CUDA_SHARED_MEMORY_BYTES[(q.shape[-1], p == "backward")] for p in passes}
+    return cuda_device_problems((device.major, device.minor), device.shared_memory_per_block_optin,
+                                ops.CUDA_TARGETS, needed)
+
+
 def _cuda_why_not(q, k, v):
     if ops.EXTENSION_ERROR is not None:
         return [ops.EXTENSION_ERROR]
     if not ops.HAS_CUDA_KERNELS:
         return ["attention._C was built without CUDA kernels (no usable CUDA toolkit or a CPU build of torch at "
                 "install; `pip install -v` prints why)"]
-    if q.device.type != "cuda":
-        return [f"the CUDA kernels run CUDA tensors, got {q.device.type}"]
-    reasons = [] if q.dtype in (torch.float16, torch.bfloat16) else [
-        f"the CUDA kernels take float16 or bfloat16, got {q.dtype}"
-    ]
-    device = torch.cuda.get_device_properties(q.device)  # constant-folded by torch.compile
-    passes = ["forward"]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        passes.append("backward")
-    needed = {p: ops.CUDA_SHARED_MEMORY_BYTES[(q.shape[-1], p == "backward")] for p in passes}
-    reasons += cuda_device_problems((device.major, device.minor), device.shared_memory_per_block_optin,
-                                    ops.CUDA_TARGETS, needed)
+    reasons = [] if q.device.type == "cuda" else [f"the CUDA kernels run CUDA tensors, got {q.device.type}"]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"the CUDA kernels take float16 or bfloat16, got {q.dtype}")
+    if q.device.type == "cuda":
+        reasons += _cuda_device_reasons(q, k, v)
     return reasons + _empty_reasons(q, k)
 
 

@@ -1,7 +1,11 @@
 """Why the cuda backend cannot run on a given GPU, checked without one: the pure functions
 attention/backends.py feeds with the device's properties and the extension's build facts."""
-import pytest
+import types
 
+import pytest
+import torch
+
+from attention import backends, ops
 from attention.backends import cuda_device_problems, cuda_image_problem
 
 DEFAULT_TARGETS = "sm_80,compute_90,sm_90"  # what setup.py builds by default: "8.0;9.0+PTX"
@@ -64,3 +68,27 @@ def test_every_problem_is_reported():
     assert "no kernel image" in problems[0]
     assert problems[1].startswith("the forward kernels need 102400 bytes")
     assert problems[2].startswith("the backward kernels need 131072 bytes")
+
+
+def test_cuda_backend_reads_the_device_and_the_extension(monkeypatch):
+    """_cuda_why_not's wiring, with a fake RTX 3090 (8.6, 99 KiB) and stand-ins for CUDA tensors."""
+    monkeypatch.setattr(ops, "EXTENSION_ERROR", None)
+    monkeypatch.setattr(ops, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(ops, "CUDA_TARGETS", DEFAULT_TARGETS)
+    monkeypatch.setattr(ops, "CUDA_SHARED_MEMORY_BYTES", {(256, False): 65536, (256, True): 131584})
+    device = types.SimpleNamespace(major=8, minor=6, shared_memory_per_block_optin=99 * KIB)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: device)
+
+    def tensor(requires_grad):
+        return types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(1, 1, 8, 256),
+                                     requires_grad=requires_grad, numel=lambda: 2048)
+
+    assert backends._cuda_why_not(*[tensor(False)] * 3) == []
+    reasons = backends._cuda_why_not(*[tensor(True)] * 3)
+    assert reasons == [f"the backward kernels need 131584 bytes of shared memory per block, above this GPU's {99 * KIB}"]
+    with torch.no_grad():
+        assert backends._cuda_why_not(*[tensor(True)] * 3) == []
+    device.major, device.minor = 7, 5
+    assert backends._cuda_why_not(*[tensor(False)] * 3) == [
+        "the CUDA kernels need compute capability 8.0 or newer, this GPU has 7.5"
+    ]
