@@ -8,7 +8,8 @@ The C++ extension ``attention._C`` is built from csrc/:
 - else (no C++ compiler, or FUSED_ATTENTION_NO_EXTENSION=1) not at all: the package is pure Python
   and the "cpu"/"cuda" backends report themselves unavailable, with the reason.
 CUDA targets: TORCH_CUDA_ARCH_LIST when set, else the visible GPUs' compute capabilities, else
-"8.0;9.0+PTX" (the PTX lets newer GPUs JIT-compile the kernels). MAX_JOBS bounds the compile jobs.
+"8.0;9.0+PTX" (the PTX lets newer GPUs JIT-compile the kernels), less anything older than 8.0.
+MAX_JOBS bounds the compile jobs.
 """
 import glob
 import importlib.util
@@ -78,7 +79,30 @@ def _visible_capabilities(torch):
     return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
 
 
-def _cuda_problem(torch, cuda_home, capabilities):
+def _older_than_supported(entry):
+    """Whether a TORCH_CUDA_ARCH_LIST entry ("7.5", "9.0a+PTX") is older than the kernels support;
+    named ones ("Hopper") are left to torch."""
+    version = re.match(r"(\d+)\.(\d+)", entry)
+    return version is not None and (int(version[1]), int(version[2])) < MIN_COMPUTE_CAPABILITY
+
+
+def _cuda_arch_list(capabilities):
+    """(TORCH_CUDA_ARCH_LIST to build with, where it came from): the user's, else the visible GPUs'
+    with PTX of the newest, else the default; less what is older than 8.0, which the kernels cannot be
+    compiled for (images often set lists from 5.2 up). Empty when nothing is left."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        user = os.environ["TORCH_CUDA_ARCH_LIST"]
+        entries, origin = user.replace(" ", ";").split(";"), f"TORCH_CUDA_ARCH_LIST is {user!r}"
+    elif capabilities:
+        entries = [f"{major}.{minor}" for major, minor in capabilities]
+        origin = f"the visible GPUs have compute capability {', '.join(entries)}"
+        entries[-1] += "+PTX"  # the driver JIT-compiles PTX for GPUs newer than any listed
+    else:
+        entries, origin = DEFAULT_CUDA_ARCH_LIST.split(";"), "the default"
+    return ";".join(e for e in entries if e and not _older_than_supported(e)), origin
+
+
+def _cuda_problem(torch, cuda_home, arch_list, arch_origin):
     """Why the CUDA kernels cannot be built here, or None."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU build"
@@ -97,19 +121,9 @@ def _cuda_problem(torch, cuda_home, capabilities):
     if missing:
         return (f"torch's CUDA headers include {', '.join(missing)}, found neither in {cuda_home}/include, "
                 "CPATH nor the nvidia-* wheels")
-    if capabilities and max(capabilities) < MIN_COMPUTE_CAPABILITY:
-        found = ", ".join(f"{major}.{minor}" for major, minor in capabilities)
-        return f"the visible GPUs have compute capability {found}; the CUDA kernels need 8.0 or newer"
+    if not arch_list:
+        return f"nothing to build for: the CUDA kernels need compute capability 8.0 or newer, and {arch_origin}"
     return None
-
-
-def _cuda_arch_list(capabilities):
-    """TORCH_CUDA_ARCH_LIST as the user set it, else the visible GPUs' (8.0+), else the default;
-    the newest also as PTX, which the driver JIT-compiles for GPUs newer than any listed."""
-    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        return os.environ["TORCH_CUDA_ARCH_LIST"]
-    usable = [f"{major}.{minor}" for major, minor in capabilities if (major, minor) >= MIN_COMPUTE_CAPABILITY]
-    return ";".join(usable) + "+PTX" if usable else DEFAULT_CUDA_ARCH_LIST
 
 
 def _cuda_targets(cpp_extension):
@@ -149,13 +163,13 @@ def _extension():
 
     cxx_flags = ["-O3", "-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    capabilities = _visible_capabilities(torch)
-    problem = _cuda_problem(torch, cpp_extension.CUDA_HOME, capabilities)
+    arch_list, arch_origin = _cuda_arch_list(_visible_capabilities(torch))
+    problem = _cuda_problem(torch, cpp_extension.CUDA_HOME, arch_list, arch_origin)
     forced = os.environ.get("FUSED_ATTENTION_FORCE_CUDA") == "1"
     if problem is not None and forced:
         raise RuntimeError(f"fused-attention: FUSED_ATTENTION_FORCE_CUDA=1, but {problem}")
     if problem is None:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = _cuda_arch_list(capabilities)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
         ext = _cuda_extension(cpp_extension, sources, cxx_flags, cpp_extension.CUDA_HOME)
     else:
         # Not an error: the CPU kernels and the Triton backend still work.
