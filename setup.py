@@ -105,7 +105,7 @@ def _cuda_arch_list(capabilities):
 def _cuda_problem(torch, cuda_home, arch_list, arch_origin):
     """Why the CUDA kernels cannot be built here, or None."""
     if torch.version.cuda is None:
-        return f"torch {torch.__version__} is a CPU build"
+        return f"torch {torch.__version__} is not a CUDA build"
     if cuda_home is None:
         return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
     # Unset, CUDA_HOME is torch's guess from the nvcc on PATH, wrong when that nvcc is a wrapper script.

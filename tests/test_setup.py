@@ -44,7 +44,7 @@ def problem(torch, cuda_home, arch_list="8.0;9.0+PTX"):
 
 
 def test_cpu_torch():
-    assert problem(fake_torch(None), "/usr/local/cuda") == "torch 2.14.1 is a CPU build"
+    assert problem(fake_torch(None), "/usr/local/cuda") == "torch 2.14.1 is not a CUDA build"
 
 
 def test_no_toolkit():
