@@ -19,7 +19,8 @@ step() { echo "cuda-build: $* ($(date -u +%H:%M:%S))"; }
 step "fresh venv with torch==$TORCH_CUDA_VERSION"
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
-"$py" -m pip install -q "torch==$TORCH_CUDA_VERSION" setuptools ninja
+# --no-compile: no .pyc for the thousands of modules of torch that the check never imports
+"$py" -m pip install -q --no-compile "torch==$TORCH_CUDA_VERSION" setuptools ninja
 "$py" -c 'import torch; assert torch.version.cuda, f"torch {torch.__version__} is not a CUDA build"'
 
 step "setup.py's header list against the headers torch's CUDA headers open"
