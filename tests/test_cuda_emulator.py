@@ -9,7 +9,6 @@ shared memory of an sm_86 device, and a race mode that shifts warps against each
 """
 import ctypes
 import mmap
-import os
 
 import pytest
 import torch
@@ -18,9 +17,7 @@ import cuda_emulator as emu
 from grid import EMULATED_CUDA
 from test_attention import check_against_reference, random_inputs
 
-if emu.LIB is None:
-    if os.environ.get("CI") == "true":
-        raise RuntimeError(f"CI expects the CUDA emulator: {emu.UNAVAILABLE}")
+if emu.LIB is None:  # under CI, conftest.py has already failed the run
     pytest.skip(emu.UNAVAILABLE, allow_module_level=True)
 
 DTYPES = [torch.float16, torch.bfloat16]
