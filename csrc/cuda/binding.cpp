@@ -9,14 +9,17 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
 #include <tuple>
 
 #include "../checks.h"
+#include "dispatch.cuh"
 #include "launch.h"
 #include "params.h"
+#include "tiles.h"
 
 namespace fused_attention {
 namespace {
@@ -120,12 +123,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& d
 #define FUSED_ATTENTION_EXPAND_AND_STRINGIFY(...) FUSED_ATTENTION_STRINGIFY(__VA_ARGS__)
 std::string cuda_targets() { return FUSED_ATTENTION_EXPAND_AND_STRINGIFY(FUSED_ATTENTION_CUDA_TARGETS); }
 
+// Dynamic shared memory per block of the largest kernel a forward / backward launches at the padded
+// head dim kHeadDim, from the kernels' own tile structs.
+template <int kHeadDim>
+int64_t shared_memory_bytes(bool backward) {
+  return static_cast<int64_t>(backward ? std::max(KeyTileTiles<kHeadDim>::kSmemBytes,
+                                                  QueryTileTiles<kHeadDim>::kSmemBytes)
+                                       : ForwardTiles<kHeadDim>::kSmemBytes);
+}
+
 int64_t cuda_shared_memory_bytes(int64_t head_dim, bool backward) {
   TORCH_CHECK(head_dim >= 1 && head_dim <= kCudaMaxHeadDim, "cuda_shared_memory_bytes: head_dim must be in 1..",
               kCudaMaxHeadDim, ", got ", head_dim);
-  const int d = static_cast<int>(head_dim);
-  return static_cast<int64_t>(backward ? attention_backward_shared_memory_bytes(d)
-                                       : attention_forward_shared_memory_bytes(d));
+  AttentionParams params{};
+  params.head_dim = static_cast<int>(head_dim);
+  int64_t bytes = 0;
+  dispatch_element_type_and_head_dim(params, [&](auto, auto padded_head_dim) {  // the launches' padding
+    bytes = shared_memory_bytes<decltype(padded_head_dim)::value>(backward);
+    return cudaSuccess;
+  });
+  return bytes;
 }
 
 }  // namespace

@@ -337,19 +337,4 @@ cudaError_t launch_attention_backward(const AttentionParams& params, cudaStream_
   });
 }
 
-// ---- Resource query (declared in launch.h): same head-dim padding as the launch, same tiles. ----
-size_t attention_backward_shared_memory_bytes(int head_dim) {
-  AttentionParams params{};
-  params.head_dim = head_dim;
-  size_t bytes = 0;
-  dispatch_element_type_and_head_dim(params, [&](auto, auto padded_head_dim) {
-    constexpr int kHeadDim = decltype(padded_head_dim)::value;
-    bytes = KeyTileTiles<kHeadDim>::kSmemBytes > QueryTileTiles<kHeadDim>::kSmemBytes
-                ? KeyTileTiles<kHeadDim>::kSmemBytes
-                : QueryTileTiles<kHeadDim>::kSmemBytes;
-    return cudaSuccess;
-  });
-  return bytes;
-}
-
 }  // namespace fused_attention

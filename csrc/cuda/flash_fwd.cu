@@ -192,16 +192,4 @@ cudaError_t launch_attention_forward(const AttentionParams& params, cudaStream_t
   });
 }
 
-// ---- Resource query (declared in launch.h): same head-dim padding as the launch, same tiles. ----
-size_t attention_forward_shared_memory_bytes(int head_dim) {
-  AttentionParams params{};
-  params.head_dim = head_dim;
-  size_t bytes = 0;
-  dispatch_element_type_and_head_dim(params, [&](auto, auto padded_head_dim) {
-    bytes = ForwardTiles<decltype(padded_head_dim)::value>::kSmemBytes;
-    return cudaSuccess;
-  });
-  return bytes;
-}
-
 }  // namespace fused_attention

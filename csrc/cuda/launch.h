@@ -3,8 +3,6 @@
 
 #include <cuda_runtime.h>
 
-#include <cstddef>
-
 #include "params.h"
 
 namespace fused_attention {
@@ -18,11 +16,5 @@ cudaError_t launch_attention_forward(const AttentionParams& params, cudaStream_t
 
 // Fills params.dq, params.dk and params.dv, using params.delta as workspace.
 cudaError_t launch_attention_backward(const AttentionParams& params, cudaStream_t stream);
-
-// Dynamic shared memory per block of the largest kernel a forward / backward launches at this head
-// dim (1..kCudaMaxHeadDim), read from the kernels' own tile structs: the cuda backend compares it
-// with the device's opt-in limit before choosing these kernels.
-size_t attention_forward_shared_memory_bytes(int head_dim);
-size_t attention_backward_shared_memory_bytes(int head_dim);
 
 }  // namespace fused_attention
