@@ -2,11 +2,11 @@
 //
 // Each (batch, head, tile) is one work item of at::parallel_for. A work item converts the tiles it
 // needs into float scratch buffers (inputs may be fp16/bf16 and strided), does all math in float
-// there, and writes only its own output rows: no atomics, and results do not depend on the
-// number of threads.
+// there, and writes only its own output rows: no atomics. o, lse, dK and dV do not depend on the
+// number of threads; dQ, summed from per-thread buffers, is the same from run to run at a given one.
 // - forward, per query tile: running max, running sum and a float accumulator over the key tiles;
-// - backward: delta = rowsum(dO * O) first, then dK/dV per key tile and dQ per query tile, both
-//   recomputing P from q, k and the forward's lse.
+// - backward: delta = rowsum(dO * O) first, then one pass per key tile recomputing P from q, k and
+//   the forward's lse, accumulating dK and dV, and dQ in per-thread buffers summed in a fixed order.
 // Scores are kept in log2 units (softmax_scale * log2(e) is folded into q) so exp is one exp2.
 // Causal masks are bottom-right aligned: query i sees keys j <= i + Nk - Nq.
 #include "attention_cpu.h"
@@ -79,12 +79,15 @@ inline float exp2_poly(float x) {
   return p * std::bit_cast<float>(exponent_bits);
 }
 
-// c[rows x cols] = (accumulate ? c : 0) + a[rows x depth] * b[depth x cols], row-major with
-// leading dimensions lda, ldb, ldc. rows must be a multiple of kMicroRows, cols of kMicroCols.
+// c[rows x cols] = (accumulate ? c : 0) + a[rows x depth] * b[depth x cols]. b and c are row-major
+// with leading dimensions ldb, ldc; a's element (r, k) is a[r * a_row_stride + k * a_depth_stride],
+// so a transposed tile is read in place (only ever one scalar of a is broadcast at a time, so its
+// layout costs nothing). rows must be a multiple of kMicroRows, cols of kMicroCols.
 // Each kMicroRows x kMicroCols block of c stays in registers while the depth loop runs; the
 // fixed-size inner loops are what the compiler vectorizes.
-FA_MULTIVERSIONED void gemm(bool accumulate, int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t lda,
-                            const float* b, int64_t ldb, float* c, int64_t ldc) {
+FA_MULTIVERSIONED void gemm(bool accumulate, int64_t rows, int64_t cols, int64_t depth, const float* a,
+                            int64_t a_row_stride, int64_t a_depth_stride, const float* b, int64_t ldb, float* c,
+                            int64_t ldc) {
   for (int64_t r0 = 0; r0 < rows; r0 += kMicroRows) {
     for (int64_t c0 = 0; c0 < cols; c0 += kMicroCols) {
       float block[kMicroRows][kMicroCols];
@@ -94,7 +97,7 @@ FA_MULTIVERSIONED void gemm(bool accumulate, int64_t rows, int64_t cols, int64_t
       for (int64_t k = 0; k < depth; ++k) {
         const float* b_row = b + k * ldb + c0;
         for (int64_t r = 0; r < kMicroRows; ++r) {
-          const float a_rk = a[(r0 + r) * lda + k];
+          const float a_rk = a[(r0 + r) * a_row_stride + k * a_depth_stride];
           for (int64_t j = 0; j < kMicroCols; ++j) block[r][j] += a_rk * b_row[j];
         }
       }
@@ -315,11 +318,11 @@ void forward_pass(const Shape& shape, float scale_log2, StridedRows<scalar_t> q,
         const int64_t cols = std::min(kBlock, shape.n_k - k0);
         load_tile_transposed(k_tile_t.data(), kBlock, k.rows(b, h, k0), k.stride_n, cols, d, 1.0f);
         load_tile(v_tile.data(), ld_d, v.rows(b, h, k0), v.stride_n, cols, d, 1.0f);
-        gemm(false, padded_rows, round_up(cols, kMicroCols), d, q_tile.data(), ld_d, k_tile_t.data(), kBlock,
+        gemm(false, padded_rows, round_up(cols, kMicroCols), d, q_tile.data(), ld_d, 1, k_tile_t.data(), kBlock,
              scores.data(), kBlock);
         online_softmax_step(scores.data(), kBlock, rows, cols, shape.keys_seen(q0, k0), row_max.data(),
                             row_sum.data(), acc.data(), ld_d, d);
-        gemm(true, padded_rows, ld_d, cols, scores.data(), kBlock, v_tile.data(), ld_d, acc.data(), ld_d);
+        gemm(true, padded_rows, ld_d, cols, scores.data(), kBlock, 1, v_tile.data(), ld_d, acc.data(), ld_d);
       }
 
       const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
@@ -359,88 +362,101 @@ void row_statistics_pass(const Shape& shape, const BackwardInputs<scalar_t>& in,
   });
 }
 
-// dK and dV, one key tile per work item, accumulated over the query tiles that see it; the tiles
-// are laid out (key row, query column) so every product is a plain row-major gemm.
+// Work items [0, items) cut into `chunks` contiguous runs of equal length (the last may be shorter).
+struct Chunks {
+  int64_t items, per_chunk;
+
+  Chunks(int64_t items, int64_t chunks) : items(items), per_chunk(ceil_div(items, std::max<int64_t>(chunks, 1))) {}
+  int64_t count() const { return per_chunk == 0 ? 0 : ceil_div(items, per_chunk); }
+  int64_t begin(int64_t chunk) const { return chunk * per_chunk; }
+  int64_t end(int64_t chunk) const { return std::min(items, (chunk + 1) * per_chunk); }
+  int64_t of_item(int64_t item) const { return item / per_chunk; }
+};
+
+// dK, dV and dQ in one pass over the key tiles (five tile products per (key tile, query tile) pair:
+// S^T, dP^T, dV += P^T dO, dK += dS^T Q, dQ += dS K). One key tile per work item; dK and dV are
+// accumulated over the query tiles that see it, as in the forward. dQ sums over key tiles, which
+// other work items hold: each chunk of work items (one per thread) adds into a float dQ buffer of
+// its own, covering the heads its items belong to, and the buffers are summed afterwards in chunk
+// order. The chunks are fixed by the item count and the thread count alone, so dQ is bit-for-bit
+// the same from run to run at a given thread count (dK, dV: at any thread count).
 template <typename scalar_t>
-void key_value_grad_pass(const Shape& shape, float scale, float scale_log2, const BackwardInputs<scalar_t>& in,
-                         const float* delta, const float* lse2, scalar_t* dk, scalar_t* dv) {
+void grad_pass(const Shape& shape, float scale, float scale_log2, const BackwardInputs<scalar_t>& in,
+               const float* delta, const float* lse2, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   const int64_t d = shape.head_dim;
   const int64_t ld_d = padded_head_dim(d);
   const int64_t key_tiles = ceil_div(shape.n_k, kBlock);
-  at::parallel_for(0, shape.batch * shape.heads * key_tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t query_tiles = ceil_div(shape.n_q, kBlock);
+  // Rows of one head in a dQ buffer: whole tiles, since gemm writes up to kMicroRows-padded tile rows.
+  const int64_t head_rows = query_tiles * kBlock;
+  const Chunks chunks(shape.batch * shape.heads * key_tiles, at::get_num_threads());
+  std::vector<std::vector<float>> dq_buffers(chunks.count());
+  auto first_head = [&](int64_t chunk) { return chunks.begin(chunk) / key_tiles; };
+
+  at::parallel_for(0, chunks.count(), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<float> k_tile(kBlock * ld_d), v_tile(kBlock * ld_d), q_tile(kBlock * ld_d), q_tile_t(d * kBlock);
     std::vector<float> dout_tile(kBlock * ld_d), dout_tile_t(d * kBlock), p_t(kBlock * kBlock), dp_t(kBlock * kBlock);
     std::vector<float> dk_acc(kBlock * ld_d), dv_acc(kBlock * ld_d);
-    for (int64_t item = begin; item < end; ++item) {
-      const auto [bh, tile] = split_work_item(item, key_tiles);
-      const int64_t b = bh / shape.heads, h = bh % shape.heads;
-      const int64_t k0 = tile * kBlock;
-      const int64_t keys = std::min(kBlock, shape.n_k - k0);
-      const int64_t padded_keys = round_up(keys, kMicroRows);
-      load_tile(k_tile.data(), ld_d, in.k.rows(b, h, k0), in.k.stride_n, keys, d, 1.0f);
-      load_tile(v_tile.data(), ld_d, in.v.rows(b, h, k0), in.v.stride_n, keys, d, 1.0f);
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t heads_in_chunk = (chunks.end(chunk) - 1) / key_tiles - first_head(chunk) + 1;
+      std::vector<float>& dq_buffer = dq_buffers[chunk];
+      dq_buffer.assign(heads_in_chunk * head_rows * ld_d, 0.0f);
+      for (int64_t item = chunks.begin(chunk); item < chunks.end(chunk); ++item) {
+        const auto [bh, tile] = split_work_item(item, key_tiles);
+        const int64_t b = bh / shape.heads, h = bh % shape.heads;
+        const int64_t k0 = tile * kBlock;
+        const int64_t keys = std::min(kBlock, shape.n_k - k0);
+        const int64_t padded_keys = round_up(keys, kMicroRows);
+        float* dq_head = dq_buffer.data() + (bh - first_head(chunk)) * head_rows * ld_d;
+        load_tile(k_tile.data(), ld_d, in.k.rows(b, h, k0), in.k.stride_n, keys, d, 1.0f);
+        load_tile(v_tile.data(), ld_d, in.v.rows(b, h, k0), in.v.stride_n, keys, d, 1.0f);
+        std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+        std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
 
-      for (int64_t q0 = shape.first_query(k0) / kBlock * kBlock; q0 < shape.n_q; q0 += kBlock) {
-        const int64_t queries = std::min(kBlock, shape.n_q - q0);
-        const int64_t padded_queries = round_up(queries, kMicroCols);
-        const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
-        load_tile_transposed(q_tile_t.data(), kBlock, in.q.rows(b, h, q0), in.q.stride_n, queries, d, scale_log2);
-        load_tile(q_tile.data(), ld_d, in.q.rows(b, h, q0), in.q.stride_n, queries, d, 1.0f);
-        load_tile_transposed(dout_tile_t.data(), kBlock, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d, 1.0f);
-        load_tile(dout_tile.data(), ld_d, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d, 1.0f);
-        gemm(false, padded_keys, padded_queries, d, k_tile.data(), ld_d, q_tile_t.data(), kBlock, p_t.data(), kBlock);
-        gemm(false, padded_keys, padded_queries, d, v_tile.data(), ld_d, dout_tile_t.data(), kBlock, dp_t.data(),
-             kBlock);
-        softmax_grad_key_rows(p_t.data(), dp_t.data(), kBlock, keys, queries, shape.queries_seeing(k0, q0),
-                              lse2 + first_row, delta + first_row);
-        gemm(true, padded_keys, ld_d, queries, p_t.data(), kBlock, dout_tile.data(), ld_d, dv_acc.data(), ld_d);
-        gemm(true, padded_keys, ld_d, queries, dp_t.data(), kBlock, q_tile.data(), ld_d, dk_acc.data(), ld_d);
+        for (int64_t q0 = shape.first_query(k0) / kBlock * kBlock; q0 < shape.n_q; q0 += kBlock) {
+          const int64_t queries = std::min(kBlock, shape.n_q - q0);
+          const int64_t padded_queries = round_up(queries, kMicroCols);
+          const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
+          load_tile_transposed(q_tile_t.data(), kBlock, in.q.rows(b, h, q0), in.q.stride_n, queries, d, scale_log2);
+          load_tile(q_tile.data(), ld_d, in.q.rows(b, h, q0), in.q.stride_n, queries, d, 1.0f);
+          load_tile_transposed(dout_tile_t.data(), kBlock, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d,
+                               1.0f);
+          load_tile(dout_tile.data(), ld_d, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d, 1.0f);
+          gemm(false, padded_keys, padded_queries, d, k_tile.data(), ld_d, 1, q_tile_t.data(), kBlock, p_t.data(),
+               kBlock);
+          gemm(false, padded_keys, padded_queries, d, v_tile.data(), ld_d, 1, dout_tile_t.data(), kBlock,
+               dp_t.data(), kBlock);
+          softmax_grad_key_rows(p_t.data(), dp_t.data(), kBlock, keys, queries, shape.queries_seeing(k0, q0),
+                                lse2 + first_row, delta + first_row);
+          gemm(true, padded_keys, ld_d, queries, p_t.data(), kBlock, 1, dout_tile.data(), ld_d, dv_acc.data(), ld_d);
+          gemm(true, padded_keys, ld_d, queries, dp_t.data(), kBlock, 1, q_tile.data(), ld_d, dk_acc.data(), ld_d);
+          // dS is dp_t read transposed: row m of dS is column m of dp_t.
+          gemm(true, round_up(queries, kMicroRows), ld_d, keys, dp_t.data(), 1, kBlock, k_tile.data(), ld_d,
+               dq_head + q0 * ld_d, ld_d);
+        }
+
+        const int64_t first_key_row = shape.row_index(b, h, k0, shape.n_k);
+        store_tile(dk + first_key_row * d, dk_acc.data(), ld_d, keys, d, scale);
+        store_tile(dv + first_key_row * d, dv_acc.data(), ld_d, keys, d, 1.0f);
       }
-
-      const int64_t first_key_row = shape.row_index(b, h, k0, shape.n_k);
-      store_tile(dk + first_key_row * d, dk_acc.data(), ld_d, keys, d, scale);
-      store_tile(dv + first_key_row * d, dv_acc.data(), ld_d, keys, d, 1.0f);
     }
   });
-}
 
-// dQ, one query tile per work item, accumulated over the key tiles it sees.
-template <typename scalar_t>
-void query_grad_pass(const Shape& shape, float scale, float scale_log2, const BackwardInputs<scalar_t>& in,
-                     const float* delta, const float* lse2, scalar_t* dq) {
-  const int64_t d = shape.head_dim;
-  const int64_t ld_d = padded_head_dim(d);
-  const int64_t query_tiles = ceil_div(shape.n_q, kBlock);
+  // dQ = the sum of the chunks' buffers that hold the head, in chunk order; one query tile per item.
   at::parallel_for(0, shape.batch * shape.heads * query_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_tile(kBlock * ld_d), dout_tile(kBlock * ld_d), k_tile(kBlock * ld_d), k_tile_t(d * kBlock);
-    std::vector<float> v_tile_t(d * kBlock), p(kBlock * kBlock), dp(kBlock * kBlock), dq_acc(kBlock * ld_d);
+    std::vector<float> sum(kBlock * ld_d);
     for (int64_t item = begin; item < end; ++item) {
-      const auto [bh, tile] = split_work_item(item, query_tiles);
-      const int64_t b = bh / shape.heads, h = bh % shape.heads;
-      const int64_t q0 = tile * kBlock;
+      const int64_t bh = item / query_tiles, q0 = item % query_tiles * kBlock;
       const int64_t rows = std::min(kBlock, shape.n_q - q0);
-      const int64_t padded_rows = round_up(rows, kMicroRows);
-      const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
-      load_tile(q_tile.data(), ld_d, in.q.rows(b, h, q0), in.q.stride_n, rows, d, scale_log2);
-      load_tile(dout_tile.data(), ld_d, in.dout.rows(b, h, q0), in.dout.stride_n, rows, d, 1.0f);
-      std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
-
-      for (int64_t k0 = 0; k0 < shape.key_end(q0 + rows); k0 += kBlock) {
-        const int64_t cols = std::min(kBlock, shape.n_k - k0);
-        const int64_t padded_cols = round_up(cols, kMicroCols);
-        load_tile_transposed(k_tile_t.data(), kBlock, in.k.rows(b, h, k0), in.k.stride_n, cols, d, 1.0f);
-        load_tile(k_tile.data(), ld_d, in.k.rows(b, h, k0), in.k.stride_n, cols, d, 1.0f);
-        load_tile_transposed(v_tile_t.data(), kBlock, in.v.rows(b, h, k0), in.v.stride_n, cols, d, 1.0f);
-        gemm(false, padded_rows, padded_cols, d, q_tile.data(), ld_d, k_tile_t.data(), kBlock, p.data(), kBlock);
-        gemm(false, padded_rows, padded_cols, d, dout_tile.data(), ld_d, v_tile_t.data(), kBlock, dp.data(), kBlock);
-        softmax_grad_query_rows(p.data(), dp.data(), kBlock, rows, cols, shape.keys_seen(q0, k0), lse2 + first_row,
-                                delta + first_row);
-        gemm(true, padded_rows, ld_d, cols, dp.data(), kBlock, k_tile.data(), ld_d, dq_acc.data(), ld_d);
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      if (key_tiles > 0) {
+        for (int64_t chunk = chunks.of_item(bh * key_tiles); chunk <= chunks.of_item((bh + 1) * key_tiles - 1);
+             ++chunk) {
+          const float* part = dq_buffers[chunk].data() + ((bh - first_head(chunk)) * head_rows + q0) * ld_d;
+          for (int64_t i = 0; i < rows * ld_d; ++i) sum[i] += part[i];
+        }
       }
-
-      store_tile(dq + first_row * d, dq_acc.data(), ld_d, rows, d, scale);
+      store_tile(dq + (bh * shape.n_q + q0) * d, sum.data(), ld_d, rows, d, scale);
     }
   });
 }
@@ -505,9 +521,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const at::
                                       strided_rows<scalar_t>(k),    strided_rows<scalar_t>(v),
                                       strided_rows<scalar_t>(o),    lse.const_data_ptr<float>()};
     row_statistics_pass(shape, in, delta.data(), lse2.data());
-    key_value_grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), dk.data_ptr<scalar_t>(),
-                        dv.data_ptr<scalar_t>());
-    query_grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), dq.data_ptr<scalar_t>());
+    grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), dq.data_ptr<scalar_t>(),
+              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
   return {dq, dk, dv};
 }
