@@ -18,6 +18,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -28,6 +29,7 @@
 // core idle. The few functions holding the hot loops are therefore compiled once per x86-64 ISA
 // level, and the loader picks the best one the CPU has (GCC function multiversioning, via ifunc).
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define FA_X86_MULTIVERSIONING
 #define FA_MULTIVERSIONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FA_MULTIVERSIONED
@@ -37,7 +39,8 @@ namespace fused_attention {
 namespace {
 
 constexpr int64_t kBlock = 64;  // query rows of a query tile, keys of a key tile
-// gemm's register block. Scratch tiles are sized so that gemm can run over whole blocks: their
+// gemm takes rows in multiples of kMicroRows and columns in multiples of kMicroCols, so scratch tiles
+// are padded to those (see gemm_blocks). Scratch tiles are sized so that gemm can run over them: their
 // padding rows and columns hold leftovers of earlier tiles (zeros at first), which only ever flow
 // into padding rows or columns of a product, never into a stored result.
 constexpr int64_t kMicroRows = 4;
@@ -79,34 +82,106 @@ inline float exp2_poly(float x) {
   return p * std::bit_cast<float>(exponent_bits);
 }
 
+// One R x C block of c = (accumulate ? c : 0) + a * b, starting at row r0 and column c0, held in
+// registers while the depth loop runs. Inlined into each ISA's gemm below, so compiled for that ISA.
+#define FA_BLOCK_ARGS                                                                                           \
+  bool accumulate, int64_t r0, int64_t c0, int64_t depth, const float *a, int64_t a_row_stride,               \
+      int64_t a_depth_stride, const float *b, int64_t ldb, float *c, int64_t ldc
+
+// Plain loops, which the compiler vectorizes over the block's columns.
+struct PlainBlock {
+  template <int R, int C>
+  [[gnu::always_inline]] static inline void run(FA_BLOCK_ARGS) {
+    float block[R][C];
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t j = 0; j < C; ++j) block[r][j] = accumulate ? c[(r0 + r) * ldc + c0 + j] : 0.0f;
+    }
+    for (int64_t k = 0; k < depth; ++k) {
+      const float* b_row = b + k * ldb + c0;
+      for (int64_t r = 0; r < R; ++r) {
+        const float a_rk = a[(r0 + r) * a_row_stride + k * a_depth_stride];
+        for (int64_t j = 0; j < C; ++j) block[r][j] += a_rk * b_row[j];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t j = 0; j < C; ++j) c[(r0 + r) * ldc + c0 + j] = block[r][j];
+    }
+  }
+};
+
+// The same written with 8-float vectors (GCC's vector extension): each depth step loads b's row once
+// into registers and broadcasts each a element once. Left to vectorize the plain loops of a 6 x 16
+// block, GCC splits rows into 8 + 4 + 2 + 1 + 1 lanes and keeps them on the stack.
+typedef float Float8 __attribute__((vector_size(32)));
+
+struct Float8Block {
+  template <int R, int C>
+  [[gnu::always_inline]] static inline void run(FA_BLOCK_ARGS) {
+    constexpr int V = C / 8;
+    Float8 block[R][V];
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < V; ++v) {
+        block[r][v] = Float8{};
+        if (accumulate) std::memcpy(&block[r][v], c + (r0 + r) * ldc + c0 + 8 * v, sizeof(Float8));
+      }
+    }
+    for (int64_t k = 0; k < depth; ++k) {
+      Float8 b_row[V];
+      for (int v = 0; v < V; ++v) std::memcpy(&b_row[v], b + k * ldb + c0 + 8 * v, sizeof(Float8));
+      for (int r = 0; r < R; ++r) {
+        const float x = a[(r0 + r) * a_row_stride + k * a_depth_stride];
+        const Float8 a_rk = {x, x, x, x, x, x, x, x};  // one vbroadcastss (x + Float8{} would add first)
+        for (int v = 0; v < V; ++v) block[r][v] += a_rk * b_row[v];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < V; ++v) std::memcpy(c + (r0 + r) * ldc + c0 + 8 * v, &block[r][v], sizeof(Float8));
+    }
+  }
+};
+
+// c over R x C blocks. C divides kMicroCols; R is kMicroRows, or 6, whose last 2 or 4 rows (rows
+// being a multiple of kMicroRows = 4) are done by a smaller block.
+template <typename Block, int R, int C>
+[[gnu::always_inline]] inline void gemm_blocks(bool accumulate, int64_t rows, int64_t cols, int64_t depth,
+                                               const float* a, int64_t a_row_stride, int64_t a_depth_stride,
+                                               const float* b, int64_t ldb, float* c, int64_t ldc) {
+  static_assert(kMicroCols % C == 0 && (R == kMicroRows || R == 6));
+  for (int64_t r0 = 0; r0 < rows;) {
+    const int64_t block_rows = std::min<int64_t>(R, rows - r0);
+    for (int64_t c0 = 0; c0 < cols; c0 += C) {
+      if (block_rows == R) {
+        Block::template run<R, C>(accumulate, r0, c0, depth, a, a_row_stride, a_depth_stride, b, ldb, c, ldc);
+      } else if (block_rows == 4) {
+        Block::template run<4, C>(accumulate, r0, c0, depth, a, a_row_stride, a_depth_stride, b, ldb, c, ldc);
+      } else {
+        Block::template run<2, C>(accumulate, r0, c0, depth, a, a_row_stride, a_depth_stride, b, ldb, c, ldc);
+      }
+    }
+    r0 += block_rows;
+  }
+}
+
 // c[rows x cols] = (accumulate ? c : 0) + a[rows x depth] * b[depth x cols]. b and c are row-major
 // with leading dimensions ldb, ldc; a's element (r, k) is a[r * a_row_stride + k * a_depth_stride],
 // so a transposed tile is read in place (only ever one scalar of a is broadcast at a time, so its
 // layout costs nothing). rows must be a multiple of kMicroRows, cols of kMicroCols.
-// Each kMicroRows x kMicroCols block of c stays in registers while the depth loop runs; the
-// fixed-size inner loops are what the compiler vectorizes.
-FA_MULTIVERSIONED void gemm(bool accumulate, int64_t rows, int64_t cols, int64_t depth, const float* a,
-                            int64_t a_row_stride, int64_t a_depth_stride, const float* b, int64_t ldb, float* c,
-                            int64_t ldc) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kMicroRows) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kMicroCols) {
-      float block[kMicroRows][kMicroCols];
-      for (int64_t r = 0; r < kMicroRows; ++r) {
-        for (int64_t j = 0; j < kMicroCols; ++j) block[r][j] = accumulate ? c[(r0 + r) * ldc + c0 + j] : 0.0f;
-      }
-      for (int64_t k = 0; k < depth; ++k) {
-        const float* b_row = b + k * ldb + c0;
-        for (int64_t r = 0; r < kMicroRows; ++r) {
-          const float a_rk = a[(r0 + r) * a_row_stride + k * a_depth_stride];
-          for (int64_t j = 0; j < kMicroCols; ++j) block[r][j] += a_rk * b_row[j];
-        }
-      }
-      for (int64_t r = 0; r < kMicroRows; ++r) {
-        for (int64_t j = 0; j < kMicroCols; ++j) c[(r0 + r) * ldc + c0 + j] = block[r][j];
-      }
-    }
-  }
+#define FA_GEMM_ARGS                                                                                       \
+  bool accumulate, int64_t rows, int64_t cols, int64_t depth, const float *a, int64_t a_row_stride,       \
+      int64_t a_depth_stride, const float *b, int64_t ldb, float *c, int64_t ldc
+#define FA_GEMM_CALL accumulate, rows, cols, depth, a, a_row_stride, a_depth_stride, b, ldb, c, ldc
+#ifdef FA_X86_MULTIVERSIONING
+// The block shape is the ISA's. The 16 vector registers of AVX2 hold a 6 x 16 block of c (12
+// registers), a row of b (2) and a broadcast of a (1); a 4 x 32 block would need 16 + 1, and GCC
+// spills accumulators to the stack in the depth loop. AVX-512, with 32 registers, keeps 4 x 32.
+__attribute__((target("arch=x86-64-v4"))) void gemm(FA_GEMM_ARGS) {
+  gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL);
 }
+__attribute__((target("arch=x86-64-v3"))) void gemm(FA_GEMM_ARGS) { gemm_blocks<Float8Block, 6, 16>(FA_GEMM_CALL); }
+__attribute__((target("default"))) void gemm(FA_GEMM_ARGS) { gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL); }
+#else
+void gemm(FA_GEMM_ARGS) { gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL); }
+#endif
 
 // Which keys of a tile a query sees, as a run of columns [begin, end) per row of a score tile,
 // varying by at most one column per row: begin(r) = clamp(begin0 + r * begin_step, 0, cols) and
@@ -154,30 +229,8 @@ FA_MULTIVERSIONED void online_softmax_step(float* s, int64_t lds, int64_t rows, 
   }
 }
 
-// The backward's P and dS = P * (dP - delta) for a tile in (query row, key column) layout: P over
-// the scores s, dS over dp, 0 where the key is hidden. Row m has log2-sum-exp lse2[m] and delta[m].
-FA_MULTIVERSIONED void softmax_grad_query_rows(float* s, float* dp, int64_t ld, int64_t rows, int64_t cols,
-                                               VisibleColumns visible, const float* lse2, const float* delta) {
-  for (int64_t m = 0; m < rows; ++m) {
-    float* s_row = s + m * ld;
-    float* dp_row = dp + m * ld;
-    const auto [begin, end] = visible.of_row(m, cols);
-    const float row_lse2 = lse2[m];
-    const float row_delta = delta[m];
-    for (int64_t n = begin; n < end; ++n) s_row[n] = clamp_exponent(s_row[n] - row_lse2);
-    for (int64_t n = begin; n < end; ++n) {
-      const float p = exp2_poly(s_row[n]);
-      s_row[n] = p;
-      dp_row[n] = p * (dp_row[n] - row_delta);
-    }
-    for (auto [first, last] : {std::pair{int64_t{0}, begin}, std::pair{end, cols}}) {
-      std::fill(s_row + first, s_row + last, 0.0f);
-      std::fill(dp_row + first, dp_row + last, 0.0f);
-    }
-  }
-}
-
-// The same in (key row, query column) layout: lse2 and delta are indexed by column.
+// The backward's P and dS = P * (dP - delta) for a tile in (key row, query column) layout: P over the
+// scores s, dS over dp, 0 where the key is hidden. Column m has log2-sum-exp lse2[m] and delta[m].
 FA_MULTIVERSIONED void softmax_grad_key_rows(float* s, float* dp, int64_t ld, int64_t rows, int64_t cols,
                                              VisibleColumns visible, const float* lse2, const float* delta) {
   for (int64_t n = 0; n < rows; ++n) {
