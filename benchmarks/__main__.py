@@ -6,7 +6,6 @@ Without a GPU: the CPU paths at small sizes (it says so). ``--quick`` is a smoke
 Each run writes to a folder of its own, benchmarks/runs/<device>-<UTC time>/ (or ``--out``); the
 committed results in benchmarks/results/ change only when ``--out`` names them.
 """
-import datetime
 import pathlib
 import sys
 
@@ -15,7 +14,7 @@ import torch
 from .cli import comma, int_list, name_list, parser
 from .flops import MODES
 from .providers import select_providers
-from .report import format_table, plot_results, write_json
+from .report import default_out_dir, format_table, plot_results, write_json
 from .run import DTYPES, busy_warning, device_slug, run_benchmarks, token_budget_grid
 
 # (seqlens, head_dims, dtypes, tokens, hidden) per device and size.
@@ -27,20 +26,12 @@ DEFAULTS = {
 }
 
 
-RUNS_DIR = pathlib.Path(__file__).resolve().parent / "runs"
-
 EXAMPLES = """examples:
   python -m benchmarks --quick
   python -m benchmarks --providers cpu,sdpa-flash --tokens 1 --hidden 512 --seqlens 1024,2048 --threads 1
   python -m benchmarks --out benchmarks/results/cpu      # replace the committed CPU results, deliberately
 
 """
-
-
-def default_out_dir(device, runs_dir=RUNS_DIR):
-    """A new folder per run: runs_dir/<device>-<UTC date and time>."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return runs_dir / f"{device_slug(device)}-{stamp}"
 
 
 def parse_args(argv=None):
@@ -64,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true",
                    help="no progress at all (default: a bar on a terminal, else one line per case)")
     args = p.parse_args(argv)
+    try:
+        select_providers(args.providers)
+    except ValueError as exc:
+        p.error(f"--providers: {exc}")
     if isinstance(args.modes, str):  # the default, unparsed
         args.modes = name_list(args.modes)
     for mode in args.modes:
@@ -91,11 +86,8 @@ def main(argv=None):
     dtypes, tokens, hidden = args.dtypes or dtypes, args.tokens or tokens, args.hidden or hidden
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     cpu_min_time = args.cpu_min_time if args.cpu_min_time is not None else (0.02 if args.quick else 0.2)
-    out_dir = (args.out or default_out_dir(device)).resolve()
-    try:
-        providers = select_providers(args.providers)
-    except ValueError as exc:
-        sys.exit(f"--providers: {exc}")
+    out_dir = (args.out or default_out_dir(device_slug(device))).resolve()
+    providers = select_providers(args.providers)
 
     if device.type == "cpu":
         print(

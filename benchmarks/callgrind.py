@@ -11,7 +11,6 @@ Instructions are not time (a cache miss or a dependency chain costs cycles, not 
 change that removes work shows up here exactly, whatever else the machine is doing. Valgrind runs
 AVX2 code but not AVX-512: the count is of the kernel version the CPU (as valgrind emulates it) picks.
 """
-import argparse
 import os
 import pathlib
 import re
@@ -19,6 +18,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+from .cli import parser
 
 # The C++ entry points of torch.ops.fused_attention.fwd / .bwd on a CPU (csrc/cpu/attention_cpu.cpp).
 OP_SYMBOLS = {"fwd": "fused_attention::attention_forward_cpu*", "bwd": "fused_attention::attention_backward_cpu*"}
@@ -42,17 +43,14 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.callgrind", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = parser("python -m benchmarks.callgrind", __doc__)
     p.add_argument("--op", choices=tuple(OP_SYMBOLS), default="fwd", help="the kernel call to count")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="input dtype")
+    p.add_argument("--batch", type=int, default=1, help="B")
+    p.add_argument("--heads", type=int, default=1, help="H")
     p.add_argument("--seqlen", type=int, default=512, help="N, for queries and keys")
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--causal", action="store_true")
+    p.add_argument("--head-dim", type=int, default=64, help="d")
+    p.add_argument("--causal", action="store_true", help="with the causal mask (default: without)")
     p.add_argument("--keep", type=pathlib.Path, help="also keep callgrind's output file here (for callgrind_annotate)")
     args = p.parse_args(argv)
     for flag in ("batch", "heads", "seqlen", "head_dim"):

@@ -1,4 +1,5 @@
 """Turning result rows into a text table, a JSON file and PNG plots."""
+import datetime
 import json
 import math
 import pathlib
@@ -14,7 +15,9 @@ from .flops import MODES  # noqa: E402
 from .providers import OUR_BACKENDS  # noqa: E402
 from .run import COMPARISONS  # noqa: E402
 
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
+# Where a run writes by default, a new folder each time (git-ignored); benchmarks/results/ holds the
+# committed results, written only when --out names them.
+RUNS_DIR = pathlib.Path(__file__).resolve().parent / "runs"
 GROUP_KEYS = ("mode", "dtype", "causal", "head_dim")
 
 
@@ -28,6 +31,12 @@ def _percent(fraction):
 
 def _group_title(mode, dtype, causal, head_dim):
     return f"{mode} | {dtype} | {'causal' if causal else 'non-causal'} | d={head_dim}"
+
+
+def default_out_dir(name, runs_dir=RUNS_DIR):
+    """A new folder for one run: runs_dir/<name>-<UTC date and time>."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return runs_dir / f"{name}-{stamp}"
 
 
 def _comparison_columns(rows):

@@ -117,6 +117,8 @@ def measure_all(providers, config, mode, device, cpu_min_time_s=0.2, min_rounds=
             steps[i] = step
         except Exception as exc:  # a provider failing must not end the whole sweep; the row says why
             results[i] = _failure(provider, config, mode, device, exc)
+    if not steps:
+        return results
     try:
         all_times = times_ms(list(steps.values()), device, cpu_min_time_s, min_rounds)
     except Exception as exc:  # which provider failed is unknown: every timed one gets the error
