@@ -167,8 +167,12 @@ def held_fixed(rows):
     return ", ".join(parts)
 
 
-def plot_metric(rows, metric, ylabel, title, path, log_y=False, scale=1.0):
-    """A grid of panels (rows: modes; columns: head_dim x causal), one line per provider, scale * y vs seqlen."""
+def plot_metric(rows, metric, ylabel, title, path, log_y=False, scale=1.0, spread=False):
+    """A grid of panels (rows: modes; columns: head_dim x causal), one line per provider, scale * y vs seqlen.
+
+    ``spread``: error bars of ± half the timing's interquartile range (relative), where it has one,
+    cut at 0 and at twice the value, with the y axis fitted to the values (not to the bars).
+    """
     ok = [r for r in rows if r["status"] == "ok" and math.isfinite(r[metric])]
     if not ok:
         return None
@@ -183,15 +187,20 @@ def plot_metric(rows, metric, ylabel, title, path, log_y=False, scale=1.0):
             ax = axes[i][j]
             for provider in providers:
                 points = sorted(
-                    (r["seqlen"], scale * r[metric])
+                    (r["seqlen"], scale * r[metric], scale * r[metric] * min(1.0, r.get("spread", 0.0) / 2))
                     for r in ok
                     if (r["provider"], r["mode"], r["head_dim"], r["causal"]) == (provider, mode, head_dim, causal)
                 )
                 if points:
-                    ax.plot(*zip(*points), label=provider, **_style(provider, providers))
+                    x, y, y_err = zip(*points)
+                    ax.errorbar(x, y, yerr=y_err if spread else None, capsize=2, label=provider,
+                                **_style(provider, providers))
             seqlen_axis(ax, {r["seqlen"] for r in ok})
             if log_y:
                 log_y_axis(ax)
+            elif spread:
+                panel = [scale * r[metric] for r in ok if (r["mode"], r["head_dim"], r["causal"]) == (mode, head_dim, causal)]
+                ax.set_ylim(0, 1.2 * max(panel))
             ax.set_title(f"{mode}, d={head_dim}, {'causal' if causal else 'non-causal'}", fontsize=9)
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
@@ -210,7 +219,8 @@ def plot_metric(rows, metric, ylabel, title, path, log_y=False, scale=1.0):
 
 
 def plot_results(rows, out_dir):
-    """TFLOP/s (GFLOP/s on a CPU) vs N and peak memory vs N (log-log), one pair of PNGs per dtype; returns the paths."""
+    """TFLOP/s (GFLOP/s on a CPU; error bars: the timing's spread) vs N and peak memory vs N (log-log),
+    one pair of PNGs per dtype; returns the paths."""
     device_name = rows[0]["device_name"] if rows else ""
     paths = []
     for dtype in sorted({r["dtype"] for r in rows}):
@@ -219,7 +229,7 @@ def plot_results(rows, out_dir):
         giga = max((r["tflops"] for r in subset if r["status"] == "ok"), default=0.0) < 1.0
         paths.append(plot_metric(
             subset, "tflops", "GFLOP/s" if giga else "TFLOP/s", f"attention throughput, {dtype}, {fixed}\n{device_name}",
-            out_dir / f"{'gflops' if giga else 'tflops'}_{dtype}.png", scale=1e3 if giga else 1.0,
+            out_dir / f"{'gflops' if giga else 'tflops'}_{dtype}.png", scale=1e3 if giga else 1.0, spread=True,
         ))
         paths.append(plot_metric(
             subset, "peak_memory_mib", "peak memory (MiB)", f"attention peak memory, {dtype}, {fixed}\n{device_name}",

@@ -247,7 +247,11 @@ FLOP_PER_CYCLE = (("avx512f", 2 * 16 * 2, "AVX-512 FMA"), ("avx2", 2 * 8 * 2, "A
 
 
 def cpu_peak(threads, info=None):
-    """(peak fp32 GFLOP/s of ``threads`` cores, how it was computed), or (nan, reason) when unknown."""
+    """(peak fp32 GFLOP/s of ``threads`` cores, how it was computed), or (nan, reason) when unknown.
+
+    The clock is /proc/cpuinfo's "cpu MHz", the nominal one in a VM: a core that boosts above it can
+    pass this "peak" (measured on the 2-core AMD EPYC: see benchmarks/NOTES.md).
+    """
     info = _cpu_info() if info is None else info
     flags = set(info.get("flags", "").split())
     try:
