@@ -6,6 +6,7 @@ backend that cannot run raises with its reasons; ``explain`` shows the whole dec
 """
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,7 +36,10 @@ def _fused_forward(op):
 
 
 def _run_naive(q, k, v, causal, softmax_scale):
-    return naive_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+    # lse without gradient, as the fused ops return it (they mark it non-differentiable): a caller
+    # gets the same autograd graph whichever backend runs.
+    o, lse = naive_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+    return o, lse.detach()
 
 
 def _empty_reasons(q, k):
@@ -54,14 +58,69 @@ def _triton_why_not(q, k, v):
     return _empty_reasons(q, k)
 
 
+# mma.sync on bf16 and cp.async, which the CUDA kernels are built on, arrived with sm_80.
+CUDA_MIN_CAPABILITY = (8, 0)
+
+
+def cuda_image_problem(capability, targets):
+    """Why a GPU of compute capability (major, minor) has no kernel image among nvcc's `targets`
+    ("sm_80,compute_90,sm_90"), or None. A binary sm_XY runs on any X.y with y >= Y (sm_XYa on X.Y
+    only); PTX compute_XY is JIT-compiled by the driver for X.Y and every newer GPU."""
+    for target in targets.split(","):
+        kind, _, arch = target.partition("_")
+        match = re.fullmatch(r"(\d+)(\d)([af]?)", arch)
+        if kind not in ("sm", "compute") or match is None:
+            continue
+        built = (int(match[1]), int(match[2]))
+        if match[3] == "a":  # architecture-specific features: that exact GPU only
+            runs = capability == built
+        elif kind == "sm" or match[3] == "f":  # binaries (and family PTX) stay within one major version
+            runs = capability[0] == built[0] and capability[1] >= built[1]
+        else:
+            runs = capability >= built
+        if runs:
+            return None
+    version = f"{capability[0]}.{capability[1]}"
+    return (f"attention._C has no kernel image for compute capability {version} (built for {targets}): "
+            f"reinstall with TORCH_CUDA_ARCH_LIST={version}")
+
+
+def cuda_device_problems(capability, shared_memory_limit, targets, shared_memory_needed):
+    """Why the CUDA kernels cannot run on a GPU of `capability` (major, minor) that lets a block opt in
+    to `shared_memory_limit` bytes, when built for nvcc `targets` and needing, per pass to run,
+    `shared_memory_needed` {"forward": bytes, "backward": bytes}. Pure, so it is tested without a GPU."""
+    if capability < CUDA_MIN_CAPABILITY:
+        return [f"the CUDA kernels need compute capability 8.0 or newer, this GPU has {capability[0]}.{capability[1]}"]
+    problems = [p for p in [cuda_image_problem(capability, targets)] if p]
+    for name, needed in shared_memory_needed.items():
+        if needed > shared_memory_limit:
+            problems.append(f"the {name} kernels need {needed} bytes of shared memory per block, "
+                            f"above this GPU's {shared_memory_limit}")
+    return problems
+
+
+def _cuda_device_reasons(q, k, v):
+    """What keeps the CUDA kernels off this call's GPU: its capability, kernel image, shared memory."""
+    device = torch.cuda.get_device_properties(q.device)  # constant-folded by torch.compile
+    passes = ["forward"]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        passes.append("backward")
+    needed = {p: ops.CUDA_SHARED_MEMORY_BYTES[(q.shape[-1], p == "backward")] for p in passes}
+    return cuda_device_problems((device.major, device.minor), device.shared_memory_per_block_optin,
+                                ops.CUDA_TARGETS, needed)
+
+
 def _cuda_why_not(q, k, v):
     if ops.EXTENSION_ERROR is not None:
         return [ops.EXTENSION_ERROR]
     if not ops.HAS_CUDA_KERNELS:
-        return ["attention._C was built without CUDA kernels (no CUDA toolkit or a CPU build of torch at install)"]
+        return ["attention._C was built without CUDA kernels (no usable CUDA toolkit or a CPU build of torch at "
+                "install; `pip install -v` prints why)"]
     reasons = [] if q.device.type == "cuda" else [f"the CUDA kernels run CUDA tensors, got {q.device.type}"]
     if q.dtype not in (torch.float16, torch.bfloat16):
         reasons.append(f"the CUDA kernels take float16 or bfloat16, got {q.dtype}")
+    if q.device.type == "cuda":
+        reasons += _cuda_device_reasons(q, k, v)
     return reasons + _empty_reasons(q, k)
 
 

@@ -12,6 +12,8 @@ import importlib
 import torch
 from torch import Tensor
 
+from .validation import MAX_HEAD_DIM
+
 try:
     importlib.import_module("attention._C")  # registers fused_attention::fwd/bwd
     EXTENSION_ERROR = None
@@ -63,16 +65,30 @@ def _autograd_for(backward_op):
     return backward
 
 
-_OPS = [("fused_attention_triton::fwd", "fused_attention_triton::bwd", triton_backward)]
+def register_fused_op(fwd_name, bwd_name, backward_op):
+    """Gives a forward/backward op pair with the signatures above its fake implementations and autograd."""
+    torch.library.register_fake(fwd_name)(_fake_forward)
+    torch.library.register_fake(bwd_name)(_fake_backward)
+    torch.library.register_autograd(fwd_name, _autograd_for(backward_op), setup_context=_setup_context)
+
+
+register_fused_op("fused_attention_triton::fwd", "fused_attention_triton::bwd", triton_backward)
 if EXTENSION_ERROR is None:
-    _OPS.append(("fused_attention::fwd", "fused_attention::bwd", torch.ops.fused_attention.bwd))
+    register_fused_op("fused_attention::fwd", "fused_attention::bwd", torch.ops.fused_attention.bwd)
 
-for _fwd_name, _bwd_name, _bwd_op in _OPS:
-    torch.library.register_fake(_fwd_name)(_fake_forward)
-    torch.library.register_fake(_bwd_name)(_fake_backward)
-    torch.library.register_autograd(_fwd_name, _autograd_for(_bwd_op), setup_context=_setup_context)
-
-# Whether attention._C was built with the CUDA kernels; read once here, so dispatch stays traceable.
+# What the CUDA kernels were built for and need, read once here, so dispatch stays traceable: whether
+# attention._C has them, nvcc's targets ("sm_80,compute_90,sm_90"; compute_XY is PTX), and the
+# dynamic shared memory per block of the largest kernel of each pass, {(head_dim, backward): bytes}.
 HAS_CUDA_KERNELS = EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
     "fused_attention::fwd", "CUDA"
+)
+CUDA_TARGETS = torch.ops.fused_attention.cuda_targets() if HAS_CUDA_KERNELS else ""
+CUDA_SHARED_MEMORY_BYTES = (
+    {
+        (head_dim, backward): torch.ops.fused_attention.cuda_shared_memory_bytes(head_dim, backward)
+        for head_dim in range(1, MAX_HEAD_DIM + 1)
+        for backward in (False, True)
+    }
+    if HAS_CUDA_KERNELS
+    else {}
 )

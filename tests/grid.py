@@ -5,9 +5,12 @@ import pytest
 import torch
 
 import attention
+import cuda_emulator
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+# The CUDA kernels run on the CPU by csrc/emulator, a backend of the test grid only.
+EMULATED_CUDA = "cuda-emulated"
 
 # (batch, heads, Nq, Nk, head_dim): odd lengths, Nq != Nk both ways, head dims beyond powers of two.
 SMALL_SHAPES = [
@@ -16,6 +19,7 @@ SMALL_SHAPES = [
     (1, 2, 17, 40, 64),
     (1, 2, 40, 17, 32),
     (1, 1, 113, 31, 80),
+    (1, 1, 97, 203, 64),  # several query and key tiles in every backend
 ]
 FULL_SHAPES = SMALL_SHAPES + [
     (1, 2, 2, 127, 96),
@@ -30,13 +34,23 @@ FULL_SHAPES = SMALL_SHAPES + [
 
 def backends_under_test():
     """The fused backends this machine can run (the naive one is the reference, tested on its own)."""
-    return [b for b in attention.available_backends(DEVICE) if b != "naive"]
+    backends = [b for b in attention.available_backends(DEVICE) if b != "naive"]
+    if DEVICE == "cpu" and cuda_emulator.LIB is not None:
+        backends.append(EMULATED_CUDA)
+    return backends
+
+
+def flash_attention(q, k, v, backend, **options):
+    """attention.flash_attention on `backend`, the emulated CUDA kernels included."""
+    if backend == EMULATED_CUDA:
+        return cuda_emulator.flash_attention(q, k, v, **options)
+    return attention.flash_attention(q, k, v, backend=backend, **options)
 
 
 def dtypes_for(backend):
     if backend == "triton" and INTERPRETED:
         return [torch.float16, torch.float32]  # the interpreter's bf16 tl.dot multiplies raw bits
-    if backend == "cuda":
+    if backend in ("cuda", EMULATED_CUDA):
         return [torch.float16, torch.bfloat16]
     if DEVICE == "cuda":
         return [torch.float16, torch.bfloat16]

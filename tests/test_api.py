@@ -94,6 +94,14 @@ def test_available_backends_always_include_naive():
     assert set(attention.available_backends(DEVICE)) <= set(attention.BACKENDS)
 
 
+@pytest.mark.parametrize("backend", attention.available_backends(DEVICE))
+def test_lse_has_no_gradient_on_every_backend(backend):
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32  # the cuda backend takes 16-bit only
+    q, k, v = (t.requires_grad_() for t in qkv(dtype=dtype))
+    o, lse = attention.flash_attention(q, k, v, backend=backend, return_lse=True)
+    assert o.requires_grad and not lse.requires_grad and lse.grad_fn is None
+
+
 # ---- scaled_dot_product_attention: SDPA's signature and meaning
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attention
-from grid import DEVICE, assert_within_rule, case_grid, poison_allocator
+from grid import DEVICE, assert_within_rule, case_grid, flash_attention, poison_allocator
 
 
 def pytest_generate_tests(metafunc):
@@ -25,22 +25,22 @@ def random_inputs(shape, dtype, seed=0):
     return make(n_q), make(n_k), make(n_k), make(n_q)
 
 
-def run(backend, q, k, v, dout, causal):
+def run(backend, q, k, v, dout, causal, softmax_scale=None):
     """Output, lse and gradients of one attention call on fresh leaves."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     if backend == "reference":
-        o, lse = attention.naive_attention(q, k, v, causal=causal, return_lse=True)
+        o, lse = attention.naive_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
     else:
         poison_allocator()
-        o, lse = attention.flash_attention(q, k, v, causal=causal, backend=backend, return_lse=True)
+        o, lse = flash_attention(q, k, v, backend, causal=causal, softmax_scale=softmax_scale, return_lse=True)
     o.backward(dout)
     return o, lse, q.grad, k.grad, v.grad
 
 
-def check_against_reference(backend, q, k, v, dout, causal):
-    ours = run(backend, q, k, v, dout, causal)
-    ref = run("reference", *(t.double() for t in (q, k, v, dout)), causal)
-    lowprec = run("reference", q, k, v, dout, causal)
+def check_against_reference(backend, q, k, v, dout, causal, softmax_scale=None):
+    ours = run(backend, q, k, v, dout, causal, softmax_scale)
+    ref = run("reference", *(t.double() for t in (q, k, v, dout)), causal, softmax_scale)
+    lowprec = run("reference", q, k, v, dout, causal, softmax_scale)
     lse, ref_lse, lowprec_lse = ours[1], ref[1], lowprec[1]
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
     hidden = ref_lse.isinf()
@@ -67,6 +67,23 @@ def test_strided_inputs_read_in_place(backend, dtype, causal):
     dout = torch.randn(batch, n, heads, head_dim, device=DEVICE, dtype=dtype).transpose(1, 2)
     assert not q.is_contiguous() and not dout.is_contiguous()
     check_against_reference(backend, q, k, v, dout, causal)
+
+
+def misaligned(shape, dtype, generator):
+    """A view whose data pointer is 2 bytes past a 16-byte boundary and whose rows are D + 3 elements apart."""
+    batch, heads, n, head_dim = shape
+    storage = torch.randn(batch, heads, n, head_dim + 3, generator=generator, device=DEVICE).to(dtype)
+    view = storage[..., 1 : 1 + head_dim]
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+def test_misaligned_views(backend, dtype):
+    """Rows that cannot be moved in 16-byte chunks: the kernels' element-wise copy paths."""
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    q, dout = (misaligned((1, 2, 70, 64), dtype, gen) for _ in range(2))
+    k, v = (misaligned((1, 2, 130, 64), dtype, gen) for _ in range(2))
+    check_against_reference(backend, q, k, v, dout, causal=True)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -102,12 +119,10 @@ def test_deterministic(backend, dtype, causal):
         assert torch.equal(a, b)
 
 
-def test_softmax_scale(backend, dtype):
-    q, k, v, dout = random_inputs((1, 2, 33, 33, 64), dtype)
-    o = attention.flash_attention(q, k, v, softmax_scale=0.3, backend=backend)
-    ref = attention.naive_attention(q.double(), k.double(), v.double(), softmax_scale=0.3)
-    lowprec = attention.naive_attention(q, k, v, softmax_scale=0.3)
-    assert_within_rule("o", o, ref, lowprec, 2)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_softmax_scale(backend, dtype, causal):
+    """A scale other than 1/sqrt(d), forward and backward."""
+    check_against_reference(backend, *random_inputs((1, 2, 33, 45, 64), dtype), causal, softmax_scale=0.3)
 
 
 def test_torch_compile_fullgraph(backend, dtype):
@@ -115,7 +130,7 @@ def test_torch_compile_fullgraph(backend, dtype):
     q, k, v, dout = random_inputs((1, 2, 17, 17, 32), dtype)
 
     def layer(q, k, v):
-        return attention.flash_attention(q * 1.5, k, v, causal=True, backend=backend).sum(dim=1)
+        return flash_attention(q * 1.5, k, v, backend, causal=True).sum(dim=1)
 
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")

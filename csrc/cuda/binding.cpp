@@ -1,19 +1,25 @@
 // The torch side of the CUDA kernels: checks the tensors, fills AttentionParams, allocates the
 // outputs and queues the kernels on the current stream. Registers the CUDA implementations of
-// fused_attention::fwd and fused_attention::bwd, whose schemas csrc/ops.cpp defines.
+// fused_attention::fwd and fused_attention::bwd, whose schemas csrc/ops.cpp defines, and two
+// queries that need no GPU, which attention/backends.py asks before choosing the cuda backend:
+// cuda_targets() and cuda_shared_memory_bytes(head_dim, backward).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "../checks.h"
+#include "dispatch.cuh"
 #include "launch.h"
 #include "params.h"
+#include "tiles.h"
 
 namespace fused_attention {
 namespace {
@@ -108,8 +114,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& d
   return {dq, dk, dv};
 }
 
+// What nvcc compiled the kernels for, e.g. "sm_80,sm_90,compute_90" (compute_XY: PTX): setup.py
+// passes the targets it derived from TORCH_CUDA_ARCH_LIST.
+#ifndef FUSED_ATTENTION_CUDA_TARGETS
+#error "FUSED_ATTENTION_CUDA_TARGETS (the nvcc targets, e.g. sm_80,sm_90) is not defined: build with setup.py"
+#endif
+#define FUSED_ATTENTION_STRINGIFY(...) #__VA_ARGS__
+#define FUSED_ATTENTION_EXPAND_AND_STRINGIFY(...) FUSED_ATTENTION_STRINGIFY(__VA_ARGS__)
+std::string cuda_targets() { return FUSED_ATTENTION_EXPAND_AND_STRINGIFY(FUSED_ATTENTION_CUDA_TARGETS); }
+
+// Dynamic shared memory per block of the largest kernel a forward / backward launches at the padded
+// head dim kHeadDim, from the kernels' own tile structs.
+template <int kHeadDim>
+int64_t shared_memory_bytes(bool backward) {
+  return static_cast<int64_t>(backward ? std::max(KeyTileTiles<kHeadDim>::kSmemBytes,
+                                                  QueryTileTiles<kHeadDim>::kSmemBytes)
+                                       : ForwardTiles<kHeadDim>::kSmemBytes);
+}
+
+int64_t cuda_shared_memory_bytes(int64_t head_dim, bool backward) {
+  TORCH_CHECK(head_dim >= 1 && head_dim <= kCudaMaxHeadDim, "cuda_shared_memory_bytes: head_dim must be in 1..",
+              kCudaMaxHeadDim, ", got ", head_dim);
+  AttentionParams params{};
+  params.head_dim = static_cast<int>(head_dim);
+  int64_t bytes = 0;
+  dispatch_element_type_and_head_dim(params, [&](auto, auto padded_head_dim) {  // the launches' padding
+    bytes = shared_memory_bytes<decltype(padded_head_dim)::value>(backward);
+    return cudaSuccess;
+  });
+  return bytes;
+}
+
 }  // namespace
 }  // namespace fused_attention
+
+TORCH_LIBRARY_FRAGMENT(fused_attention, m) {
+  m.def("cuda_targets() -> str", &fused_attention::cuda_targets);
+  m.def("cuda_shared_memory_bytes(int head_dim, bool backward) -> int", &fused_attention::cuda_shared_memory_bytes);
+}
 
 TORCH_LIBRARY_IMPL(fused_attention, CUDA, m) {
   m.impl("fwd", &fused_attention::forward_cuda);

@@ -31,10 +31,6 @@ cudaError_t dispatch_element_type_and_head_dim(const AttentionParams& params, La
   return with_head_dim(ElementTag<__nv_bfloat16>{});
 }
 
-// Largest dynamic shared memory a block may opt in to on sm_80 (sm_90 allows 227 KiB): every
-// kernel's tiles must fit the oldest target.
-constexpr size_t kMaxSharedBytesPerBlock = 163 * 1024;
-
 template <typename Kernel>
 cudaError_t allow_dynamic_shared_memory(Kernel kernel, size_t bytes) {
   // Above 48 KiB a kernel must opt in to its dynamic shared memory.

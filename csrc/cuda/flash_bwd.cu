@@ -14,8 +14,10 @@
 #include "launch.h"
 #include "mma.cuh"
 #include "params.h"
+#include "runtime.cuh"
 #include "scores.cuh"
 #include "tile_io.cuh"
+#include "tiles.h"
 #include "warp_gemm.cuh"
 
 namespace fused_attention {
@@ -23,53 +25,6 @@ namespace {
 
 constexpr int kDeltaWarps = 4;
 constexpr int kDeltaRowsPerBlock = 64;
-
-// Per key tile: warps are laid out as kKeyStrips strips of 16 keys times kSplitD slices of the
-// head dim. The warps of one strip all recompute that strip's scores (full head dim) and each
-// accumulates dK and dV for its own slice of columns, which keeps those two accumulators within
-// the register file at head dim 256.
-template <int kHeadDim>
-struct KeyTileTiles {
-  static constexpr int kKeyStrips = 4;
-  static constexpr int kSplitD = kHeadDim > 128 ? 2 : 1;
-  static constexpr int kWarps = kKeyStrips * kSplitD;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockN = 16 * kKeyStrips;            // keys per block
-  static constexpr int kBlockM = kHeadDim <= 64 ? 64 : 32;  // queries per pipeline stage
-  static constexpr int kSliceCols = kHeadDim / kSplitD;      // dK/dV columns per warp
-  // Shared memory: 16-bit tiles (K and V once, Q and dO in two stages), then fp32 per-query
-  // values (lse in log2 units and delta, two stages each).
-  static constexpr int kKOffset = 0;
-  static constexpr int kVOffset = kKOffset + kBlockN * kHeadDim;
-  static constexpr int kQOffset = kVOffset + kBlockN * kHeadDim;
-  static constexpr int kDoOffset = kQOffset + 2 * kBlockM * kHeadDim;
-  static constexpr int kTileElements = kDoOffset + 2 * kBlockM * kHeadDim;
-  static constexpr int kLseOffset = 0;  // in floats, after the tiles
-  static constexpr int kDeltaOffset = kLseOffset + 2 * kBlockM;
-  static constexpr int kRowValues = kDeltaOffset + 2 * kBlockM;
-  static constexpr size_t kSmemBytes = kTileElements * sizeof(uint16_t) + kRowValues * sizeof(float);
-  static_assert(kSmemBytes <= kMaxSharedBytesPerBlock, "tiles must fit in shared memory on sm_80");
-};
-
-// Per query tile: 4 warps of 16 query rows, as in the forward.
-template <int kHeadDim>
-struct QueryTileTiles {
-  static constexpr int kWarps = 4;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kWarps;                 // queries per block
-  // Keys per pipeline stage. At head dim 256 the dQ accumulator alone takes 128 registers a
-  // thread; 16-key stages leave room for the scores and dP (ptxas -v: no spills up to 128, 4
-  // bytes at 256).
-  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 16;
-  // Shared memory in 16-bit elements: Q and dO once, K and V in two stages each.
-  static constexpr int kQOffset = 0;
-  static constexpr int kDoOffset = kQOffset + kBlockM * kHeadDim;
-  static constexpr int kKOffset = kDoOffset + kBlockM * kHeadDim;
-  static constexpr int kVOffset = kKOffset + 2 * kBlockN * kHeadDim;
-  static constexpr int kSmemElements = kVOffset + 2 * kBlockN * kHeadDim;
-  static constexpr size_t kSmemBytes = kSmemElements * sizeof(uint16_t);
-  static_assert(kSmemBytes <= kMaxSharedBytesPerBlock, "tiles must fit in shared memory on sm_80");
-};
 
 // The forward's lse in the log2 units of the scores. A row with no visible key has lse -inf;
 // +inf makes every exp2(score - lse) of that row 0, so its gradients are 0 instead of NaN.
@@ -110,8 +65,7 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
   constexpr int kThreads = Tiles::kThreads;
   constexpr int kSliceCols = Tiles::kSliceCols;
 
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  uint16_t* const smem = reinterpret_cast<uint16_t*>(shared_bytes);
+  uint16_t* const smem = dynamic_shared_memory<uint16_t>();
   uint16_t* const k_tile = smem + Tiles::kKOffset;
   uint16_t* const v_tile = smem + Tiles::kVOffset;
   uint16_t* const q_tiles = smem + Tiles::kQOffset;
@@ -237,8 +191,7 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
   constexpr int kBlockN = Tiles::kBlockN;
   constexpr int kThreads = Tiles::kThreads;
 
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  uint16_t* const smem = reinterpret_cast<uint16_t*>(shared_bytes);
+  uint16_t* const smem = dynamic_shared_memory<uint16_t>();
   uint16_t* const q_tile = smem + Tiles::kQOffset;
   uint16_t* const do_tile = smem + Tiles::kDoOffset;
   uint16_t* const k_tiles = smem + Tiles::kKOffset;
@@ -350,8 +303,8 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
   // With no query rows there is no delta and no dQ, but dK and dV still need their zeros.
   if (params.seqlen_q > 0) {
     const dim3 grid(ceil_div(params.seqlen_q, kDeltaRowsPerBlock), params.heads, params.batch);
-    attention_backward_delta_kernel<T><<<grid, 32 * kDeltaWarps, 0, stream>>>(params);
-    const cudaError_t error = cudaGetLastError();
+    const cudaError_t error =
+        launch_kernel(attention_backward_delta_kernel<T>, grid, 32 * kDeltaWarps, 0, stream, params);
     if (error != cudaSuccess) return error;
   }
   if (params.seqlen_k > 0) {
@@ -360,8 +313,7 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
     cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
     if (error != cudaSuccess) return error;
     const dim3 grid(ceil_div(params.seqlen_k, Tiles::kBlockN), params.heads, params.batch);
-    kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params, chunked);
-    error = cudaGetLastError();
+    error = launch_kernel(kernel, grid, Tiles::kThreads, Tiles::kSmemBytes, stream, params, chunked);
     if (error != cudaSuccess) return error;
   }
   if (params.seqlen_q > 0) {
@@ -370,8 +322,7 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
     cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
     if (error != cudaSuccess) return error;
     const dim3 grid(ceil_div(params.seqlen_q, Tiles::kBlockM), params.heads, params.batch);
-    kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params, chunked);
-    error = cudaGetLastError();
+    error = launch_kernel(kernel, grid, Tiles::kThreads, Tiles::kSmemBytes, stream, params, chunked);
     if (error != cudaSuccess) return error;
   }
   return cudaSuccess;

@@ -12,29 +12,14 @@
 #include "launch.h"
 #include "mma.cuh"
 #include "params.h"
+#include "runtime.cuh"
 #include "scores.cuh"
 #include "tile_io.cuh"
+#include "tiles.h"
 #include "warp_gemm.cuh"
 
 namespace fused_attention {
 namespace {
-
-template <int kHeadDim>
-struct ForwardTiles {
-  static constexpr int kWarps = 4;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kWarps;                 // queries per block
-  // Keys per pipeline stage. At head dim 256 the output accumulator alone takes 128 registers a
-  // thread; 16-key stages are what keeps the rest of the loop out of local memory.
-  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 16;
-  // Shared memory in 16-bit elements: Q once, K and V in two stages each.
-  static constexpr int kQOffset = 0;
-  static constexpr int kKOffset = kQOffset + kBlockM * kHeadDim;
-  static constexpr int kVOffset = kKOffset + 2 * kBlockN * kHeadDim;
-  static constexpr int kSmemElements = kVOffset + 2 * kBlockN * kHeadDim;
-  static constexpr size_t kSmemBytes = kSmemElements * sizeof(uint16_t);
-  static_assert(kSmemBytes <= kMaxSharedBytesPerBlock, "tiles must fit in shared memory on sm_80");
-};
 
 // Folds one tile of scores (already in log2 units, hidden ones -inf) into a warp's running
 // softmax state for its rows g (half 0) and g + 8 (half 1), and turns the scores into the
@@ -83,8 +68,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
   constexpr int kBlockN = Tiles::kBlockN;
   constexpr int kThreads = Tiles::kThreads;
 
-  extern __shared__ __align__(128) unsigned char shared_bytes[];
-  uint16_t* const smem = reinterpret_cast<uint16_t*>(shared_bytes);
+  uint16_t* const smem = dynamic_shared_memory<uint16_t>();
   uint16_t* const q_tile = smem + Tiles::kQOffset;
   uint16_t* const k_tiles = smem + Tiles::kKOffset;
   uint16_t* const v_tiles = smem + Tiles::kVOffset;
@@ -196,8 +180,7 @@ cudaError_t launch_forward(const AttentionParams& params, cudaStream_t stream) {
   cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
   if (error != cudaSuccess) return error;
   const dim3 grid(ceil_div(params.seqlen_q, Tiles::kBlockM), params.heads, params.batch);
-  kernel<<<grid, Tiles::kThreads, Tiles::kSmemBytes, stream>>>(params, chunked);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, Tiles::kThreads, Tiles::kSmemBytes, stream, params, chunked);
 }
 
 }  // namespace

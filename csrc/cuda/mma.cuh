@@ -81,6 +81,35 @@ __device__ __forceinline__ float element_to_float<__nv_bfloat16>(uint16_t bits) 
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
+#ifdef FUSED_ATTENTION_EMULATOR
+// The CUDA emulator (csrc/emulator) executes these instructions lane by lane on the CPU.
+template <>
+inline void mma_m16n8k16<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emulator::mma_m16n8k16(emulator::Element::kFloat16, c, a, b0, b1);
+}
+
+template <>
+inline void mma_m16n8k16<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emulator::mma_m16n8k16(emulator::Element::kBFloat16, c, a, b0, b1);
+}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_address) { emulator::ldmatrix_x4(r, smem_address, false); }
+
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem_address) {
+  emulator::ldmatrix_x4(r, smem_address, true);
+}
+
+inline void cp_async_16(uint32_t smem_address, const void* global_pointer, int src_bytes) {
+  emulator::cp_async_16(smem_address, global_pointer, src_bytes);
+}
+
+inline void cp_async_commit() { emulator::cp_async_commit(); }
+
+template <int kPending>
+inline void cp_async_wait() {
+  emulator::cp_async_wait(kPending);
+}
+#else
 template <>
 __device__ __forceinline__ void mma_m16n8k16<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                      uint32_t b1) {
@@ -128,5 +157,7 @@ template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
+
+#endif  // FUSED_ATTENTION_EMULATOR
 
 }  // namespace fused_attention

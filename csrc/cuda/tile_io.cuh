@@ -37,6 +37,20 @@ inline bool allows_16_byte_chunks(const StridedTensor& tensor, int head_dim) {
          tensor.head_stride % 8 == 0 && tensor.row_stride % 8 == 0 && head_dim % 8 == 0;
 }
 
+// How kThreads threads split a kRows x kCols tile into 16-byte chunks: thread t always takes
+// chunk column t % kChunksPerRow, starting at row t / kChunksPerRow, and moves down
+// kRowsPerPass rows per pass.
+template <int kRows, int kCols, int kThreads>
+struct TilePass {
+  static constexpr int kChunksPerRow = kCols / 8;
+  static_assert(kThreads % kChunksPerRow == 0, "every thread keeps one chunk column");
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static_assert(kRows % kRowsPerPass == 0, "every thread copies the same number of chunks");
+  static constexpr int kPasses = kRows / kRowsPerPass;
+  __device__ static int column() { return static_cast<int>(threadIdx.x % kChunksPerRow) * 8; }
+  __device__ static int first_row() { return static_cast<int>(threadIdx.x / kChunksPerRow); }
+};
+
 // Copies rows [0, kRows) of the global matrix at `global` (row stride in elements) into a swizzled
 // tile, writing zeros for rows >= valid_rows and columns >= head_dim so that padding contributes
 // nothing to any product. With `chunked` the copy is asynchronous (cp.async: complete it with
@@ -45,21 +59,20 @@ inline bool allows_16_byte_chunks(const StridedTensor& tensor, int head_dim) {
 template <int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* global, int64_t row_stride,
                                           int valid_rows, int head_dim, bool chunked) {
-  constexpr int kChunksPerRow = kCols / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
+  using Pass = TilePass<kRows, kCols, kThreads>;
+  const int col = Pass::column();
+  const bool col_in_range = col < head_dim;
+  // One pointer stepped by whole passes: a per-pass 64-bit offset would be one more pair of
+  // registers held across the callers' loops.
+  const uint16_t* source = global + Pass::first_row() * row_stride + col;
 #pragma unroll
-  for (int i = 0; i < kChunks / kThreads; ++i) {
-    const int chunk = i * kThreads + threadIdx.x;
-    const int row = chunk / kChunksPerRow;
-    const int col = (chunk % kChunksPerRow) * 8;
+  for (int pass = 0; pass < Pass::kPasses; ++pass, source += Pass::kRowsPerPass * row_stride) {
+    const int row = Pass::first_row() + pass * Pass::kRowsPerPass;
     uint16_t* destination = tile + swizzled_offset<kCols>(row, col);
-    const bool row_in_range = row < valid_rows;
+    const bool in_range = row < valid_rows && col_in_range;
     if (chunked) {
-      const bool in_range = row_in_range && col < head_dim;
       // An out-of-range chunk reads 0 bytes; the tile's first row is a valid address to name.
-      const uint16_t* source = in_range ? global + row * row_stride + col : global;
-      cp_async_16(shared_address(destination), source, in_range ? 16 : 0);
+      cp_async_16(shared_address(destination), in_range ? source : global, in_range ? 16 : 0);
     } else {
       uint32_t words[4];
 #pragma unroll
@@ -67,8 +80,7 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* global
         uint32_t pair = 0;
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int c = col + 2 * w + e;
-          if (row_in_range && c < head_dim) pair |= static_cast<uint32_t>(global[row * row_stride + c]) << (16 * e);
+          if (in_range && col + 2 * w + e < head_dim) pair |= static_cast<uint32_t>(source[2 * w + e]) << (16 * e);
         }
         words[w] = pair;
       }
@@ -82,17 +94,15 @@ __device__ __forceinline__ void load_tile(uint16_t* tile, const uint16_t* global
 template <int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void store_tile(uint16_t* global, int64_t row_stride, int valid_rows, int head_dim,
                                            const uint16_t* tile, bool chunked) {
-  constexpr int kChunksPerRow = kCols / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-  static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
+  using Pass = TilePass<kRows, kCols, kThreads>;
+  const int col = Pass::column();
+  if (col >= head_dim) return;
+  uint16_t* destination = global + Pass::first_row() * row_stride + col;
 #pragma unroll
-  for (int i = 0; i < kChunks / kThreads; ++i) {
-    const int chunk = i * kThreads + threadIdx.x;
-    const int row = chunk / kChunksPerRow;
-    const int col = (chunk % kChunksPerRow) * 8;
-    if (row >= valid_rows || col >= head_dim) continue;
+  for (int pass = 0; pass < Pass::kPasses; ++pass, destination += Pass::kRowsPerPass * row_stride) {
+    const int row = Pass::first_row() + pass * Pass::kRowsPerPass;
+    if (row >= valid_rows) return;
     const uint16_t* source = tile + swizzled_offset<kCols>(row, col);
-    uint16_t* destination = global + row * row_stride + col;
     if (chunked) {
       *reinterpret_cast<uint4*>(destination) = *reinterpret_cast<const uint4*>(source);
     } else {
