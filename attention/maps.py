@@ -15,6 +15,7 @@ CLI (on a checkpoint from ``python -m attention.models.train --save-models``):
 import argparse
 import inspect
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import flash_attention
+from .backends import BACKENDS, available_backends
 from .nn import MultiHeadAttention
 
 
@@ -159,38 +161,78 @@ def plot_attention_map(matrix, path, *, rows=None, cols=None, row_labels=None, c
 
 
 def _parse_window(text):
-    start, _, stop = text.partition(":")
-    return int(start), int(stop)
+    start, sep, stop = text.partition(":")
+    try:
+        return int(start), int(stop)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected start:stop, e.g. 0:64, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Answers a bad argument with one line, not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def _load(path, backend):
+    from .models.tasks import load_checkpoint
+
+    if not Path(path).is_file():
+        raise ValueError(f"no checkpoint file {path!r} (python -m attention.models.train --save-models writes them)")
+    try:
+        return load_checkpoint(path, backend=backend)
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path!r} is not a checkpoint of python -m attention.models.train "
+                         f"(torch.load: {type(exc).__name__})") from None
 
 
 def main(argv=None):
-    from .models.tasks import load_checkpoint
-
-    parser = argparse.ArgumentParser(description="Draw one head's attention weights from a trained checkpoint.")
+    parser = _Parser(
+        prog="python -m attention.maps", description="Draw one head's attention weights from a trained checkpoint.",
+        epilog="example: python -m attention.maps training_encdec.pt --layer decoder.1.cross_attn --head 3 --rows 0:16",
+    )
     parser.add_argument("checkpoint", help="a .pt file written by python -m attention.models.train --save-models")
     parser.add_argument("--list-layers", action="store_true", help="print the attention layers' names and exit")
-    parser.add_argument("--layer", help="module name of a MultiHeadAttention, e.g. decoder.1.cross_attn")
-    parser.add_argument("--head", type=int, default=0)
+    parser.add_argument("--layer", help="module name of a MultiHeadAttention, e.g. decoder.1.cross_attn "
+                                        "(default: list the layers)")
+    parser.add_argument("--head", type=int, default=0, help="head index (default: 0)")
     parser.add_argument("--rows", type=_parse_window, help="query window start:stop (default: all)")
     parser.add_argument("--cols", type=_parse_window, help="key window start:stop (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the example the model reads")
-    parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--backend", default="auto", help="attention backend for the forward and the lse")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example the model reads (default: 0)")
+    parser.add_argument("--tile", type=int, default=256, help="scores computed tile x tile at a time (default: 256)")
+    parser.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                        help="attention backend for the forward and the lse (default: auto)")
+    parser.add_argument("--device", choices=("cuda", "cpu"),
+                        help="where the model runs (default: cuda when available, else cpu)")
     parser.add_argument("--out", help="PNG path (default: next to the checkpoint)")
     args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU")
+    if args.backend != "auto" and args.backend not in available_backends(device):
+        parser.error(f"--backend {args.backend} cannot run on {device} here; available: {available_backends(device)}")
+    try:
+        out = _draw(args, device)
+    except (ValueError, TypeError, OSError) as exc:  # a bad window, head, layer or path: one line, no traceback
+        parser.exit(1, f"{parser.prog}: error: {exc}\n")
+    if out is not None:
+        print(f"wrote {Path(out).resolve()}")
 
-    task, model = load_checkpoint(args.checkpoint, backend=args.backend)
-    model = model.to(args.device).eval()
+
+def _draw(args, device):
+    """Lists the layers, or draws the map and returns the PNG's path."""
+    task, model = _load(args.checkpoint, args.backend)
+    model = model.to(device).eval()
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MultiHeadAttention)}
     if args.list_layers or args.layer is None:
         for name, layer in layers.items():
             print(f"{name}  ({layer.n_heads} heads, causal={layer.causal}, cross={layer.cross})")
-        return
+        return None
     if args.layer not in layers:
-        parser.error(f"--layer {args.layer!r} is not an attention layer; choose one of: {', '.join(layers)}")
+        raise ValueError(f"--layer {args.layer!r} is not an attention layer; choose one of: {', '.join(layers)}")
     inputs, _ = task.make_batch(torch.Generator().manual_seed(args.seed), batch_size=1)
-    inputs = tuple(t.to(args.device) for t in inputs)
+    inputs = tuple(t.to(device) for t in inputs)
     matrix = attention_map(model, layers[args.layer], inputs, head=args.head, rows=args.rows, cols=args.cols,
                            tile=args.tile)
     (row_axis, row_labels), (col_axis, col_labels) = task.axes(inputs, args.layer)
@@ -204,7 +246,7 @@ def main(argv=None):
         col_labels=col_labels[slice(*col_window)] if col_labels else None,
         title=f"{task.description}\n{args.layer}, head {args.head}", xlabel=col_axis, ylabel=row_axis,
     )
-    print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":

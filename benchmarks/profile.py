@@ -6,9 +6,9 @@ time and peak memory, fits the scaling exponents (time ~ N^a, memory ~ N^b) over
 says where each provider stopped (naive attention: out of memory), and plots both, log-log.
 ``--trace N`` instead profiles one call of each provider at length N into a Chrome/Perfetto trace
 (open in ui.perfetto.dev), with a torch.profiler range and an NVTX range (for Nsight) per call.
-Without a GPU: the same at small sizes on the CPU (it says so).
+Without a GPU: the same at small sizes on the CPU (it says so). Each run writes to a folder of its
+own, benchmarks/runs/profile-<device>-<UTC time>/ (or ``--out``).
 """
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -23,8 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from .cli import name_list, parser  # noqa: E402
 from .providers import needs_grad, select_providers  # noqa: E402
-from .report import RESULTS_DIR, log_y_axis, seqlen_axis, write_json  # noqa: E402
+from .report import default_out_dir, log_y_axis, seqlen_axis, write_json  # noqa: E402
 from .run import DTYPES, Config, describe, device_slug, environment, make_inputs, measure, result_row  # noqa: E402
 from .scaling import fit_exponent  # noqa: E402
 
@@ -38,44 +39,70 @@ DEFAULTS = {
 }
 
 
-def _name_list(text):
-    return [x for x in text.split(",") if x]
+EXAMPLES = """examples:
+  python -m benchmarks.profile --threads 1
+  python -m benchmarks.profile --trace 4096 --providers cpu,sdpa-flash
+
+"""
+
+
+def _defaults(index):
+    return f"(default: GPU {DEFAULTS['cuda'][index]}, CPU {DEFAULTS['cpu'][index]})"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--providers", type=_name_list, help="comma list of provider names (default: all)")
-    p.add_argument("--modes", type=_name_list, default=["fwd", "fwd+bwd"], help="comma list of fwd,bwd,fwd+bwd")
-    p.add_argument("--batch", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--head-dim", type=int)
-    p.add_argument("--dtype", choices=tuple(DTYPES))
+    p = parser("python -m benchmarks.profile", __doc__, EXAMPLES)
+    p.add_argument("--device", choices=("cuda", "cpu"), help="where to run (default: cuda when available)")
+    p.add_argument("--providers", type=name_list, help="comma list of provider names (default: all)")
+    p.add_argument("--modes", type=name_list, default="fwd,fwd+bwd", help="comma list of fwd,bwd,fwd+bwd")
+    p.add_argument("--batch", type=int, help=f"B {_defaults(0)}")
+    p.add_argument("--heads", type=int, help=f"H {_defaults(1)}")
+    p.add_argument("--head-dim", type=int, help=f"d {_defaults(2)}")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help=f"{_defaults(3)}")
     p.add_argument("--non-causal", action="store_true", help="profile without the causal mask")
-    p.add_argument("--start", type=int, help="first sequence length")
-    p.add_argument("--max-seqlen", type=int, help="last sequence length")
-    p.add_argument("--time-limit", type=float, help="seconds: a baseline stops when its next call would pass it")
-    p.add_argument("--ours-time-limit", type=float, help="the same, for our backends")
+    p.add_argument("--start", type=int, help=f"first sequence length {_defaults(4)}")
+    p.add_argument("--max-seqlen", type=int, help=f"last sequence length {_defaults(5)}")
+    p.add_argument("--time-limit", type=float,
+                   help=f"seconds: a baseline stops when its next call would pass it {_defaults(6)}")
+    p.add_argument("--ours-time-limit", type=float, help=f"the same, for our backends {_defaults(7)}")
     p.add_argument("--fit-points", type=int, default=4, help="how many of the largest N the exponent fit uses")
     p.add_argument("--cpu-min-time", type=float, default=0.2, help="seconds of repeats per CPU timing")
     p.add_argument("--trace", type=int, metavar="N", help="write a profiler trace of one call per provider at N")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
-    p.add_argument("--out", type=pathlib.Path, help="output folder (default: benchmarks/results/<device>)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", type=pathlib.Path,
+                   help="output folder (default: a new benchmarks/runs/profile-<device>-<UTC time>/)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress at all (default: a bar on a terminal, else one line per measurement)")
     args = p.parse_args(argv)
+    try:
+        select_providers(args.providers)
+    except ValueError as exc:
+        p.error(f"--providers: {exc}")
+    if isinstance(args.modes, str):  # the default, unparsed
+        args.modes = name_list(args.modes)
+    for mode in args.modes:
+        if mode not in ("fwd", "bwd", "fwd+bwd"):
+            p.error(f"--modes: {mode!r} is not one of fwd,bwd,fwd+bwd")
     if args.fit_points < 2:
         p.error(f"--fit-points must be at least 2 (a line needs two points), got {args.fit_points}")
+    for flag in ("batch", "heads", "head_dim", "start", "max_seqlen", "trace", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
     return args
 
 
-def sweep(providers, modes, base, max_seqlen, limits, device, cpu_min_time_s, progress=True):
+def sweep(providers, modes, base, max_seqlen, limits, device, cpu_min_time_s, progress=None):
     """Each provider from ``base.seqlen`` doubling to ``max_seqlen``; returns (rows, why each one stopped).
 
-    ``limits[is_ours]`` is the longest call in seconds a provider may be asked for.
+    ``limits[is_ours]`` is the longest call in seconds a provider may be asked for. ``progress``: a bar
+    (True), one line per measurement on stderr (None: the bar on a terminal, lines otherwise), or nothing.
     """
     env = environment(device)
     rows, stops = [], {}
-    bar = tqdm(disable=not progress, unit="run", file=sys.stderr)
+    if progress is None:
+        progress = True if sys.stderr.isatty() else "lines"
+    bar = tqdm(disable=progress is not True, unit="run", file=sys.stderr)
     for mode in modes:
         for provider in providers:
             limit_s = limits[provider.is_ours]
@@ -85,6 +112,9 @@ def sweep(providers, modes, base, max_seqlen, limits, device, cpu_min_time_s, pr
                 config = dataclasses.replace(base, seqlen=n)
                 m = measure(provider, config, mode, device, cpu_min_time_s)
                 bar.update()
+                if progress == "lines":
+                    result = f"{m.ms:.3f} ms ±{m.spread / 2:.0%}" if m.status == "ok" else m.status
+                    print(f"{provider.name} {mode} N={n}: {result}", file=sys.stderr, flush=True)
                 rows.append(result_row(provider, config, mode, m, env))
                 if m.status != "ok":
                     stops[provider.name, mode] = m.reason if m.status == "skipped" else f"{m.status} at N={n}"
@@ -227,11 +257,8 @@ def main(argv=None):
     )
     max_seqlen = args.max_seqlen or max_seqlen
     limits = {False: args.time_limit or limit, True: args.ours_time_limit or ours_limit}
-    try:
-        providers = select_providers(args.providers)
-    except ValueError as exc:
-        sys.exit(f"--providers: {exc}")
-    out_dir = args.out or RESULTS_DIR / device_slug(device)
+    providers = select_providers(args.providers)
+    out_dir = (args.out or default_out_dir(f"profile-{device_slug(device)}")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if device.type == "cpu":
@@ -249,14 +276,16 @@ def main(argv=None):
         f"its next call would take over {limits[False]:g} s ({limits[True]:g} s for ours)"
     )
     rows, stops = sweep(providers, args.modes, base, max_seqlen, limits, device, args.cpu_min_time,
-                        progress=not args.no_progress)
+                        progress=False if args.no_progress else None)
     fits = exponents(rows, args.fit_points)
     report = format_report(rows, stops, fits, args.fit_points)
     print(report)
     (out_dir / "profile.txt").write_text(report + "\n")
     write_json(rows, out_dir / "profile.json")
     plots = plot_profile(rows, out_dir)
-    print(f"\nwrote {out_dir / 'profile.json'}, {out_dir / 'profile.txt'}, {', '.join(p.name for p in plots)}")
+    print()
+    for path in [out_dir / "profile.json", out_dir / "profile.txt", *plots]:
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

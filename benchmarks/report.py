@@ -1,4 +1,5 @@
 """Turning result rows into a text table, a JSON file and PNG plots."""
+import datetime
 import json
 import math
 import pathlib
@@ -12,8 +13,11 @@ import matplotlib.ticker  # noqa: E402
 
 from .flops import MODES  # noqa: E402
 from .providers import OUR_BACKENDS  # noqa: E402
+from .run import COMPARISONS  # noqa: E402
 
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
+# Where a run writes by default, a new folder each time (git-ignored); benchmarks/results/ holds the
+# committed results, written only when --out names them.
+RUNS_DIR = pathlib.Path(__file__).resolve().parent / "runs"
 GROUP_KEYS = ("mode", "dtype", "causal", "head_dim")
 
 
@@ -21,14 +25,42 @@ def _fmt(value, spec):
     return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _percent(fraction):
+    return f"{min(100 * fraction, 999):.0f}%"
+
+
 def _group_title(mode, dtype, causal, head_dim):
     return f"{mode} | {dtype} | {'causal' if causal else 'non-causal'} | d={head_dim}"
 
 
+def default_out_dir(name, runs_dir=RUNS_DIR):
+    """A new folder for one run: runs_dir/<name>-<UTC date and time>."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return runs_dir / f"{name}-{stamp}"
+
+
+def _comparison_columns(rows):
+    """The x <provider> columns worth a column: those whose provider has a time in this run."""
+    timed = {r["provider"] for r in rows if r["status"] == "ok"}
+    return [(column, other) for column, other in COMPARISONS.items() if other in timed]
+
+
 def format_table(rows):
-    """One section per (mode, dtype, causal, head_dim); the providers that did not run are listed after."""
-    columns = ("N", "B", "H", "provider", "ms", "TFLOP/s", "peak MiB", "x naive", "x sdpa-flash", "x sdpa-cudnn")
-    widths = (7, 4, 4, 15, 11, 10, 10, 9, 14, 14)
+    """One section per (mode, dtype, causal, head_dim); the providers that did not run are listed after.
+
+    Times are medians with their spread (± half the interquartile range, relative to the median); on a
+    CPU, the fraction of the machine's peak is given, computed as the header says.
+    """
+    comparisons = _comparison_columns(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    giga = bool(ok) and max(r["tflops"] for r in ok) < 1.0  # CPU figures read better in GFLOP/s
+    with_peak = any(math.isfinite(r.get("peak_gflops") or math.nan) for r in ok)
+    columns = ["N", "B", "H", "provider", "ms", "±", "GFLOP/s" if giga else "TFLOP/s"]
+    widths = [7, 4, 4, 15, 11, 6, 10]
+    if with_peak:
+        columns, widths = columns + ["% peak"], widths + [8]
+    columns += ["peak MiB"] + [f"x {other}" for _, other in comparisons]
+    widths += [10] + [max(9, len(other) + 4) for _, other in comparisons]
     header = "".join(f"{c:>{w}}" for c, w in zip(columns, widths))
     groups = defaultdict(list)
     not_run = defaultdict(set)
@@ -37,21 +69,23 @@ def format_table(rows):
             not_run[row["provider"]].add(row["reason"])
         else:
             groups[tuple(row[k] for k in GROUP_KEYS)].append(row)
-    lines = ["x <provider>: that provider's time / this one's (above 1: this one is faster)"]
+    lines = []
+    if comparisons:
+        lines.append("x <provider>: that provider's time / this one's (above 1: this one is faster)")
+    if with_peak:
+        lines.append(f"% peak: of {next(r['peak_how'] for r in ok if r.get('peak_how'))}")
     for key in sorted(groups, key=lambda k: (MODES.index(k[0]), k[1], k[2], k[3])):
         lines += ["", f"== {_group_title(*key)} ==", header]
         for row in sorted(groups[key], key=lambda r: r["seqlen"]):
             if row["status"] == "ok":
-                cells = (
-                    _fmt(row["ms"], ".3f"),
-                    _fmt(row["tflops"], ".4g"),
-                    _fmt(row["peak_memory_mib"], ".1f"),
-                    _fmt(row["speedup_vs_naive"], ".2f"),
-                    _fmt(row["ratio_vs_sdpa_flash"], ".2f"),
-                    _fmt(row["ratio_vs_sdpa_cudnn"], ".2f"),
-                )
+                flops = row["tflops"] * (1e3 if giga else 1.0)
+                cells = [_fmt(row["ms"], ".3f"), _percent(row["spread"] / 2), _fmt(flops, ".4g")]
+                if with_peak:
+                    cells.append(_fmt(100 * row["tflops"] * 1e3 / row["peak_gflops"], ".0f"))
+                cells.append(_fmt(row["peak_memory_mib"], ".1f"))
+                cells += [_fmt(row[column], ".2f") for column, _ in comparisons]
             else:  # "OOM" or "error": no numbers, the status in the time column
-                cells = (row["status"], "nan", "nan", "nan", "nan", "nan")
+                cells = [row["status"]] + [""] * (len(columns) - 5)
             values = (row["seqlen"], row["batch"], row["heads"], row["provider"], *cells)
             lines.append("".join(f"{v:>{w}}" for v, w in zip(values, widths)))
     if not_run:
@@ -100,16 +134,45 @@ def log_y_axis(ax):
     ax.tick_params(axis="y", which="both", labelsize=7)
 
 
+MARKERS = "osD^v<>p*h"
+DASHES = [(5, 2), (2, 2), (6, 2, 2, 2), (1, 1), (8, 3)]
+
+
 def _style(provider, providers):
-    # Ours solid and thick, baselines dashed: the comparison reads at a glance.
-    color = plt.get_cmap("tab10")(sorted(providers).index(provider) % 10)
+    # Ours solid and thick, baselines dashed and thinner, each with its own marker and dash pattern:
+    # two providers that measure the same stay visible as two lines, one over the other.
+    i = sorted(providers).index(provider)
+    color = plt.get_cmap("tab10")(i % 10)
+    common = dict(color=color, marker=MARKERS[i % len(MARKERS)], markersize=5, alpha=0.85)
     if provider in OUR_BACKENDS:
-        return dict(color=color, linestyle="-", linewidth=2.2, marker="o")
-    return dict(color=color, linestyle="--", linewidth=1.2, marker=".")
+        return dict(common, linestyle="-", linewidth=2.4, zorder=3)
+    return dict(common, linestyle=(0, DASHES[i % len(DASHES)]), linewidth=1.4, markerfacecolor="none", zorder=2)
 
 
-def plot_metric(rows, metric, ylabel, title, path, log_y=False):
-    """A grid of panels (rows: modes; columns: head_dim x causal), one line per provider, y vs seqlen."""
+def held_fixed(rows):
+    """What a sweep over N holds fixed, for a plot title: "B·N = 2048 tokens, H·d = 512" or "B = 1, H = 8"."""
+    parts = []
+    tokens = {r["batch"] * r["seqlen"] for r in rows}
+    batches = {r["batch"] for r in rows}
+    if len(tokens) == 1 and len(batches) > 1:
+        parts.append(f"B·N = {tokens.pop()} tokens")
+    elif len(batches) == 1:
+        parts.append(f"B = {batches.pop()}")
+    hidden = {r["heads"] * r["head_dim"] for r in rows}
+    heads = {r["heads"] for r in rows}
+    if len(heads) == 1:
+        parts.append(f"H = {heads.pop()}")
+    elif len(hidden) == 1:
+        parts.append(f"H·d = {hidden.pop()}")
+    return ", ".join(parts)
+
+
+def plot_metric(rows, metric, ylabel, title, path, log_y=False, scale=1.0, spread=False):
+    """A grid of panels (rows: modes; columns: head_dim x causal), one line per provider, scale * y vs seqlen.
+
+    ``spread``: error bars of ± half the timing's interquartile range (relative), where it has one,
+    cut at 0 and at twice the value, with the y axis fitted to the values (not to the bars).
+    """
     ok = [r for r in rows if r["status"] == "ok" and math.isfinite(r[metric])]
     if not ok:
         return None
@@ -124,15 +187,20 @@ def plot_metric(rows, metric, ylabel, title, path, log_y=False):
             ax = axes[i][j]
             for provider in providers:
                 points = sorted(
-                    (r["seqlen"], r[metric])
+                    (r["seqlen"], scale * r[metric], scale * r[metric] * min(1.0, r.get("spread", 0.0) / 2))
                     for r in ok
                     if (r["provider"], r["mode"], r["head_dim"], r["causal"]) == (provider, mode, head_dim, causal)
                 )
                 if points:
-                    ax.plot(*zip(*points), label=provider, **_style(provider, providers))
+                    x, y, y_err = zip(*points)
+                    ax.errorbar(x, y, yerr=y_err if spread else None, capsize=2, label=provider,
+                                **_style(provider, providers))
             seqlen_axis(ax, {r["seqlen"] for r in ok})
             if log_y:
                 log_y_axis(ax)
+            elif spread:
+                panel = [scale * r[metric] for r in ok if (r["mode"], r["head_dim"], r["causal"]) == (mode, head_dim, causal)]
+                ax.set_ylim(0, 1.2 * max(panel))
             ax.set_title(f"{mode}, d={head_dim}, {'causal' if causal else 'non-causal'}", fontsize=9)
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
@@ -143,7 +211,7 @@ def plot_metric(rows, metric, ylabel, title, path, log_y=False):
                 handles.append(h)
                 labels.append(label)
     fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle(title, y=1.04)
+    fig.suptitle(title, y=1.09)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -151,17 +219,20 @@ def plot_metric(rows, metric, ylabel, title, path, log_y=False):
 
 
 def plot_results(rows, out_dir):
-    """TFLOP/s vs N and peak memory vs N (log-log), one pair of PNGs per dtype; returns the paths."""
+    """TFLOP/s (GFLOP/s on a CPU; error bars: the timing's spread) vs N and peak memory vs N (log-log),
+    one pair of PNGs per dtype; returns the paths."""
     device_name = rows[0]["device_name"] if rows else ""
     paths = []
     for dtype in sorted({r["dtype"] for r in rows}):
         subset = [r for r in rows if r["dtype"] == dtype]
+        fixed = held_fixed(subset)
+        giga = max((r["tflops"] for r in subset if r["status"] == "ok"), default=0.0) < 1.0
         paths.append(plot_metric(
-            subset, "tflops", "TFLOP/s", f"attention throughput, {dtype}, {device_name}",
-            out_dir / f"tflops_{dtype}.png",
+            subset, "tflops", "GFLOP/s" if giga else "TFLOP/s", f"attention throughput, {dtype}, {fixed}\n{device_name}",
+            out_dir / f"{'gflops' if giga else 'tflops'}_{dtype}.png", scale=1e3 if giga else 1.0, spread=True,
         ))
         paths.append(plot_metric(
-            subset, "peak_memory_mib", "peak memory (MiB)", f"attention peak memory, {dtype}, {device_name}",
+            subset, "peak_memory_mib", "peak memory (MiB)", f"attention peak memory, {dtype}, {fixed}\n{device_name}",
             out_dir / f"memory_{dtype}.png", log_y=True,
         ))
     return [p for p in paths if p is not None]

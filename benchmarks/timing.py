@@ -1,4 +1,4 @@
-"""Timing and peak memory of one zero-argument call, on a CUDA GPU or on the CPU."""
+"""Timing (median and spread of repeats) and peak memory of zero-argument calls, on a CUDA GPU or on the CPU."""
 import contextlib
 import gc
 import json
@@ -11,7 +11,7 @@ import time
 import torch
 
 # do_bench spends a fixed 25 ms warming up and 100 ms repeating, after 5 calls to estimate the time:
-# right for calls up to about this long; slower calls (long contexts) get a median of 3 instead.
+# right for calls up to about this long; slower calls (long contexts) get three timed calls instead.
 DO_BENCH_MAX_MS = 200.0
 
 CPU_MEMORY_METHOD = "torch.profiler allocator events (CPU)"
@@ -29,11 +29,31 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
-def median_ms(fn, device, cpu_min_time_s=0.2):
-    """Median time of ``fn()`` in milliseconds; call ``fn`` once before (compilation, autotuning)."""
+# A timing whose interquartile range is over this fraction of its median was taken on a busy machine.
+BUSY_SPREAD = 0.10
+
+
+def summarize(times_ms):
+    """(median, spread) of repeated times: spread = interquartile range / median, 0 for one time."""
+    median = statistics.median(times_ms)
+    if len(times_ms) < 2:
+        return median, 0.0
+    q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    return median, (q3 - q1) / median
+
+
+def times_ms(fns, device, cpu_min_time_s=0.2, min_rounds=5):
+    """Repeated times in ms of each zero-argument call in ``fns``; call each once before (compilation).
+
+    Returns, per call, (wall-clock times, CPU times); CPU times are None on a GPU. On a CPU the calls
+    are interleaved, one round calling each once (in a rotating order), so that a busy spell of the
+    machine slows every provider alike and the ratios between them hold; and the process's CPU time
+    is taken too, which the time spent waiting for a core, the noise of a shared machine, leaves out.
+    On a GPU each call is timed on its own (``triton.testing.do_bench``).
+    """
     if device.type == "cuda":
-        return _cuda_median_ms(fn)
-    return _cpu_median_ms(fn, cpu_min_time_s)
+        return [(_cuda_times_ms(fn), None) for fn in fns]
+    return _cpu_interleaved_times_ms(fns, cpu_min_time_s, min_rounds)
 
 
 def _cuda_event_ms(fn):
@@ -45,22 +65,27 @@ def _cuda_event_ms(fn):
     return start.elapsed_time(end)
 
 
-def _cuda_median_ms(fn):
+def _cuda_times_ms(fn):
     import triton.testing
 
     first = _cuda_event_ms(fn)
     if first <= DO_BENCH_MAX_MS:
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    return statistics.median([first, _cuda_event_ms(fn), _cuda_event_ms(fn)])
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")
+    return [first, _cuda_event_ms(fn), _cuda_event_ms(fn)]
 
 
-def _cpu_median_ms(fn, min_time_s, min_repeats=3, max_repeats=50):
-    times = []
-    while len(times) < min_repeats or (sum(times) < min_time_s and len(times) < max_repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def _cpu_interleaved_times_ms(fns, min_time_s, min_rounds=5, max_rounds=50):
+    wall, cpu = [[] for _ in fns], [[] for _ in fns]
+    rounds = 0
+    while rounds < min_rounds or (min(sum(t) for t in wall) < min_time_s * 1e3 and rounds < max_rounds):
+        for i in range(len(fns)):
+            j = (i + rounds) % len(fns)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fns[j]()
+            cpu[j].append((time.process_time() - start_cpu) * 1e3)
+            wall[j].append((time.perf_counter() - start) * 1e3)
+        rounds += 1
+    return list(zip(wall, cpu))
 
 
 def peak_memory_bytes(fn, device):

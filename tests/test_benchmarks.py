@@ -10,29 +10,37 @@ import pytest
 import torch
 
 from benchmarks import __main__ as benchmark_cli
+from benchmarks import callgrind as callgrind_cli
+from benchmarks import cpu_targets as targets_cli
 from benchmarks import profile as profile_cli
+from benchmarks.callgrind import instruction_count as callgrind_instructions
 from benchmarks.flops import attention_flops, tflops_per_second
 from benchmarks.profile import sweep
 from benchmarks.providers import Provider, select_providers
-from benchmarks.run import Config, add_comparisons, measure
+from benchmarks.report import RUNS_DIR, default_out_dir, format_table, held_fixed
+from benchmarks.run import Config, add_comparisons, busy_warning, cpu_peak, measure
 from benchmarks.scaling import fit_exponent
-from benchmarks.timing import peak_memory_bytes
+from benchmarks.timing import peak_memory_bytes, summarize, times_ms
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = {
     "provider", "mode", "batch", "heads", "seqlen", "head_dim", "causal", "dtype", "status", "reason", "ms",
-    "tflops", "peak_memory_mib", "flops", "speedup_vs_naive", "ratio_vs_sdpa_flash", "ratio_vs_sdpa_cudnn",
-    "device", "device_name", "torch_version", "triton_version", "cuda_version", "memory_method", "timestamp",
+    "spread", "cpu_ms", "cpu_spread", "repeats", "tflops", "peak_memory_mib", "flops", "speedup_vs_naive",
+    "ratio_vs_sdpa_flash", "ratio_vs_sdpa_cudnn", "device", "device_name", "peak_gflops", "peak_how", "torch_version",
+    "triton_version", "cuda_version", "memory_method", "timestamp",
 }
 
 
-def run_module(*args):
+def run_module(*args, expect_ok=True):
+    """``python -m args`` in a child whose output is not a terminal; stdout (and stderr when expect_ok=False)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(
         [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
+    if not expect_ok:
+        return done
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -137,14 +145,104 @@ def test_comparisons_divide_the_other_providers_time_by_this_one():
         (benchmark_cli.main, ["--seqlens", "128,0"], "--seqlens must be positive, got [128, 0]"),
         (benchmark_cli.main, ["--dtypes", "fp8"], "--dtypes: 'fp8' is not one of fp16,bf16,fp32"),
         (benchmark_cli.main, ["--device", "cpu", "--providers", "fast"], "--providers: unknown provider(s) ['fast']"),
+        (benchmark_cli.main, ["--seqlens", "1k"], "argument --seqlens: expected a comma list of integers, got '1k'"),
+        (benchmark_cli.main, ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
         (profile_cli.main, ["--fit-points", "1"], "--fit-points must be at least 2"),
+        (profile_cli.main, ["--heads", "0"], "--heads must be positive, got 0"),
+        (profile_cli.main, ["--modes", "fwd,back"], "--modes: 'back' is not one of fwd,bwd,fwd+bwd"),
+        (targets_cli.main, ["--threads", "0"], "--threads must be positive, got [0]"),
+        (targets_cli.main, ["--dtypes", "fp64"], "--dtypes: 'fp64' is not one of fp16,bf16,fp32"),
+        (callgrind_cli.main, ["--op", "both"], "argument --op: invalid choice: 'both'"),
+        (callgrind_cli.main, ["--seqlen", "0"], "--seqlen must be positive, got 0"),
     ],
 )
-def test_bad_arguments_are_refused_by_name(main, argv, message, capsys):
+def test_bad_arguments_are_refused_in_one_line(main, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    assert exit_info.value.code != 0
-    assert message in capsys.readouterr().err + str(exit_info.value.code)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("module, default", [
+    ("benchmarks", "(default: fwd,bwd,fwd+bwd)"),
+    ("benchmarks.profile", "(default: GPU 16, CPU 4)"),
+    ("benchmarks.cpu_targets", "(default: 1,2)"),
+    ("benchmarks.callgrind", "(default: 512)"),
+])
+def test_help_shows_how_to_run_and_the_defaults(module, default):
+    stdout = " ".join(run_module(module, "--help").split())
+    assert stdout.startswith(f"usage: python -m {module} ") and default in stdout
+
+
+# ---- measuring on a busy machine -----------------------------------------------------------------
+
+
+def test_summarize_gives_the_median_and_the_interquartile_range_over_it():
+    assert summarize([10.0, 11.0, 12.0, 13.0, 30.0]) == (12.0, pytest.approx((13.0 - 11.0) / 12.0))
+    assert summarize([4.0]) == (4.0, 0.0)
+
+
+def test_cpu_timing_interleaves_the_calls_in_rotating_order():
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b"), lambda: calls.append("c")]
+    (wall_a, cpu_a), *_ = times_ms(fns, CPU, cpu_min_time_s=0.0, min_rounds=3)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert len(wall_a) == len(cpu_a) == 3 and all(t >= 0 for t in wall_a + cpu_a)
+
+
+def test_busy_warning_comes_from_the_spread():
+    quiet = [dict(status="ok", spread=0.02), dict(status="skipped", spread=math.nan)]
+    assert busy_warning(quiet) is None
+    warning = busy_warning(quiet + [dict(status="ok", spread=0.4)])
+    assert warning.startswith("warning: 1 of 2 timings spread over 10%") and "worst 40%" in warning
+
+
+def test_cpu_peak_is_cores_times_clock_times_flop_per_cycle():
+    peak, how = cpu_peak(2, {"cpu MHz": "2500.000", "flags": "fpu sse2 avx avx2 fma"})
+    assert peak == pytest.approx(2 * 2.5 * 32)
+    assert how == "2 cores x 2.50 GHz x 32 FLOP/cycle (AVX2 FMA, fp32) = 160.0 GFLOP/s"
+    assert math.isnan(cpu_peak(1, {})[0])
+
+
+def test_table_has_no_column_for_a_provider_that_did_not_run():
+    def row(provider, status, ms):
+        return dict(provider=provider, status=status, reason="cannot" if status != "ok" else "", ms=ms, spread=0.1,
+                    tflops=1e-3 if ms else math.nan, peak_memory_mib=1.0, mode="fwd", batch=1, heads=1, seqlen=64,
+                    head_dim=8, causal=False, dtype="fp32", peak_gflops=100.0, peak_how="1 core x ...")
+
+    rows = [row("cpu", "ok", 1.0), row("sdpa-flash", "ok", 2.0), row("sdpa-cudnn", "skipped", math.nan)]
+    add_comparisons(rows)
+    table = format_table(rows)
+    header = next(line for line in table.splitlines() if line.split()[:1] == ["N"])
+    assert header.split() == ["N", "B", "H", "provider", "ms", "±", "GFLOP/s", "%", "peak", "peak", "MiB",
+                              "x", "sdpa-flash"]
+    assert "nan" not in table and "sdpa-cudnn: cannot" in table
+    assert "       1" in next(line for line in table.splitlines() if " cpu " in line)  # 1 GFLOP/s is 1% of 100
+
+
+def test_plot_title_says_what_is_held_fixed():
+    def row(batch, seqlen, heads, head_dim):
+        return dict(batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim)
+
+    assert held_fixed([row(4, 512, 8, 64), row(2, 1024, 4, 128)]) == "B·N = 2048 tokens, H·d = 512"
+    assert held_fixed([row(1, 512, 2, 64), row(1, 1024, 2, 128)]) == "B = 1, H = 2"
+
+
+def test_default_output_is_a_new_folder_of_runs_not_the_committed_results(tmp_path):
+    first = default_out_dir("cpu", runs_dir=tmp_path)
+    assert first.parent == tmp_path and first.name.startswith("cpu-20")
+    assert RUNS_DIR.name == "runs" and "results" not in str(RUNS_DIR)
+    assert "benchmarks/runs/" in (REPO / ".gitignore").read_text()
+
+
+def test_callgrind_count_reads_the_summary_line(tmp_path):
+    out = tmp_path / "callgrind.out"
+    out.write_text("version: 1\nevents: Ir\nfn=(1) f\n1 5\nsummary: 123456\n")
+    assert callgrind_instructions(out) == 123456
+    out.write_text("events: Ir\n")
+    with pytest.raises(ValueError, match="no summary line"):
+        callgrind_instructions(out)
 
 
 # ---- the two commands, end to end ----------------------------------------------------------------
@@ -153,10 +251,19 @@ def test_bad_arguments_are_refused_by_name(main, argv, message, capsys):
 def test_benchmark_cli_quick_on_cpu(tmp_path):
     # FlexAttention's compile takes most of a minute here; test_bench_attention runs it instead.
     providers = "triton,cuda,cpu,sdpa-flash,sdpa-cudnn,sdpa-math,naive"
-    stdout = run_module(
-        "benchmarks", "--quick", "--device", "cpu", "--providers", providers, "--out", str(tmp_path), "--no-progress"
+    done = run_module(
+        "benchmarks", "--quick", "--device", "cpu", "--providers", providers, "--out", str(tmp_path), expect_ok=False
     )
+    assert done.returncode == 0, done.stderr
+    stdout = done.stdout
     assert "No GPU in use" in stdout
+    # not a terminal: one progress line per case (2 seqlens x 2 masks x 3 modes), no bar
+    progress = [line for line in done.stderr.splitlines() if line.startswith(("fwd ", "bwd ", "fwd+bwd "))]
+    assert len(progress) == 12 and "\r" not in done.stderr
+    assert "cpu " in progress[0] and " ms ±" in progress[0]
+    wrote = [line.removeprefix("wrote ") for line in stdout.splitlines() if line.startswith("wrote ")]
+    assert {pathlib.Path(p) for p in wrote} == {tmp_path.resolve() / name for name in (
+        "benchmark.json", "table.txt", "gflops_fp32.png", "memory_fp32.png")}
     rows = json.loads((tmp_path / "benchmark.json").read_text())
     assert len(rows) == 7 * 2 * 2 * 3  # providers x seqlens x causal x modes
     assert all(set(row) == ROW_KEYS for row in rows)
@@ -168,15 +275,18 @@ def test_benchmark_cli_quick_on_cpu(tmp_path):
     naive = [r for r in rows if r["provider"] == "naive"]
     assert all(r["ms"] > 0 and r["peak_memory_mib"] > 0 and r["speedup_vs_naive"] == 1.0 for r in naive)
     assert {r["seqlen"] for r in naive} == {64, 128} and {r["mode"] for r in naive} == {"fwd", "bwd", "fwd+bwd"}
-    for name in ("tflops_fp32.png", "memory_fp32.png"):
+    for name in ("gflops_fp32.png", "memory_fp32.png"):
         assert_png(tmp_path / name)
-    assert "== fwd | fp32 | causal | d=32 ==" in (tmp_path / "table.txt").read_text()
+    table = (tmp_path / "table.txt").read_text()
+    assert "== fwd | fp32 | causal | d=32 ==" in table
+    assert "x sdpa-cudnn" not in table and "x sdpa-flash" in table  # no column of a provider that cannot run here
 
 
 def test_profiler_on_cpu_tiny_sizes(tmp_path):
     stdout = run_module(
         "benchmarks.profile", "--device", "cpu", "--providers", "sdpa-flash,naive", "--heads", "1", "--head-dim",
-        "16", "--start", "32", "--max-seqlen", "128", "--fit-points", "3", "--out", str(tmp_path), "--no-progress",
+        "16", "--start", "32", "--max-seqlen", "128", "--fit-points", "3", "--time-limit", "60", "--out", str(tmp_path),
+        "--no-progress",
     )
     assert "small sizes" in stdout and "scaling exponents" in stdout
     rows = json.loads((tmp_path / "profile.json").read_text())
@@ -194,3 +304,19 @@ def test_profiler_trace_names_each_call(tmp_path):
     )
     events = json.loads((tmp_path / "trace_N64.json").read_text())["traceEvents"]
     assert any(e.get("name") == "naive fwd N=64" for e in events)
+
+
+def test_cpu_targets_grid_tiny(tmp_path):
+    stdout = run_module(
+        "benchmarks.cpu_targets", "--seqlens", "64", "--head-dims", "16", "--dtypes", "fp32", "--causal", "yes",
+        "--threads", "1", "--repeats", "2", "--out", str(tmp_path),
+    )
+    assert "peak at 1 thread(s): 1 cores x " in stdout
+    lines = [line for line in stdout.splitlines() if line.startswith("| 1 | fp32 | 64 | 16 | causal |")]
+    assert [line.split(" | ")[5] for line in lines] == ["fwd", "fwd+bwd"]
+    rows = json.loads((tmp_path / "cpu_targets.json").read_text())
+    assert [(r["provider"], r["mode"], r["status"], r["repeats"]) for r in rows] == [
+        ("cpu", "fwd", "ok", 2), ("sdpa-flash", "fwd", "ok", 2), ("cpu", "fwd+bwd", "ok", 2),
+        ("sdpa-flash", "fwd+bwd", "ok", 2),
+    ]
+    assert f"wrote {tmp_path.resolve() / 'cpu_targets.json'}" in stdout

@@ -143,5 +143,28 @@ def test_cli_draws_a_layer_of_a_trained_checkpoint(tmp_path, capsys):
     maps.main([checkpoint, "--layer", "decoder.1.cross_attn", "--head", "3", "--rows", "2:9", "--device", "cpu",
                "--out", str(out)])
     assert out.read_bytes().startswith(b"\x89PNG")
+    assert capsys.readouterr().out == f"wrote {out.resolve()}\n"
     with pytest.raises(SystemExit):
         maps.main([checkpoint, "--layer", "decoder.9.cross_attn"])
+    assert "'decoder.9.cross_attn' is not an attention layer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        maps.main([checkpoint, "--layer", "decoder.1.cross_attn", "--head", "9"])
+    assert capsys.readouterr().err == "python -m attention.maps: error: head must be in [0, 4), got 9\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{missing}"], "no checkpoint file"),
+    (["{not_a_checkpoint}", "--list-layers"], "is not a checkpoint of python -m attention.models.train"),
+    (["{missing}", "--rows", "5"], "argument --rows: expected start:stop, e.g. 0:64, got '5'"),
+    (["{missing}", "--backend", "fast"], "argument --backend: invalid choice: 'fast'"),
+])
+def test_cli_answers_a_bad_argument_or_file_in_one_line(tmp_path, capsys, argv, message):
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("not a checkpoint")
+    paths = {"missing": tmp_path / "missing.pt", "not_a_checkpoint": not_a_checkpoint}
+    with pytest.raises(SystemExit) as exit_info:
+        maps.main([arg.format(**paths) for arg in argv])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert err.startswith("python -m attention.maps: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1, err

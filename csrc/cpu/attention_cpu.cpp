@@ -2,11 +2,11 @@
 //
 // Each (batch, head, tile) is one work item of at::parallel_for. A work item converts the tiles it
 // needs into float scratch buffers (inputs may be fp16/bf16 and strided), does all math in float
-// there, and writes only its own output rows: no atomics, and results do not depend on the
-// number of threads.
+// there, and writes only its own output rows: no atomics. o, lse, dK and dV do not depend on the
+// number of threads; dQ, summed from per-thread buffers, is the same from run to run at a given one.
 // - forward, per query tile: running max, running sum and a float accumulator over the key tiles;
-// - backward: delta = rowsum(dO * O) first, then dK/dV per key tile and dQ per query tile, both
-//   recomputing P from q, k and the forward's lse.
+// - backward: delta = rowsum(dO * O) first, then one pass per key tile recomputing P from q, k and
+//   the forward's lse, accumulating dK and dV, and dQ in per-thread buffers summed in a fixed order.
 // Scores are kept in log2 units (softmax_scale * log2(e) is folded into q) so exp is one exp2.
 // Causal masks are bottom-right aligned: query i sees keys j <= i + Nk - Nq.
 #include "attention_cpu.h"
@@ -18,6 +18,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -28,6 +29,7 @@
 // core idle. The few functions holding the hot loops are therefore compiled once per x86-64 ISA
 // level, and the loader picks the best one the CPU has (GCC function multiversioning, via ifunc).
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define FA_X86_MULTIVERSIONING
 #define FA_MULTIVERSIONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FA_MULTIVERSIONED
@@ -37,7 +39,8 @@ namespace fused_attention {
 namespace {
 
 constexpr int64_t kBlock = 64;  // query rows of a query tile, keys of a key tile
-// gemm's register block. Scratch tiles are sized so that gemm can run over whole blocks: their
+// gemm takes rows in multiples of kMicroRows and columns in multiples of kMicroCols, so scratch tiles
+// are padded to those (see gemm_blocks). Scratch tiles are sized so that gemm can run over them: their
 // padding rows and columns hold leftovers of earlier tiles (zeros at first), which only ever flow
 // into padding rows or columns of a product, never into a stored result.
 constexpr int64_t kMicroRows = 4;
@@ -79,31 +82,106 @@ inline float exp2_poly(float x) {
   return p * std::bit_cast<float>(exponent_bits);
 }
 
-// c[rows x cols] = (accumulate ? c : 0) + a[rows x depth] * b[depth x cols], row-major with
-// leading dimensions lda, ldb, ldc. rows must be a multiple of kMicroRows, cols of kMicroCols.
-// Each kMicroRows x kMicroCols block of c stays in registers while the depth loop runs; the
-// fixed-size inner loops are what the compiler vectorizes.
-FA_MULTIVERSIONED void gemm(bool accumulate, int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t lda,
-                            const float* b, int64_t ldb, float* c, int64_t ldc) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kMicroRows) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kMicroCols) {
-      float block[kMicroRows][kMicroCols];
-      for (int64_t r = 0; r < kMicroRows; ++r) {
-        for (int64_t j = 0; j < kMicroCols; ++j) block[r][j] = accumulate ? c[(r0 + r) * ldc + c0 + j] : 0.0f;
-      }
-      for (int64_t k = 0; k < depth; ++k) {
-        const float* b_row = b + k * ldb + c0;
-        for (int64_t r = 0; r < kMicroRows; ++r) {
-          const float a_rk = a[(r0 + r) * lda + k];
-          for (int64_t j = 0; j < kMicroCols; ++j) block[r][j] += a_rk * b_row[j];
-        }
-      }
-      for (int64_t r = 0; r < kMicroRows; ++r) {
-        for (int64_t j = 0; j < kMicroCols; ++j) c[(r0 + r) * ldc + c0 + j] = block[r][j];
+// One R x C block of c = (accumulate ? c : 0) + a * b, starting at row r0 and column c0, held in
+// registers while the depth loop runs. Inlined into each ISA's gemm below, so compiled for that ISA.
+#define FA_BLOCK_ARGS                                                                                           \
+  bool accumulate, int64_t r0, int64_t c0, int64_t depth, const float *a, int64_t a_row_stride,               \
+      int64_t a_depth_stride, const float *b, int64_t ldb, float *c, int64_t ldc
+
+// Plain loops, which the compiler vectorizes over the block's columns.
+struct PlainBlock {
+  template <int R, int C>
+  [[gnu::always_inline]] static inline void run(FA_BLOCK_ARGS) {
+    float block[R][C];
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t j = 0; j < C; ++j) block[r][j] = accumulate ? c[(r0 + r) * ldc + c0 + j] : 0.0f;
+    }
+    for (int64_t k = 0; k < depth; ++k) {
+      const float* b_row = b + k * ldb + c0;
+      for (int64_t r = 0; r < R; ++r) {
+        const float a_rk = a[(r0 + r) * a_row_stride + k * a_depth_stride];
+        for (int64_t j = 0; j < C; ++j) block[r][j] += a_rk * b_row[j];
       }
     }
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t j = 0; j < C; ++j) c[(r0 + r) * ldc + c0 + j] = block[r][j];
+    }
+  }
+};
+
+// The same written with 8-float vectors (GCC's vector extension): each depth step loads b's row once
+// into registers and broadcasts each a element once. Left to vectorize the plain loops of a 6 x 16
+// block, GCC splits rows into 8 + 4 + 2 + 1 + 1 lanes and keeps them on the stack.
+typedef float Float8 __attribute__((vector_size(32)));
+
+struct Float8Block {
+  template <int R, int C>
+  [[gnu::always_inline]] static inline void run(FA_BLOCK_ARGS) {
+    constexpr int V = C / 8;
+    Float8 block[R][V];
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < V; ++v) {
+        block[r][v] = Float8{};
+        if (accumulate) std::memcpy(&block[r][v], c + (r0 + r) * ldc + c0 + 8 * v, sizeof(Float8));
+      }
+    }
+    for (int64_t k = 0; k < depth; ++k) {
+      Float8 b_row[V];
+      for (int v = 0; v < V; ++v) std::memcpy(&b_row[v], b + k * ldb + c0 + 8 * v, sizeof(Float8));
+      for (int r = 0; r < R; ++r) {
+        const float x = a[(r0 + r) * a_row_stride + k * a_depth_stride];
+        const Float8 a_rk = {x, x, x, x, x, x, x, x};  // one vbroadcastss (x + Float8{} would add first)
+        for (int v = 0; v < V; ++v) block[r][v] += a_rk * b_row[v];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < V; ++v) std::memcpy(c + (r0 + r) * ldc + c0 + 8 * v, &block[r][v], sizeof(Float8));
+    }
+  }
+};
+
+// c over R x C blocks. C divides kMicroCols; R is kMicroRows, or 6, whose last 2 or 4 rows (rows
+// being a multiple of kMicroRows = 4) are done by a smaller block.
+template <typename Block, int R, int C>
+[[gnu::always_inline]] inline void gemm_blocks(bool accumulate, int64_t rows, int64_t cols, int64_t depth,
+                                               const float* a, int64_t a_row_stride, int64_t a_depth_stride,
+                                               const float* b, int64_t ldb, float* c, int64_t ldc) {
+  static_assert(kMicroCols % C == 0 && (R == kMicroRows || R == 6));
+  for (int64_t r0 = 0; r0 < rows;) {
+    const int64_t block_rows = std::min<int64_t>(R, rows - r0);
+    for (int64_t c0 = 0; c0 < cols; c0 += C) {
+      if (block_rows == R) {
+        Block::template run<R, C>(accumulate, r0, c0, depth, a, a_row_stride, a_depth_stride, b, ldb, c, ldc);
+      } else if (block_rows == 4) {
+        Block::template run<4, C>(accumulate, r0, c0, depth, a, a_row_stride, a_depth_stride, b, ldb, c, ldc);
+      } else {
+        Block::template run<2, C>(accumulate, r0, c0, depth, a, a_row_stride, a_depth_stride, b, ldb, c, ldc);
+      }
+    }
+    r0 += block_rows;
   }
 }
+
+// c[rows x cols] = (accumulate ? c : 0) + a[rows x depth] * b[depth x cols]. b and c are row-major
+// with leading dimensions ldb, ldc; a's element (r, k) is a[r * a_row_stride + k * a_depth_stride],
+// so a transposed tile is read in place (only ever one scalar of a is broadcast at a time, so its
+// layout costs nothing). rows must be a multiple of kMicroRows, cols of kMicroCols.
+#define FA_GEMM_ARGS                                                                                       \
+  bool accumulate, int64_t rows, int64_t cols, int64_t depth, const float *a, int64_t a_row_stride,       \
+      int64_t a_depth_stride, const float *b, int64_t ldb, float *c, int64_t ldc
+#define FA_GEMM_CALL accumulate, rows, cols, depth, a, a_row_stride, a_depth_stride, b, ldb, c, ldc
+#ifdef FA_X86_MULTIVERSIONING
+// The block shape is the ISA's. The 16 vector registers of AVX2 hold a 6 x 16 block of c (12
+// registers), a row of b (2) and a broadcast of a (1); a 4 x 32 block would need 16 + 1, and GCC
+// spills accumulators to the stack in the depth loop. AVX-512, with 32 registers, keeps 4 x 32.
+__attribute__((target("arch=x86-64-v4"))) void gemm(FA_GEMM_ARGS) {
+  gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL);
+}
+__attribute__((target("arch=x86-64-v3"))) void gemm(FA_GEMM_ARGS) { gemm_blocks<Float8Block, 6, 16>(FA_GEMM_CALL); }
+__attribute__((target("default"))) void gemm(FA_GEMM_ARGS) { gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL); }
+#else
+void gemm(FA_GEMM_ARGS) { gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL); }
+#endif
 
 // Which keys of a tile a query sees, as a run of columns [begin, end) per row of a score tile,
 // varying by at most one column per row: begin(r) = clamp(begin0 + r * begin_step, 0, cols) and
@@ -151,30 +229,8 @@ FA_MULTIVERSIONED void online_softmax_step(float* s, int64_t lds, int64_t rows, 
   }
 }
 
-// The backward's P and dS = P * (dP - delta) for a tile in (query row, key column) layout: P over
-// the scores s, dS over dp, 0 where the key is hidden. Row m has log2-sum-exp lse2[m] and delta[m].
-FA_MULTIVERSIONED void softmax_grad_query_rows(float* s, float* dp, int64_t ld, int64_t rows, int64_t cols,
-                                               VisibleColumns visible, const float* lse2, const float* delta) {
-  for (int64_t m = 0; m < rows; ++m) {
-    float* s_row = s + m * ld;
-    float* dp_row = dp + m * ld;
-    const auto [begin, end] = visible.of_row(m, cols);
-    const float row_lse2 = lse2[m];
-    const float row_delta = delta[m];
-    for (int64_t n = begin; n < end; ++n) s_row[n] = clamp_exponent(s_row[n] - row_lse2);
-    for (int64_t n = begin; n < end; ++n) {
-      const float p = exp2_poly(s_row[n]);
-      s_row[n] = p;
-      dp_row[n] = p * (dp_row[n] - row_delta);
-    }
-    for (auto [first, last] : {std::pair{int64_t{0}, begin}, std::pair{end, cols}}) {
-      std::fill(s_row + first, s_row + last, 0.0f);
-      std::fill(dp_row + first, dp_row + last, 0.0f);
-    }
-  }
-}
-
-// The same in (key row, query column) layout: lse2 and delta are indexed by column.
+// The backward's P and dS = P * (dP - delta) for a tile in (key row, query column) layout: P over the
+// scores s, dS over dp, 0 where the key is hidden. Column m has log2-sum-exp lse2[m] and delta[m].
 FA_MULTIVERSIONED void softmax_grad_key_rows(float* s, float* dp, int64_t ld, int64_t rows, int64_t cols,
                                              VisibleColumns visible, const float* lse2, const float* delta) {
   for (int64_t n = 0; n < rows; ++n) {
@@ -315,11 +371,11 @@ void forward_pass(const Shape& shape, float scale_log2, StridedRows<scalar_t> q,
         const int64_t cols = std::min(kBlock, shape.n_k - k0);
         load_tile_transposed(k_tile_t.data(), kBlock, k.rows(b, h, k0), k.stride_n, cols, d, 1.0f);
         load_tile(v_tile.data(), ld_d, v.rows(b, h, k0), v.stride_n, cols, d, 1.0f);
-        gemm(false, padded_rows, round_up(cols, kMicroCols), d, q_tile.data(), ld_d, k_tile_t.data(), kBlock,
+        gemm(false, padded_rows, round_up(cols, kMicroCols), d, q_tile.data(), ld_d, 1, k_tile_t.data(), kBlock,
              scores.data(), kBlock);
         online_softmax_step(scores.data(), kBlock, rows, cols, shape.keys_seen(q0, k0), row_max.data(),
                             row_sum.data(), acc.data(), ld_d, d);
-        gemm(true, padded_rows, ld_d, cols, scores.data(), kBlock, v_tile.data(), ld_d, acc.data(), ld_d);
+        gemm(true, padded_rows, ld_d, cols, scores.data(), kBlock, 1, v_tile.data(), ld_d, acc.data(), ld_d);
       }
 
       const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
@@ -359,88 +415,101 @@ void row_statistics_pass(const Shape& shape, const BackwardInputs<scalar_t>& in,
   });
 }
 
-// dK and dV, one key tile per work item, accumulated over the query tiles that see it; the tiles
-// are laid out (key row, query column) so every product is a plain row-major gemm.
+// Work items [0, items) cut into `chunks` contiguous runs of equal length (the last may be shorter).
+struct Chunks {
+  int64_t items, per_chunk;
+
+  Chunks(int64_t items, int64_t chunks) : items(items), per_chunk(ceil_div(items, std::max<int64_t>(chunks, 1))) {}
+  int64_t count() const { return per_chunk == 0 ? 0 : ceil_div(items, per_chunk); }
+  int64_t begin(int64_t chunk) const { return chunk * per_chunk; }
+  int64_t end(int64_t chunk) const { return std::min(items, (chunk + 1) * per_chunk); }
+  int64_t of_item(int64_t item) const { return item / per_chunk; }
+};
+
+// dK, dV and dQ in one pass over the key tiles (five tile products per (key tile, query tile) pair:
+// S^T, dP^T, dV += P^T dO, dK += dS^T Q, dQ += dS K). One key tile per work item; dK and dV are
+// accumulated over the query tiles that see it, as in the forward. dQ sums over key tiles, which
+// other work items hold: each chunk of work items (one per thread) adds into a float dQ buffer of
+// its own, covering the heads its items belong to, and the buffers are summed afterwards in chunk
+// order. The chunks are fixed by the item count and the thread count alone, so dQ is bit-for-bit
+// the same from run to run at a given thread count (dK, dV: at any thread count).
 template <typename scalar_t>
-void key_value_grad_pass(const Shape& shape, float scale, float scale_log2, const BackwardInputs<scalar_t>& in,
-                         const float* delta, const float* lse2, scalar_t* dk, scalar_t* dv) {
+void grad_pass(const Shape& shape, float scale, float scale_log2, const BackwardInputs<scalar_t>& in,
+               const float* delta, const float* lse2, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   const int64_t d = shape.head_dim;
   const int64_t ld_d = padded_head_dim(d);
   const int64_t key_tiles = ceil_div(shape.n_k, kBlock);
-  at::parallel_for(0, shape.batch * shape.heads * key_tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t query_tiles = ceil_div(shape.n_q, kBlock);
+  // Rows of one head in a dQ buffer: whole tiles, since gemm writes up to kMicroRows-padded tile rows.
+  const int64_t head_rows = query_tiles * kBlock;
+  const Chunks chunks(shape.batch * shape.heads * key_tiles, at::get_num_threads());
+  std::vector<std::vector<float>> dq_buffers(chunks.count());
+  auto first_head = [&](int64_t chunk) { return chunks.begin(chunk) / key_tiles; };
+
+  at::parallel_for(0, chunks.count(), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<float> k_tile(kBlock * ld_d), v_tile(kBlock * ld_d), q_tile(kBlock * ld_d), q_tile_t(d * kBlock);
     std::vector<float> dout_tile(kBlock * ld_d), dout_tile_t(d * kBlock), p_t(kBlock * kBlock), dp_t(kBlock * kBlock);
     std::vector<float> dk_acc(kBlock * ld_d), dv_acc(kBlock * ld_d);
-    for (int64_t item = begin; item < end; ++item) {
-      const auto [bh, tile] = split_work_item(item, key_tiles);
-      const int64_t b = bh / shape.heads, h = bh % shape.heads;
-      const int64_t k0 = tile * kBlock;
-      const int64_t keys = std::min(kBlock, shape.n_k - k0);
-      const int64_t padded_keys = round_up(keys, kMicroRows);
-      load_tile(k_tile.data(), ld_d, in.k.rows(b, h, k0), in.k.stride_n, keys, d, 1.0f);
-      load_tile(v_tile.data(), ld_d, in.v.rows(b, h, k0), in.v.stride_n, keys, d, 1.0f);
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t heads_in_chunk = (chunks.end(chunk) - 1) / key_tiles - first_head(chunk) + 1;
+      std::vector<float>& dq_buffer = dq_buffers[chunk];
+      dq_buffer.assign(heads_in_chunk * head_rows * ld_d, 0.0f);
+      for (int64_t item = chunks.begin(chunk); item < chunks.end(chunk); ++item) {
+        const auto [bh, tile] = split_work_item(item, key_tiles);
+        const int64_t b = bh / shape.heads, h = bh % shape.heads;
+        const int64_t k0 = tile * kBlock;
+        const int64_t keys = std::min(kBlock, shape.n_k - k0);
+        const int64_t padded_keys = round_up(keys, kMicroRows);
+        float* dq_head = dq_buffer.data() + (bh - first_head(chunk)) * head_rows * ld_d;
+        load_tile(k_tile.data(), ld_d, in.k.rows(b, h, k0), in.k.stride_n, keys, d, 1.0f);
+        load_tile(v_tile.data(), ld_d, in.v.rows(b, h, k0), in.v.stride_n, keys, d, 1.0f);
+        std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+        std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
 
-      for (int64_t q0 = shape.first_query(k0) / kBlock * kBlock; q0 < shape.n_q; q0 += kBlock) {
-        const int64_t queries = std::min(kBlock, shape.n_q - q0);
-        const int64_t padded_queries = round_up(queries, kMicroCols);
-        const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
-        load_tile_transposed(q_tile_t.data(), kBlock, in.q.rows(b, h, q0), in.q.stride_n, queries, d, scale_log2);
-        load_tile(q_tile.data(), ld_d, in.q.rows(b, h, q0), in.q.stride_n, queries, d, 1.0f);
-        load_tile_transposed(dout_tile_t.data(), kBlock, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d, 1.0f);
-        load_tile(dout_tile.data(), ld_d, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d, 1.0f);
-        gemm(false, padded_keys, padded_queries, d, k_tile.data(), ld_d, q_tile_t.data(), kBlock, p_t.data(), kBlock);
-        gemm(false, padded_keys, padded_queries, d, v_tile.data(), ld_d, dout_tile_t.data(), kBlock, dp_t.data(),
-             kBlock);
-        softmax_grad_key_rows(p_t.data(), dp_t.data(), kBlock, keys, queries, shape.queries_seeing(k0, q0),
-                              lse2 + first_row, delta + first_row);
-        gemm(true, padded_keys, ld_d, queries, p_t.data(), kBlock, dout_tile.data(), ld_d, dv_acc.data(), ld_d);
-        gemm(true, padded_keys, ld_d, queries, dp_t.data(), kBlock, q_tile.data(), ld_d, dk_acc.data(), ld_d);
+        for (int64_t q0 = shape.first_query(k0) / kBlock * kBlock; q0 < shape.n_q; q0 += kBlock) {
+          const int64_t queries = std::min(kBlock, shape.n_q - q0);
+          const int64_t padded_queries = round_up(queries, kMicroCols);
+          const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
+          load_tile_transposed(q_tile_t.data(), kBlock, in.q.rows(b, h, q0), in.q.stride_n, queries, d, scale_log2);
+          load_tile(q_tile.data(), ld_d, in.q.rows(b, h, q0), in.q.stride_n, queries, d, 1.0f);
+          load_tile_transposed(dout_tile_t.data(), kBlock, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d,
+                               1.0f);
+          load_tile(dout_tile.data(), ld_d, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d, 1.0f);
+          gemm(false, padded_keys, padded_queries, d, k_tile.data(), ld_d, 1, q_tile_t.data(), kBlock, p_t.data(),
+               kBlock);
+          gemm(false, padded_keys, padded_queries, d, v_tile.data(), ld_d, 1, dout_tile_t.data(), kBlock,
+               dp_t.data(), kBlock);
+          softmax_grad_key_rows(p_t.data(), dp_t.data(), kBlock, keys, queries, shape.queries_seeing(k0, q0),
+                                lse2 + first_row, delta + first_row);
+          gemm(true, padded_keys, ld_d, queries, p_t.data(), kBlock, 1, dout_tile.data(), ld_d, dv_acc.data(), ld_d);
+          gemm(true, padded_keys, ld_d, queries, dp_t.data(), kBlock, 1, q_tile.data(), ld_d, dk_acc.data(), ld_d);
+          // dS is dp_t read transposed: row m of dS is column m of dp_t.
+          gemm(true, round_up(queries, kMicroRows), ld_d, keys, dp_t.data(), 1, kBlock, k_tile.data(), ld_d,
+               dq_head + q0 * ld_d, ld_d);
+        }
+
+        const int64_t first_key_row = shape.row_index(b, h, k0, shape.n_k);
+        store_tile(dk + first_key_row * d, dk_acc.data(), ld_d, keys, d, scale);
+        store_tile(dv + first_key_row * d, dv_acc.data(), ld_d, keys, d, 1.0f);
       }
-
-      const int64_t first_key_row = shape.row_index(b, h, k0, shape.n_k);
-      store_tile(dk + first_key_row * d, dk_acc.data(), ld_d, keys, d, scale);
-      store_tile(dv + first_key_row * d, dv_acc.data(), ld_d, keys, d, 1.0f);
     }
   });
-}
 
-// dQ, one query tile per work item, accumulated over the key tiles it sees.
-template <typename scalar_t>
-void query_grad_pass(const Shape& shape, float scale, float scale_log2, const BackwardInputs<scalar_t>& in,
-                     const float* delta, const float* lse2, scalar_t* dq) {
-  const int64_t d = shape.head_dim;
-  const int64_t ld_d = padded_head_dim(d);
-  const int64_t query_tiles = ceil_div(shape.n_q, kBlock);
+  // dQ = the sum of the chunks' buffers that hold the head, in chunk order; one query tile per item.
   at::parallel_for(0, shape.batch * shape.heads * query_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_tile(kBlock * ld_d), dout_tile(kBlock * ld_d), k_tile(kBlock * ld_d), k_tile_t(d * kBlock);
-    std::vector<float> v_tile_t(d * kBlock), p(kBlock * kBlock), dp(kBlock * kBlock), dq_acc(kBlock * ld_d);
+    std::vector<float> sum(kBlock * ld_d);
     for (int64_t item = begin; item < end; ++item) {
-      const auto [bh, tile] = split_work_item(item, query_tiles);
-      const int64_t b = bh / shape.heads, h = bh % shape.heads;
-      const int64_t q0 = tile * kBlock;
+      const int64_t bh = item / query_tiles, q0 = item % query_tiles * kBlock;
       const int64_t rows = std::min(kBlock, shape.n_q - q0);
-      const int64_t padded_rows = round_up(rows, kMicroRows);
-      const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
-      load_tile(q_tile.data(), ld_d, in.q.rows(b, h, q0), in.q.stride_n, rows, d, scale_log2);
-      load_tile(dout_tile.data(), ld_d, in.dout.rows(b, h, q0), in.dout.stride_n, rows, d, 1.0f);
-      std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
-
-      for (int64_t k0 = 0; k0 < shape.key_end(q0 + rows); k0 += kBlock) {
-        const int64_t cols = std::min(kBlock, shape.n_k - k0);
-        const int64_t padded_cols = round_up(cols, kMicroCols);
-        load_tile_transposed(k_tile_t.data(), kBlock, in.k.rows(b, h, k0), in.k.stride_n, cols, d, 1.0f);
-        load_tile(k_tile.data(), ld_d, in.k.rows(b, h, k0), in.k.stride_n, cols, d, 1.0f);
-        load_tile_transposed(v_tile_t.data(), kBlock, in.v.rows(b, h, k0), in.v.stride_n, cols, d, 1.0f);
-        gemm(false, padded_rows, padded_cols, d, q_tile.data(), ld_d, k_tile_t.data(), kBlock, p.data(), kBlock);
-        gemm(false, padded_rows, padded_cols, d, dout_tile.data(), ld_d, v_tile_t.data(), kBlock, dp.data(), kBlock);
-        softmax_grad_query_rows(p.data(), dp.data(), kBlock, rows, cols, shape.keys_seen(q0, k0), lse2 + first_row,
-                                delta + first_row);
-        gemm(true, padded_rows, ld_d, cols, dp.data(), kBlock, k_tile.data(), ld_d, dq_acc.data(), ld_d);
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      if (key_tiles > 0) {
+        for (int64_t chunk = chunks.of_item(bh * key_tiles); chunk <= chunks.of_item((bh + 1) * key_tiles - 1);
+             ++chunk) {
+          const float* part = dq_buffers[chunk].data() + ((bh - first_head(chunk)) * head_rows + q0) * ld_d;
+          for (int64_t i = 0; i < rows * ld_d; ++i) sum[i] += part[i];
+        }
       }
-
-      store_tile(dq + first_row * d, dq_acc.data(), ld_d, rows, d, scale);
+      store_tile(dq + (bh * shape.n_q + q0) * d, sum.data(), ld_d, rows, d, scale);
     }
   });
 }
@@ -505,9 +574,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const at::
                                       strided_rows<scalar_t>(k),    strided_rows<scalar_t>(v),
                                       strided_rows<scalar_t>(o),    lse.const_data_ptr<float>()};
     row_statistics_pass(shape, in, delta.data(), lse2.data());
-    key_value_grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), dk.data_ptr<scalar_t>(),
-                        dv.data_ptr<scalar_t>());
-    query_grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), dq.data_ptr<scalar_t>());
+    grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), dq.data_ptr<scalar_t>(),
+              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
   return {dq, dk, dv};
 }
