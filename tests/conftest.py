@@ -10,6 +10,48 @@ if not torch.cuda.is_available():
 GPU = torch.cuda.is_available()
 
 
+def fix_interpreter_bf16():
+    """Make the Triton interpreter's bf16 arithmetic match a GPU's (tests only); two changes.
+
+    - tl.dot: the interpreter stores bf16 tensors as uint16 and hands them to np.matmul as they are, so
+      a bf16 dot multiplies raw bit patterns (triton-lang/triton#11584). Converting bf16 operands to
+      float32 first, as the interpreter's own cast does, gives the exact products a GPU accumulates in fp32.
+    - float32 -> bf16 (``x.to(tl.bfloat16)``): the interpreter truncates the mantissa; a GPU rounds to
+      nearest even (cvt.rn.bf16.f32). Truncation's one-sided error is enough to break the 2x rule at small
+      head dims.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    if getattr(InterpreterBuilder.create_dot, "original", None) is not None:
+        return
+    original_dot, original_cast = InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
+        return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return original_cast(self, src, dst_type)
+        bits = np.asarray(src.data, dtype=np.float32).view(np.uint32)
+        # Add half an ulp of bf16, minus one when the kept bits are even (ties go to even); NaN stays NaN.
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        rounded = np.where(np.isnan(src.data), np.uint16(0x7FC0), rounded)
+        return TensorHandle(rounded, tl.bfloat16)
+
+    create_dot.original, cast_impl.original = original_dot, original_cast
+    InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl = create_dot, cast_impl
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        fix_interpreter_bf16()
+    except ImportError:  # no triton: the Triton tests skip themselves
+        pass
+
+
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", help="run the whole shape grid (meant for a GPU)")
 

@@ -49,7 +49,7 @@ def flash_attention(q, k, v, backend, **options):
 
 def dtypes_for(backend):
     if backend == "triton" and INTERPRETED:
-        return [torch.float16, torch.float32]  # the interpreter's bf16 tl.dot multiplies raw bits
+        return [torch.float16, torch.bfloat16, torch.float32]  # bf16: conftest fixes the interpreter's dot
     if backend in ("cuda", EMULATED_CUDA):
         return [torch.float16, torch.bfloat16]
     if DEVICE == "cuda":
