@@ -4,6 +4,7 @@ Without a GPU the kernels run on Triton's interpreter (slow: shapes stay tiny; c
 tl.dot). With a GPU, long sequences and big head dims are added.
 """
 import math
+import mmap
 import os
 
 import pytest
@@ -29,6 +30,7 @@ needs_gpu = pytest.mark.skipif(not ON_GPU, reason="too slow for the Triton inter
 SHAPES = [
     (1, 1, 1, 1, 16),
     (1, 2, 17, 17, 40),
+    (2, 3, 45, 70, 32),  # several query and key tiles in several (batch, head) programs
     (2, 1, 17, 40, 64),
     (1, 2, 40, 17, 16),
     (1, 1, 113, 31, 80),
@@ -230,6 +232,55 @@ def test_interpreter_bf16_dot_multiplies_values(monkeypatch):
     assert torch.equal(interpreted_dot(), expected)
     monkeypatch.setattr(InterpreterBuilder, "create_dot", InterpreterBuilder.create_dot.original)
     assert not torch.equal(interpreted_dot(), expected)
+
+
+def test_row_offsets_past_int32():
+    """Rows 2**30 elements apart: row 2 starts at element 2**31, where int32 offsets wrap to negative."""
+    n, head_dim, row_stride = 3, 16, 2**30
+    # A private anonymous mapping (4 GiB of address space) is backed lazily: only the pages of the rows
+    # read or written take memory. q, k, v and dO take turns along each row.
+    size = (n - 1) * row_stride + 4 * head_dim
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)  # Python >= 3.13
+    buffer = mmap.mmap(-1, size * 2, flags=flags)
+    storage = torch.frombuffer(buffer, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(9)
+    q, k, v, do = (
+        storage.as_strided((1, 1, n, head_dim), (n * row_stride, n * row_stride, row_stride, 1), i * head_dim)
+        for i in range(4)
+    )
+    for x in (q, k, v, do):
+        x.copy_(torch.randn(x.shape, generator=gen))
+    for causal in (False, True):
+        check_against_reference(q, k, v, do, causal, 0.25)
+
+
+class _RecordGrid:
+    """Stands in for an autotuned kernel: records the launch grid for the smallest tiles instead of running."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid({"BLOCK_M": 16, "BLOCK_N": 16}) if callable(grid) else grid)
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("batch, heads", [(1, 70000), (70000, 1)])
+def test_launch_grids_fit_cuda_limits(batch, heads, monkeypatch):
+    """70000 heads or batches: grid y and z stop at 65535, so (batch, head, tile) must go on grid x."""
+    n, head_dim = 1, 16
+    recorders = {name: _RecordGrid() for name in ("_forward_kernel",)}
+    monkeypatch.setattr(forward, "_forward_kernel", recorders["_forward_kernel"])
+    for name in ("_delta_kernel", "_dkdv_kernel", "_dq_kernel"):
+        recorders[name] = _RecordGrid()
+        monkeypatch.setattr(backward, name, recorders[name])
+    x = torch.zeros(batch, heads, n, head_dim, dtype=torch.float16)
+    o, lse = attention_forward(x, x, x, False, 1.0)
+    attention_backward(x, x, x, x, o, lse, False, 1.0)
+    for name, recorder in recorders.items():
+        (grid,) = recorder.grids
+        assert grid[0] <= 2**31 - 1 and all(d <= 65535 for d in grid[1:]), f"{name}: grid {grid}"
+        assert math.prod(grid) == batch * heads * n, f"{name}: grid {grid} is not one program per row tile"
 
 
 # Tile shapes other than the default one, to exercise the loop bounds with BLOCK_M != BLOCK_N both ways.

@@ -21,6 +21,8 @@ from .common import (
     load_rows,
     make_configs,
     padded_head_dim,
+    program_grid,
+    program_tile,
     store_rows,
     visible,
 )
@@ -81,9 +83,7 @@ def _delta_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1).to(tl.int64)
-    batch = tl.program_id(2).to(tl.int64)
+    start_m, batch, head = program_tile(n_q, n_heads, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = load_rows(O + batch * stride_ob + head * stride_oh, offs_m, stride_on, n_q, offs_d, HEAD_DIM)
@@ -129,9 +129,7 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    head = tl.program_id(1).to(tl.int64)
-    batch = tl.program_id(2).to(tl.int64)
+    start_n, batch, head = program_tile(n_k, n_heads, BLOCK_N)
     q_base = Q + batch * stride_qb + head * stride_qh
     do_base = DO + batch * stride_dob + head * stride_doh
     row_offset = (batch * n_heads + head) * n_q
@@ -224,9 +222,7 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1).to(tl.int64)
-    batch = tl.program_id(2).to(tl.int64)
+    start_m, batch, head = program_tile(n_q, n_heads, BLOCK_M)
     k_base = K + batch * stride_kb + head * stride_kh
     v_base = V + batch * stride_vb + head * stride_vh
 
@@ -293,7 +289,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float):
     scale_log2 = softmax_scale * LOG2E.value
 
     delta = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(n_q, DELTA_BLOCK_M), heads, batch)](
+    _delta_kernel[(triton.cdiv(n_q, DELTA_BLOCK_M) * heads * batch,)](
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
@@ -306,10 +302,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float):
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
 
-    def key_tiles(meta):
-        return (triton.cdiv(n_k, meta["BLOCK_N"]), heads, batch)
-
-    _dkdv_kernel[key_tiles](
+    _dkdv_kernel[program_grid(n_k, heads, batch, "BLOCK_N")](
         q, k, v, do, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -328,10 +321,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float):
 
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
 
-    def query_tiles(meta):
-        return (triton.cdiv(n_q, meta["BLOCK_M"]), heads, batch)
-
-    _dq_kernel[query_tiles](
+    _dq_kernel[program_grid(n_q, heads, batch, "BLOCK_M")](
         q, k, v, do, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

@@ -74,16 +74,39 @@ def config_pruner(estimate_bytes, fp32_configs):
 
 
 @triton.jit
+def program_tile(n_rows, n_heads, BLOCK: tl.constexpr):
+    """(first row, batch, head) of this program's tile; grid x enumerates (batch, head, row tile).
+
+    One grid axis for all three: grid y and z stop at 65535, x at 2**31 - 1. Row tiles vary fastest, so
+    programs running side by side share one head's K and V in L2. batch and head are int64, as every
+    offset built from them must be: batch * stride passes 2**31 elements long before any count does.
+    """
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_rows, BLOCK)
+    batch_head = pid // n_tiles
+    return (pid % n_tiles) * BLOCK, (batch_head // n_heads).to(tl.int64), (batch_head % n_heads).to(tl.int64)
+
+
+def program_grid(n_rows, heads, batch, block_name):
+    """The launch grid for `program_tile`, from the autotuned block size named `block_name`."""
+    return lambda meta: (triton.cdiv(n_rows, meta[block_name]) * heads * batch,)
+
+
+@triton.jit
 def load_rows(base, rows, row_stride, n_rows, cols, HEAD_DIM: tl.constexpr):
-    """A (len(rows), len(cols)) tile of an (n_rows, HEAD_DIM) matrix with unit column stride; zero outside it."""
+    """A (len(rows), len(cols)) tile of an (n_rows, HEAD_DIM) matrix with unit column stride; zero outside it.
+
+    Row offsets are int64: (n_rows - 1) * row_stride passes 2**31 in a long sequence whose rows are far
+    apart, e.g. a (B, N, H, D) view with H * D = 8192 and N >= 262144.
+    """
     mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
-    return tl.load(base + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
+    return tl.load(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
 def store_rows(base, tile, rows, row_stride, n_rows, cols, HEAD_DIM: tl.constexpr):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
-    tl.store(base + rows[:, None] * row_stride + cols[None, :], tile, mask=mask)
+    tl.store(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], tile, mask=mask)
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Flash-attention forward in Triton: one program per (query tile, head, batch), online softmax over key tiles."""
+"""Flash-attention forward in Triton: one program per (batch, head, query tile), online softmax over key tiles."""
 import torch
 import triton
 import triton.language as tl
@@ -13,6 +13,8 @@ from .common import (
     load_rows,
     make_configs,
     padded_head_dim,
+    program_grid,
+    program_tile,
     store_rows,
     visible,
 )
@@ -65,9 +67,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    head = tl.program_id(1).to(tl.int64)  # int64: batch * stride can pass 2**31 elements
-    batch = tl.program_id(2).to(tl.int64)
+    start_m, batch, head = program_tile(n_q, n_heads, BLOCK_M)
     q_base = Q + batch * stride_qb + head * stride_qh
     k_base = K + batch * stride_kb + head * stride_kh
     v_base = V + batch * stride_vb + head * stride_vh
@@ -148,10 +148,7 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float):
     o = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
 
-    def grid(meta):
-        return (triton.cdiv(n_q, meta["BLOCK_M"]), heads, batch)
-
-    _forward_kernel[grid](
+    _forward_kernel[program_grid(n_q, heads, batch, "BLOCK_M")](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
