@@ -169,6 +169,15 @@ def test_rows_without_visible_keys(dtype):
     assert all(torch.isfinite(x).all() for x in (o, dq, dk, dv))
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_negative_softmax_scale(causal):
+    """A negative scale turns the largest q.k into the smallest score. q and k are scaled up so that the
+    scores spread far enough to overflow exp2 unless the max subtracted is that of the scaled scores."""
+    shape = (1, 2, 40, 70, 32)
+    q, k, v, do = random_inputs(shape, torch.float32, seed=13)
+    check_against_reference(q * 4, k * 4, v, do, causal, -0.3)
+
+
 def test_backward_is_deterministic():
     shape = (2, 2, 45, 37, 64)
     q, k, v, do = random_inputs(shape, torch.float16, seed=5)

@@ -180,22 +180,28 @@ def _accumulate_dkdv(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Add query tiles [start, end) to dK (unscaled) and dV; apply the causal mask only when MASKED."""
+    """Add query tiles [start, end) to dK (unscaled) and dV; apply the causal mask only when MASKED.
+
+    The scores are kept transposed, keys by queries: sT = k.qT, dpT = v.dOT, dV += pT.dO, dK += dsT.q.
+    Every computed tile is then already the left operand its next product needs, where q.kT would need pT
+    and dsT transposed in registers (a round trip through shared memory each). The transposes left, of
+    q and dO, are of tiles loaded into shared memory for the dots: a change of view, not a copy.
+    """
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_rows(q_base, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
         do = load_rows(do_base, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
         lse, delta = _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q)
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.math.exp2(s - lse[:, None])
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
         if MASKED:
-            p = tl.where(visible(offs_m, offs_n, n_q, n_k, CAUSAL), p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+            p_t = tl.where(visible(offs_m[None, :], offs_n[:, None], n_q, n_k, CAUSAL), p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
 
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -265,10 +271,10 @@ def _accumulate_dq(
         k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
         v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.math.exp2(s - lse[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * scale_log2 - lse[:, None])
         if MASKED:
-            p = tl.where(visible(offs_m, offs_n, n_q, n_k, CAUSAL), p, 0.0)
+            p = tl.where(visible(offs_m[:, None], offs_n[None, :], n_q, n_k, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)

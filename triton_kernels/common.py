@@ -129,9 +129,13 @@ def key_range(start_m, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
 
 
 @triton.jit
-def visible(offs_m, offs_n, n_q, n_k, CAUSAL: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) mask: key in bounds and, if causal, not after the query's diagonal."""
-    mask = offs_n[None, :] < n_k
+def visible(query, key, n_q, n_k, CAUSAL: tl.constexpr):
+    """Mask of the (query, key) pairs that count: key in bounds and, if causal, not after the query's diagonal.
+
+    query and key are index tensors that broadcast to the tile: (M, 1) and (1, N) for a scores tile,
+    (1, M) and (N, 1) for a transposed one.
+    """
+    mask = key < n_k
     if CAUSAL:
-        mask = mask & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
+        mask = mask & (key <= query + (n_k - n_q))
     return mask

@@ -75,6 +75,11 @@ def _forward_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(q_base, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
+    if scale_log2 < 0:
+        # The unmasked loop takes row maxima of the unscaled scores, right only for a scale >= 0. A negative
+        # scale (allowed, if unusual) is folded into q, once per program: negation is exact in every dtype.
+        q = -q
+        scale_log2 = -scale_log2
 
     # Running row max (base-2 units), row sum of exp2(score - max), and the unnormalized output.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -119,15 +124,20 @@ def _attend_key_tiles(
         k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
         v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
-            s = tl.where(visible(offs_m, offs_n, n_q, n_k, CAUSAL), s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no visible key so far has m_new = -inf, and -inf - -inf is NaN: subtract 0 instead,
-        # so its p and alpha come out exp2(-inf) = 0.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
+            s = tl.where(visible(offs_m[:, None], offs_n[None, :], n_q, n_k, CAUSAL), qk * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no visible key so far has m_new = -inf, and -inf - -inf is NaN: subtract 0 instead,
+            # so its p and alpha come out exp2(-inf) = 0.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_shift[:, None])
+        else:
+            # Every key visible, so m_new is finite; scaling and subtracting the max is one FMA per score
+            # (scale_log2 >= 0: the max of the unscaled scores gives the max of the scaled ones).
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            m_shift = m_new
+            p = tl.math.exp2(qk * scale_log2 - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
