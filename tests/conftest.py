@@ -92,3 +92,9 @@ def pytest_sessionstart():
     if missing:
         pytest.exit("CI is set, so every backend must be tested, but these are missing:\n  - "
                     + "\n  - ".join(missing), returncode=1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "compile_gate: compiles every kept Triton config for sm_80 and sm_90 (minutes; no GPU needed)"
+    )

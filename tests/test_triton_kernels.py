@@ -307,41 +307,33 @@ def test_other_tile_shapes(tile, causal, monkeypatch):
         check_against_reference(q, k, v, do, causal, 0.2)
 
 
-H100_SHARED_MEMORY = 232448  # bytes per block (227 KiB)
-
-
 def config_shapes(configs):
-    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
 
 
 @pytest.mark.parametrize(
-    "kernel, tensor_core_configs, fp32_configs, too_big, fitting",
-    [
-        # Shapes (BLOCK_M, BLOCK_N, warps, stages) at head dim 256 in fp16, with their shared memory in
-        # sm_90 builds: too big 458752 and 262144 bytes; fitting 196608 and 98304.
-        (forward._forward_kernel, forward.TENSOR_CORE_CONFIGS, forward.FP32_CONFIGS,
-         [(128, 128, 8, 3), (128, 64, 8, 3)], [(128, 64, 8, 2), (64, 32, 4, 2)]),
-        # too big 345088 and 271360; fitting 84096.
-        (backward._dkdv_kernel, backward.DKDV_TENSOR_CORE_CONFIGS, backward.DKDV_FP32_CONFIGS,
-         [(64, 128, 8, 3), (64, 64, 4, 3)], [(16, 64, 8, 2)]),
-        # too big 327680 and 262144; fitting 229376 and 131072.
-        (backward._dq_kernel, backward.DQ_TENSOR_CORE_CONFIGS, backward.DQ_FP32_CONFIGS,
-         [(128, 64, 8, 3), (64, 64, 4, 3)], [(128, 32, 8, 3), (64, 32, 8, 2)]),
-    ],
-    ids=["forward", "dkdv", "dq"],
+    "configs", [forward.CONFIGS, backward.DKDV_CONFIGS, backward.DQ_CONFIGS], ids=["forward", "dkdv", "dq"]
 )
-def test_config_pruning(kernel, tensor_core_configs, fp32_configs, too_big, fitting, monkeypatch):
-    """The autotuner only compiles configs meant for the dtype whose shared memory fits the device."""
-    monkeypatch.setattr(common, "_shared_memory_bytes", lambda device_index: H100_SHARED_MEMORY)
-    all_configs = tensor_core_configs + fp32_configs
+def test_config_pruning(configs, monkeypatch):
+    """The autotuner compiles only the configs for the call's dtype and head dim that fit the device."""
+    limit = 232448  # bytes of shared memory per block on an H100
 
-    def kept(dtype, head_dim):
+    def kept(dtype, head_dim, arch=90):
+        monkeypatch.setattr(common, "_shared_memory_bytes", lambda device_index: limit)
+        monkeypatch.setattr(common, "_arch", lambda device_index: arch)
         q = torch.empty(1, 1, 1, head_dim, dtype=dtype)
-        return config_shapes(kernel.early_config_prune(all_configs, {"Q": q}, BLOCK_D=head_dim))
+        block_d = common.padded_head_dim(head_dim)
+        return config_shapes(configs.prune(configs.all(), {"Q": q}, BLOCK_D=block_d))
 
-    assert kept(torch.float16, 64) == config_shapes(tensor_core_configs)
-    assert kept(torch.float32, 64) == config_shapes(fp32_configs)
-    at_256 = kept(torch.bfloat16, 256)
-    assert at_256 <= config_shapes(tensor_core_configs)
-    assert not at_256 & set(too_big)
-    assert set(fitting) <= at_256
+    def fitting(candidates, block_d, element_bytes):
+        return config_shapes(c for c in candidates if configs.shared_memory(c, block_d, element_bytes) <= limit)
+
+    assert kept(torch.float32, 64) == fitting(configs.fp32, 64, 4)
+    assert kept(torch.float16, 40) == fitting(configs.for_head_dim(64, 90), 64, 2)
+    assert kept(torch.bfloat16, 80) == fitting(configs.for_head_dim(128, 90), 128, 2)
+    assert kept(torch.bfloat16, 256) == fitting(configs.for_head_dim(256, 90), 256, 2)
+    for head_dim in (64, 128, 256):  # Hopper-only configs are dropped on Ampere
+        assert kept(torch.float16, head_dim, arch=80) == fitting(configs.for_head_dim(head_dim, 80), head_dim, 2)
+    limit = 1  # nothing fits: the smallest config stays
+    smallest = min(configs.for_head_dim(128, 90), key=lambda c: configs.shared_memory(c, 128, 2))
+    assert kept(torch.float16, 128) == config_shapes([smallest])

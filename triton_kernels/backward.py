@@ -14,12 +14,11 @@ import triton.language as tl
 from .common import (
     INTERPRETING,
     LOG2E,
-    autotune_configs,
-    config_pruner,
+    KernelConfigs,
     dot_precision,
     key_range,
     load_rows,
-    make_configs,
+    n_bucket,
     padded_head_dim,
     program_grid,
     program_tile,
@@ -27,42 +26,13 @@ from .common import (
     visible,
 )
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), checked against sm_90 builds like the forward's. dK/dV keeps
-# a key tile and two fp32 accumulators resident and streams narrow query tiles; dQ is the mirror image.
-# Narrow streamed tiles (and 8 warps at head dim 256) keep register pressure down where the tutorial's
-# single block shape spills.
-DKDV_TENSOR_CORE_CONFIGS = make_configs(
-    [
-        (32, 128, 4, 3),
-        (32, 128, 8, 3),
-        (64, 128, 8, 3),
-        (32, 64, 4, 3),
-        (64, 64, 4, 3),
-        (16, 64, 4, 2),
-        (16, 64, 8, 2),
-    ]
-)
-DKDV_FP32_CONFIGS = make_configs([(16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)])
-DQ_TENSOR_CORE_CONFIGS = make_configs(
-    [
-        (128, 32, 4, 3),
-        (128, 32, 8, 3),
-        (128, 64, 8, 3),
-        (64, 32, 4, 3),
-        (64, 64, 4, 3),
-        (64, 32, 8, 2),
-        (64, 16, 4, 2),
-    ]
-)
-DQ_FP32_CONFIGS = make_configs([(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)])
-
 DELTA_BLOCK_M = 16 if INTERPRETING else 64
 
 
 def _dkdv_shared_memory(config, block_d, element_bytes):
-    """Q and dO tiles per pipeline stage, the resident K and V tiles, and dS staged for its dot."""
+    """Q and dO tiles per pipeline stage and the resident K and V tiles."""
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    tiles = 2 * config.num_stages * block_m * block_d + 2 * block_n * block_d + block_m * block_n
+    tiles = 2 * config.num_stages * block_m * block_d + 2 * block_n * block_d
     return tiles * element_bytes
 
 
@@ -71,6 +41,30 @@ def _dq_shared_memory(config, block_d, element_bytes):
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     tiles = 2 * config.num_stages * block_n * block_d + 2 * block_m * block_d
     return tiles * element_bytes
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim; see KernelConfigs for what they are held to.
+# dK/dV keeps a key tile and two fp32 accumulators resident and streams query tiles; dQ is the mirror image.
+DKDV_CONFIGS = KernelConfigs(
+    tensor_core={
+        64: [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
+        128: [(32, 128, 8, 3, 90), (16, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2)],
+        256: [(16, 64, 8, 2), (32, 64, 8, 2)],
+    },
+    fp32=[(16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)],
+    shared_memory=_dkdv_shared_memory,
+    interpreter_shape=(16, 32, 4, 1),
+)
+DQ_CONFIGS = KernelConfigs(
+    tensor_core={
+        64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+        128: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 32, 8, 2)],
+        256: [(64, 32, 8, 2), (64, 16, 4, 2)],
+    },
+    fp32=[(32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)],
+    shared_memory=_dq_shared_memory,
+    interpreter_shape=(32, 16, 4, 1),
+)
 
 
 @triton.jit
@@ -106,9 +100,9 @@ def _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q):
 
 
 @triton.autotune(
-    configs=autotune_configs(DKDV_TENSOR_CORE_CONFIGS, DKDV_FP32_CONFIGS, interpreter_shape=(16, 32, 4, 1)),
-    key=["BLOCK_D", "CAUSAL"],  # not the sequence lengths, as in the forward; dtypes are added by triton
-    prune_configs_by={"early_config_prune": config_pruner(_dkdv_shared_memory, DKDV_FP32_CONFIGS)},
+    configs=DKDV_CONFIGS.all(),
+    key=["BLOCK_D", "CAUSAL", "q_bucket", "k_bucket"],  # lengths as buckets, as in the forward
+    prune_configs_by={"early_config_prune": DKDV_CONFIGS.prune},
 )
 @triton.jit
 def _dkdv_kernel(
@@ -120,6 +114,7 @@ def _dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     n_heads, n_q, n_k,
+    q_bucket, k_bucket,  # autotune key only
     softmax_scale,
     scale_log2,
     HEAD_DIM: tl.constexpr,
@@ -206,9 +201,9 @@ def _accumulate_dkdv(
 
 
 @triton.autotune(
-    configs=autotune_configs(DQ_TENSOR_CORE_CONFIGS, DQ_FP32_CONFIGS, interpreter_shape=(32, 16, 4, 1)),
-    key=["BLOCK_D", "CAUSAL"],
-    prune_configs_by={"early_config_prune": config_pruner(_dq_shared_memory, DQ_FP32_CONFIGS)},
+    configs=DQ_CONFIGS.all(),
+    key=["BLOCK_D", "CAUSAL", "q_bucket", "k_bucket"],
+    prune_configs_by={"early_config_prune": DQ_CONFIGS.prune},
 )
 @triton.jit
 def _dq_kernel(
@@ -219,6 +214,7 @@ def _dq_kernel(
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
     n_heads, n_q, n_k,
+    q_bucket, k_bucket,  # autotune key only
     softmax_scale,
     scale_log2,
     HEAD_DIM: tl.constexpr,
@@ -317,6 +313,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float):
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         heads, n_q, n_k,
+        n_bucket(n_q), n_bucket(n_k),
         softmax_scale,
         scale_log2,
         HEAD_DIM=head_dim,
@@ -335,6 +332,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float):
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         heads, n_q, n_k,
+        n_bucket(n_q), n_bucket(n_k),
         softmax_scale,
         scale_log2,
         HEAD_DIM=head_dim,

@@ -37,11 +37,10 @@ def make_configs(shapes):
     ]
 
 
-def autotune_configs(tensor_core_configs, fp32_configs, interpreter_shape):
-    """All configs one kernel's autotuner may pick from; just one small tile under the interpreter."""
-    if INTERPRETING:
-        return make_configs([interpreter_shape])
-    return tensor_core_configs + fp32_configs
+def n_bucket(n: int) -> int:
+    """What the autotuner keys on for a length: its next power of two, so that tiles are tuned per length
+    scale (20 buckets up to 2**20 tokens) without retuning and recompiling for every new length."""
+    return triton.next_power_of_2(n)
 
 
 @functools.cache
@@ -49,28 +48,61 @@ def _shared_memory_bytes(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def config_pruner(estimate_bytes, fp32_configs):
-    """An autotune `early_config_prune`: configs meant for the input dtype whose shared memory fits the device.
+@functools.cache
+def _arch(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
 
-    fp32 inputs get their own small tiles: their "ieee" dots run on CUDA cores with operands in registers,
-    and the fp16/bf16 tiles spill heavily in fp32. A config whose shared memory overflows would fail to compile
-    and be skipped by the autotuner anyway; pruning it from the estimate just saves compiling it (large head
-    dims). The smallest config for the dtype always stays.
+
+class KernelConfigs:
+    """The autotune configs of one kernel: fp16/bf16 tiles per padded head dim, and fp32 tiles.
+
+    tensor_core maps the largest padded head dim a list serves to its (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) tuples, with an optional fifth entry, the lowest architecture that keeps the config (90:
+    Hopper only, where it spills on sm_80). Head dim 64 takes the list of 64, head dim 80 that of 128.
+    The compile gate (tests/test_triton_compile.py) holds every config, at its head dim, to no spills on
+    sm_80 and sm_90 (where kept) and every dot a wgmma on sm_90; triton_kernels/RESOURCES.md lists their
+    registers and shared memory. fp32 inputs get their own small tiles: "ieee" dots run on CUDA cores.
+    shared_memory(config, block_d, element_bytes) estimates a config's shared memory.
     """
 
-    def prune(configs, named_args, **kwargs):
+    def __init__(self, tensor_core, fp32, shared_memory, interpreter_shape):
+        self.tensor_core = {
+            head_dim: [(make_configs([shape[:4]])[0], shape[4] if len(shape) > 4 else 0) for shape in shapes]
+            for head_dim, shapes in sorted(tensor_core.items())
+        }
+        self.fp32 = make_configs(fp32)
+        self.shared_memory = shared_memory
+        # The interpreter runs each program as numpy code: one small tile, nothing to tune.
+        self.interpreter = make_configs([interpreter_shape])
+
+    def for_head_dim(self, block_d, arch=None):
+        """The fp16/bf16 configs for a padded head dim kept on sm_<arch> (on any, if arch is None)."""
+        kept = next(configs for head_dim, configs in self.tensor_core.items() if block_d <= head_dim)
+        return [config for config, min_arch in kept if arch is None or arch >= min_arch]
+
+    def all(self):
+        """Every config the autotuner may pick from."""
+        if INTERPRETING:
+            return self.interpreter
+        return [config for kept in self.tensor_core.values() for config, _ in kept] + self.fp32
+
+    def prune(self, configs, named_args, **kwargs):
+        """An autotune `early_config_prune`: the configs for the call's dtype, head dim and architecture
+        whose shared memory fits the device; the smallest of them if none does. A config whose shared
+        memory overflows would fail to compile and be skipped anyway; the estimate saves compiling it."""
         args = {**named_args, **kwargs}
-        q = args["Q"]
-        is_fp32 = q.dtype == torch.float32
-        candidates = [c for c in configs if (c in fp32_configs) == is_fp32]
+        q, block_d = args["Q"], args["BLOCK_D"]
+        if q.dtype == torch.float32:
+            candidates = self.fp32
+        else:
+            candidates = self.for_head_dim(block_d, _arch(q.device.index))
 
         def size(config):
-            return estimate_bytes(config, args["BLOCK_D"], q.element_size())
+            return self.shared_memory(config, block_d, q.element_size())
 
         limit = _shared_memory_bytes(q.device.index)
         return [c for c in candidates if size(c) <= limit] or [min(candidates, key=size)]
-
-    return prune
 
 
 @triton.jit

@@ -6,12 +6,11 @@ import triton.language as tl
 from .common import (
     LN2,
     LOG2E,
-    autotune_configs,
-    config_pruner,
+    KernelConfigs,
     dot_precision,
     key_range,
     load_rows,
-    make_configs,
+    n_bucket,
     padded_head_dim,
     program_grid,
     program_tile,
@@ -19,37 +18,33 @@ from .common import (
     visible,
 )
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp16/bf16, checked against sm_90 builds (shared memory,
-# registers, spills). A large query tile amortizes the K/V loads; 8 warps hold the (BLOCK_M, BLOCK_D) fp32
-# accumulator in registers at big head dims; 2 stages keep head dim 256 within shared memory.
-TENSOR_CORE_CONFIGS = make_configs(
-    [
-        (128, 64, 4, 3),
-        (128, 64, 8, 3),
-        (128, 128, 8, 3),
-        (128, 64, 4, 4),
-        (128, 32, 8, 3),
-        (128, 64, 8, 2),
-        (64, 64, 4, 3),
-        (64, 32, 4, 2),
-    ]
-)
-FP32_CONFIGS = make_configs([(32, 32, 4, 2), (32, 16, 8, 2), (16, 16, 4, 2)])
-
 
 def _forward_shared_memory(config, block_d, element_bytes):
-    """K and V tiles for every pipeline stage plus the Q tile (matches sm_90 builds within a few KiB)."""
+    """K and V tiles for every pipeline stage plus the Q tile."""
     block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     tiles = 2 * config.num_stages * block_n * block_d + block_m * block_d
     return tiles * element_bytes
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim; see KernelConfigs for what they are held to.
+CONFIGS = KernelConfigs(
+    tensor_core={
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+        256: [(64, 32, 8, 2), (64, 64, 8, 2)],
+    },
+    fp32=[(32, 32, 4, 2), (32, 16, 8, 2), (16, 16, 4, 2)],
+    shared_memory=_forward_shared_memory,
+    interpreter_shape=(32, 16, 4, 1),
+)
+
+
 @triton.autotune(
-    configs=autotune_configs(TENSOR_CORE_CONFIGS, FP32_CONFIGS, interpreter_shape=(32, 16, 4, 1)),
-    # Not the sequence lengths: retuning (and recompiling) for every new length would stall training
-    # with variable-length batches. The autotuner adds the tensors' dtypes to the key itself.
-    key=["BLOCK_D", "CAUSAL"],
-    prune_configs_by={"early_config_prune": config_pruner(_forward_shared_memory, FP32_CONFIGS)},
+    configs=CONFIGS.all(),
+    # The lengths only as buckets (n_bucket): retuning and recompiling for every new length would stall
+    # training on variable-length batches. The autotuner adds the tensors' dtypes to the key itself.
+    key=["BLOCK_D", "CAUSAL", "q_bucket", "k_bucket"],
+    prune_configs_by={"early_config_prune": CONFIGS.prune},
 )
 @triton.jit
 def _forward_kernel(
@@ -59,6 +54,7 @@ def _forward_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     n_heads, n_q, n_k,
+    q_bucket, k_bucket,  # autotune key only
     scale_log2,  # softmax scale times log2(e): scores come out in base 2, ready for exp2
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -165,6 +161,7 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float):
         v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         heads, n_q, n_k,
+        n_bucket(n_q), n_bucket(n_k),
         softmax_scale * LOG2E.value,
         HEAD_DIM=head_dim,
         BLOCK_D=padded_head_dim(head_dim),
