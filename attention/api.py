@@ -13,7 +13,8 @@ def _check_causal(name, value):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
-def flash_attention(q, k, v, causal=False, softmax_scale=None, backend="auto", return_lse=False):
+def flash_attention(q, k, v, causal=False, softmax_scale=None, backend="auto", return_lse=False, *,
+                    deterministic=True):
     """Fused attention softmax(scale · q kᵀ) v on (batch, heads, seq_len, head_dim) tensors.
 
     ``causal=True`` aligns the mask bottom-right: query i sees keys j <= i + Nk - Nq (what decoding
@@ -21,12 +22,17 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, backend="auto", r
     defaults to 1/sqrt(head_dim). ``backend`` is "auto", "triton", "cuda", "cpu" or "naive";
     ``explain`` tells which one a call takes and why. With ``return_lse`` also returns the float32
     log-sum-exp of the scaled scores, shape (batch, heads, Nq), without gradient.
+    ``deterministic=False`` lets the Triton backward add dq with atomics in its dk/dv pass (fewer
+    matmuls; dq's last bits vary between runs). With the default, gradients are bitwise repeatable for
+    a given kernel config (the Triton autotuner picks one per process and may pick another elsewhere).
     """
     validate_inputs(q, k, v, softmax_scale)
     _check_causal("causal", causal)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     chosen = select_backend(q, k, v, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    o, lse = chosen.forward(q, k, v, causal, scale)
+    o, lse = chosen.forward(q, k, v, causal, scale, deterministic)
     return (o, lse) if return_lse else o
 
 

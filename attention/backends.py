@@ -28,14 +28,16 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _fused_forward(op):
-    def run(q, k, v, causal, softmax_scale):
-        return op(_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), causal, softmax_scale)
+def _fused_forward(op, takes_deterministic=False):
+    def run(q, k, v, causal, softmax_scale, deterministic=True):
+        args = (_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), causal, softmax_scale)
+        # Only the Triton backward has a non-deterministic variant; the others always are deterministic.
+        return op(*args, deterministic) if takes_deterministic else op(*args)
 
     return run
 
 
-def _run_naive(q, k, v, causal, softmax_scale):
+def _run_naive(q, k, v, causal, softmax_scale, deterministic=True):
     # lse without gradient, as the fused ops return it (they mark it non-differentiable): a caller
     # gets the same autograd graph whichever backend runs.
     o, lse = naive_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
@@ -135,14 +137,14 @@ def _cpu_why_not(q, k, v):
 class Backend:
     name: str
     why_not: Callable  # (q, k, v) -> list[str]
-    forward: Callable  # (q, k, v, causal, softmax_scale) -> (o, lse), differentiable in q, k, v
+    forward: Callable  # (q, k, v, causal, softmax_scale, deterministic) -> (o, lse), differentiable in q, k, v
 
 
 # One C++ op serves both devices; looked up at call time, since attention._C may be missing.
 _cpp_forward = _fused_forward(lambda *args: torch.ops.fused_attention.fwd(*args))
 
 _REGISTRY = {
-    "triton": Backend("triton", _triton_why_not, _fused_forward(torch.ops.fused_attention_triton.fwd)),
+    "triton": Backend("triton", _triton_why_not, _fused_forward(torch.ops.fused_attention_triton.fwd, True)),
     "cuda": Backend("cuda", _cuda_why_not, _cpp_forward),
     "cpu": Backend("cpu", _cpu_why_not, _cpp_forward),
     "naive": Backend("naive", lambda q, k, v: [], _run_naive),

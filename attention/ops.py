@@ -3,7 +3,8 @@
 Each fused backend has a forward op ``(q, k, v, causal, softmax_scale) -> (o, lse)`` and a backward
 op ``(dout, q, k, v, o, lse, causal, softmax_scale) -> (dq, dk, dv)``:
 - ``fused_attention::fwd`` / ``::bwd``: the C++ ops of ``attention._C`` (CPU and, when built, CUDA);
-- ``fused_attention_triton::fwd`` / ``::bwd``: the Triton kernels, defined here.
+- ``fused_attention_triton::fwd`` / ``::bwd``: the Triton kernels, defined here. Both take one more
+  argument, ``deterministic``: the forward only passes it on to the backward (through autograd).
 Both get the same fake implementation (outputs are always fresh contiguous tensors) and the same
 autograd formula. lse is returned without a gradient: it is marked non-differentiable.
 """
@@ -22,7 +23,9 @@ except ImportError as exc:  # not built (no compiler at install time) or built f
 
 
 @torch.library.custom_op("fused_attention_triton::fwd", mutates_args=())
-def triton_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float) -> tuple[Tensor, Tensor]:
+def triton_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, deterministic: bool = True
+) -> tuple[Tensor, Tensor]:
     from .triton_kernels.forward import attention_forward
 
     return attention_forward(q, k, v, causal, softmax_scale)
@@ -30,27 +33,28 @@ def triton_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale:
 
 @torch.library.custom_op("fused_attention_triton::bwd", mutates_args=())
 def triton_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, softmax_scale: float
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, softmax_scale: float,
+    deterministic: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from .triton_kernels.backward import attention_backward
 
-    return attention_backward(dout, q, k, v, o, lse, causal, softmax_scale)
+    return attention_backward(dout, q, k, v, o, lse, causal, softmax_scale, deterministic)
 
 
-def _fake_forward(q, k, v, causal, softmax_scale):
+def _fake_forward(q, k, v, causal, softmax_scale, deterministic=True):
     batch, heads, n_q, head_dim = q.shape
     return q.new_empty(batch, heads, n_q, head_dim), q.new_empty(batch, heads, n_q, dtype=torch.float32)
 
 
-def _fake_backward(dout, q, k, v, o, lse, causal, softmax_scale):
+def _fake_backward(dout, q, k, v, o, lse, causal, softmax_scale, deterministic=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale = inputs
+    q, k, v, causal, softmax_scale, *options = inputs  # options: (deterministic,) for the Triton op
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.causal, ctx.softmax_scale, ctx.options = causal, softmax_scale, options
     ctx.mark_non_differentiable(lse)
 
 
@@ -59,8 +63,8 @@ def _autograd_for(backward_op):
         q, k, v, o, lse = ctx.saved_tensors
         if dout.stride(-1) != 1:  # e.g. the expanded gradient of o.sum()
             dout = dout.contiguous()
-        dq, dk, dv = backward_op(dout, q, k, v, o, lse, ctx.causal, ctx.softmax_scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = backward_op(dout, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, *ctx.options)
+        return dq, dk, dv, None, None, *(None for _ in ctx.options)
 
     return backward
 

@@ -1,11 +1,12 @@
-"""Flash-attention backward in Triton, in three deterministic kernels (no atomics).
+"""Flash-attention backward in Triton: by default three deterministic kernels (no atomics).
 
 1. delta = rowsum(dO * O), the softmax-gradient term every score of a row shares.
 2. dK, dV: one program per key tile, looping over the query tiles that see it.
 3. dQ: one program per query tile, looping over the key tiles it sees.
 Both loops rebuild P = exp2(scale_log2 * q.k - lse_log2) from the forward's lse instead of storing P.
-Splitting dK/dV from dQ costs one extra recomputation of P but lets each kernel own its accumulators in
-registers and write them once, where a fused kernel would need atomics (non-deterministic) for dQ.
+Splitting dK/dV from dQ costs one extra recomputation of P (7 matmuls per tile pair instead of 5) but
+lets each kernel own its accumulators in registers and write them once. With deterministic=False the
+dK/dV kernel also adds dQ into a float32 buffer with atomics, and kernel 3 is skipped.
 """
 import torch
 import triton
@@ -101,12 +102,14 @@ def _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q):
 
 @triton.autotune(
     configs=DKDV_CONFIGS.all(),
-    key=["BLOCK_D", "CAUSAL", "q_bucket", "k_bucket"],  # lengths as buckets, as in the forward
+    key=["BLOCK_D", "CAUSAL", "FUSED_DQ", "q_bucket", "k_bucket"],  # lengths as buckets, as in the forward
     prune_configs_by={"early_config_prune": DKDV_CONFIGS.prune},
+    reset_to_zero=["DQ_ACCUM"],  # the timing runs of the autotuner add to it too
 )
 @triton.jit
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
+    DQ_ACCUM,  # FUSED_DQ: float32 (B, H, Nq, HEAD_DIM), zeroed, for dQ / softmax_scale
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -121,6 +124,7 @@ def _dkdv_kernel(
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -151,12 +155,14 @@ def _dkdv_kernel(
         unmasked_start = 0
     # Query rows past n_q need no mask in either loop: their q and dO load as zeros (see _load_row_stats).
     dk, dv = _accumulate_dkdv(
-        dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, offs_n, offs_d,
-        n_q, n_k, scale_log2, masked_start, unmasked_start, True, CAUSAL, HEAD_DIM, DOT_PRECISION, BLOCK_M,
+        dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n, offs_d,
+        n_q, n_k, scale_log2, masked_start, unmasked_start,
+        True, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
     )
     dk, dv = _accumulate_dkdv(
-        dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, offs_n, offs_d,
-        n_q, n_k, scale_log2, unmasked_start, n_q, False, CAUSAL, HEAD_DIM, DOT_PRECISION, BLOCK_M,
+        dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n, offs_d,
+        n_q, n_k, scale_log2, unmasked_start, n_q,
+        False, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
     )
 
     dk_base = DK + batch * stride_dkb + head * stride_dkh
@@ -167,15 +173,17 @@ def _dkdv_kernel(
 
 @triton.jit
 def _accumulate_dkdv(
-    dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, offs_n, offs_d,
+    dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n, offs_d,
     n_q, n_k, scale_log2, start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """Add query tiles [start, end) to dK (unscaled) and dV; apply the causal mask only when MASKED.
+    With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM, atomically.
 
     The scores are kept transposed, keys by queries: sT = k.qT, dpT = v.dOT, dV += pT.dO, dK += dsT.q.
     Every computed tile is then already the left operand its next product needs, where q.kT would need pT
@@ -197,6 +205,16 @@ def _accumulate_dkdv(
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if FUSED_DQ:
+            # Keys past n_k load as zeros but their ds may be inf (see _dkdv_kernel): drop them before
+            # they meet k. Every key tile's program adds to these rows, so the order of the float32
+            # additions, and the last bits of dQ, vary from run to run. ds is transposed here, once:
+            # dQ = ds.k needs the queries as rows.
+            ds_t = tl.where(offs_n[:, None] < n_k, ds_t, 0.0)
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
+            rows = row_offset + offs_m.to(tl.int64)
+            mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+            tl.atomic_add(DQ_ACCUM + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=mask)
     return dk, dv
 
 
@@ -277,12 +295,15 @@ def _accumulate_dq(
     return dq
 
 
-def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float):
+def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, deterministic: bool = True):
     """Gradients of fused attention: dq, dk, dv as new contiguous tensors shaped and typed like q, k, v.
 
     q, k, v, causal and softmax_scale are the forward's inputs; o and lse (contiguous float32 (B, H, Nq))
-    its outputs. do is the gradient of o, any strides with a contiguous last dim. Deterministic: the same
-    inputs give bitwise the same gradients.
+    its outputs. do is the gradient of o, any strides with a contiguous last dim.
+    deterministic=True: the dK/dV and dQ kernels each own their accumulators; for a given config the same
+    inputs give bitwise the same gradients (the autotuner picks the config per process, so two processes
+    may differ). deterministic=False: dQ is added into a float32 buffer with atomics by the dK/dV kernel
+    (5 matmuls per tile pair instead of 7, no dQ kernel); dQ's last bits then vary from run to run.
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
@@ -304,8 +325,12 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float):
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
 
+    fused_dq = not deterministic
+    # Unused (and empty) in the deterministic kernel.
+    dq_accum = torch.zeros(q.shape if fused_dq else 0, device=q.device, dtype=torch.float32)
     _dkdv_kernel[program_grid(n_k, heads, batch, "BLOCK_N")](
         q, k, v, do, lse, delta, dk, dv,
+        dq_accum,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -320,7 +345,10 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float):
         BLOCK_D=block_d,
         CAUSAL=causal,
         DOT_PRECISION=precision,
+        FUSED_DQ=fused_dq,
     )
+    if fused_dq:
+        return (dq_accum * softmax_scale).to(q.dtype), dk, dv
 
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
 

@@ -96,6 +96,7 @@ def _constexprs(fn, config, head_dim):
         "BLOCK_D": head_dim,
         "CAUSAL": True,  # the causal kernel contains both the masked and the unmasked loop
         "DOT_PRECISION": "tf32",
+        "FUSED_DQ": False,  # the default, deterministic backward
         **config.kwargs,
     }
     return {p.name: values[p.name] for p in fn.params if p.is_constexpr}
