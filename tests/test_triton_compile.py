@@ -12,6 +12,7 @@ seconds); select the gate alone with `pytest -m compile_gate`.
 """
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from attention.triton_kernels import backward, forward  # noqa: E402
+from attention.triton_kernels import backward, forward, resources  # noqa: E402
 
 pytestmark = pytest.mark.compile_gate
 
@@ -46,7 +47,7 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def compiled_list(tmp_path_factory):
     """Every case compiled once, in a subprocess: under TRITON_INTERPRET=1 (set for the other tests) the
     kernels in this process are the interpreter's and cannot be compiled."""
     out = tmp_path_factory.mktemp("triton_compile") / "resources.json"
@@ -54,8 +55,13 @@ def compiled(tmp_path_factory):
     command = [sys.executable, "-m", "attention.triton_kernels.resources", "--json", str(out), "--processes", "2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_list):
     results = {}
-    for entry in json.loads(out.read_text()):
+    for entry in compiled_list:
         if isinstance(entry, dict):
             key = (entry["kernel"], entry["arch"], entry["head_dim"],
                    f"{entry['block_m']}x{entry['block_n']} w{entry['num_warps']} s{entry['num_stages']}")
@@ -96,3 +102,11 @@ def test_some_config_fits_shared_memory(compiled, name, head_dim, arch, limit):
     assert any(isinstance(r, dict) and r["shared_bytes"] <= limit for r in sizes), (
         f"{name} sm_{arch} d{head_dim}: no kept config fits {limit} bytes of shared memory"
     )
+
+
+def test_committed_table_is_current(compiled_list):
+    """triton_kernels/RESOURCES.md is what the kept configs compile to now (regenerate it with the command
+    in its header when a kernel or a config list changes)."""
+    rows = [resources.Resources(**e) if isinstance(e, dict) else tuple(e) for e in compiled_list]
+    committed = pathlib.Path(resources.__file__).with_name("RESOURCES.md").read_text()
+    assert resources.format_table(rows) in committed, "triton_kernels/RESOURCES.md is out of date"
