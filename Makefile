@@ -12,8 +12,9 @@ install:
 test: install emulator
 	$(PYTHON) -m pytest -q --benchmark-disable
 
+# Runs go to benchmarks/runs/<device>-<time>/ unless OUT names a folder (committed results: a deliberate act).
 bench: install
-	$(PYTHON) -m benchmarks
+	$(PYTHON) -m benchmarks $(if $(OUT),--out $(OUT))
 
 # The CUDA kernels of csrc/cuda compiled as host C++ against the emulator of csrc/emulator (see
 # tests/cuda_emulator.py): no GPU and no CUDA toolkit needed.
