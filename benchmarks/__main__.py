@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from .cli import comma, int_list, name_list, parser
+from .cli import check_providers_and_modes, comma, int_list, name_list, parser
 from .flops import MODES
 from .providers import select_providers
 from .report import default_out_dir, format_table, plot_results, write_json
@@ -55,15 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true",
                    help="no progress at all (default: a bar on a terminal, else one line per case)")
     args = p.parse_args(argv)
-    try:
-        select_providers(args.providers)
-    except ValueError as exc:
-        p.error(f"--providers: {exc}")
-    if isinstance(args.modes, str):  # the default, unparsed
-        args.modes = name_list(args.modes)
-    for mode in args.modes:
-        if mode not in MODES:
-            p.error(f"--modes: {mode!r} is not one of {','.join(MODES)}")
+    check_providers_and_modes(p, args)
     for flag, values in (("--seqlens", args.seqlens), ("--head-dims", args.head_dims), ("--tokens", [args.tokens]),
                          ("--hidden", [args.hidden]), ("--threads", [args.threads])):
         if any(v is not None and v < 1 for v in values or []):

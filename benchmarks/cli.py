@@ -1,6 +1,9 @@
 """What the command lines of the benchmarks share: list arguments and a help that shows defaults."""
 import argparse
 
+from .flops import MODES
+from .providers import select_providers
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's and epilog's line breaks; appends "(default: X)" where X says something."""
@@ -39,3 +42,16 @@ def int_list(text):
 def name_list(text):
     """argparse type: "a,b" -> ["a", "b"]."""
     return [x for x in text.split(",") if x]
+
+
+def check_providers_and_modes(p, args):
+    """The --providers and --modes checks every benchmark command line makes, as one-line errors."""
+    try:
+        select_providers(args.providers)
+    except ValueError as exc:
+        p.error(f"--providers: {exc}")
+    if isinstance(args.modes, str):  # the default, unparsed
+        args.modes = name_list(args.modes)
+    for mode in args.modes:
+        if mode not in MODES:
+            p.error(f"--modes: {mode!r} is not one of {comma(MODES)}")

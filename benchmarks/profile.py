@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from .cli import name_list, parser  # noqa: E402
+from .cli import check_providers_and_modes, name_list, parser  # noqa: E402
 from .providers import needs_grad, select_providers  # noqa: E402
 from .report import default_out_dir, log_y_axis, seqlen_axis, write_json  # noqa: E402
 from .run import DTYPES, Config, describe, device_slug, environment, make_inputs, measure, result_row  # noqa: E402
@@ -74,15 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true",
                    help="no progress at all (default: a bar on a terminal, else one line per measurement)")
     args = p.parse_args(argv)
-    try:
-        select_providers(args.providers)
-    except ValueError as exc:
-        p.error(f"--providers: {exc}")
-    if isinstance(args.modes, str):  # the default, unparsed
-        args.modes = name_list(args.modes)
-    for mode in args.modes:
-        if mode not in ("fwd", "bwd", "fwd+bwd"):
-            p.error(f"--modes: {mode!r} is not one of fwd,bwd,fwd+bwd")
+    check_providers_and_modes(p, args)
     if args.fit_points < 2:
         p.error(f"--fit-points must be at least 2 (a line needs two points), got {args.fit_points}")
     for flag in ("batch", "heads", "head_dim", "start", "max_seqlen", "trace", "threads"):
