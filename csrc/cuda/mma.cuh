@@ -77,12 +77,19 @@ __device__ __forceinline__ float element_to_float<__nv_bfloat16>(uint16_t bits) 
   return __bfloat162float(__ushort_as_bfloat16(bits));
 }
 
-// c += A(16x16) * B(16x8), fp32 accumulate.
+// The instructions, written twice below: as PTX for nvcc and, with FUSED_ATTENTION_EMULATOR, as
+// calls into the CUDA emulator (csrc/emulator), which executes them lane by lane on the CPU.
+//   mma_m16n8k16<T>(c, a, b0, b1): c += A(16x16) * B(16x8), fp32 accumulate.
+//   ldmatrix_x4(r, address), ldmatrix_x4_trans: four 8x8 matrices of shared memory (layouts above).
+//   cp_async_16(address, global, src_bytes): starts copying src_bytes (0..16) bytes from global to
+//     shared memory and zero-fills the rest of the 16 destination bytes; with src_bytes == 0 nothing
+//     is read. Both addresses 16-byte aligned.
+//   cp_async_commit(): closes this thread's group of copies started since the last commit.
+//   cp_async_wait<kPending>(): waits until at most kPending of this thread's groups are in flight.
 template <typename T>
 __device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
 #ifdef FUSED_ATTENTION_EMULATOR
-// The CUDA emulator (csrc/emulator) executes these instructions lane by lane on the CPU.
 template <>
 inline void mma_m16n8k16<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   emulator::mma_m16n8k16(emulator::Element::kFloat16, c, a, b0, b1);
@@ -142,8 +149,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t sme
                : "r"(smem_address));
 }
 
-// Starts copying `src_bytes` (0..16) bytes from global to shared memory and zero-fills the rest of
-// the 16 destination bytes; with src_bytes == 0 nothing is read. Both addresses 16-byte aligned.
 __device__ __forceinline__ void cp_async_16(uint32_t smem_address, const void* global_pointer, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address), "l"(global_pointer),
                "r"(src_bytes)
@@ -152,7 +157,6 @@ __device__ __forceinline__ void cp_async_16(uint32_t smem_address, const void* g
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
-// Waits until at most `kPending` of this thread's committed groups are still in flight.
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
