@@ -116,16 +116,15 @@ def _check(error):
         raise EmulatorError(f"cudaError {error}: {LIB.fae_last_error().decode()}")
 
 
-def _poisoned(shape, like, dtype=None):
+def _poisoned(shape, dtype):
     """Outputs start as NaN, so an element a kernel never writes shows up."""
-    return torch.full(shape, float("nan"), dtype=dtype or like.dtype)
+    return torch.full(shape, float("nan"), dtype=dtype)
 
 
-def forward(q, k, v, causal, softmax_scale, o=None):
-    """(o, lse) of the emulated forward kernel; `o` may be given (any strides) to test strided outputs."""
+def forward(q, k, v, causal, softmax_scale):
+    """(o, lse) of the emulated forward kernel."""
     p = _params(q, k, v, causal, softmax_scale)
-    o = _poisoned(q.shape, q) if o is None else o
-    lse = _poisoned(q.shape[:3], q, torch.float32)
+    o, lse = _poisoned(q.shape, q.dtype), _poisoned(q.shape[:3], torch.float32)
     p.o, p.lse = _strided(o), lse.data_ptr()
     _check(LIB.fae_forward(ctypes.byref(p)))
     return o, lse
@@ -133,8 +132,8 @@ def forward(q, k, v, causal, softmax_scale, o=None):
 
 def backward(dout, q, k, v, o, lse, causal, softmax_scale):
     p = _params(q, k, v, causal, softmax_scale)
-    dq, dk, dv = _poisoned(q.shape, q), _poisoned(k.shape, k), _poisoned(v.shape, v)
-    delta = _poisoned(q.shape[:3], q, torch.float32)
+    dq, dk, dv = (_poisoned(t.shape, t.dtype) for t in (q, k, v))
+    delta = _poisoned(q.shape[:3], torch.float32)
     lse = lse.contiguous()
     p.o, p.lse, p.dout = _strided(o), lse.data_ptr(), _strided(dout)
     p.dq, p.dk, p.dv, p.delta = _strided(dq), _strided(dk), _strided(dv), delta.data_ptr()
