@@ -103,7 +103,7 @@ def cuda_device_problems(capability, shared_memory_limit, targets, shared_memory
 
 def _cuda_device_reasons(q, k, v):
     """What keeps the CUDA kernels off this call's GPU: its capability, kernel image, shared memory."""
-    device = torch.cuda.get_device_properties(q.device)  # constant-folded by torch.compile
+    device = torch.cuda.get_device_properties(q.device)
     passes = ["forward"]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         passes.append("backward")
