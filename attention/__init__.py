@@ -1,5 +1,5 @@
 """fused-attention: fused, flash-style attention kernels (Triton, CUDA C++, C++ CPU) as torch ops."""
-from .api import explain, explain_sdpa, flash_attention, scaled_dot_product_attention
+from .api import explain, explain_sdpa, flash_attention, flash_attention_varlen, scaled_dot_product_attention
 from .backends import BACKENDS, available_backends
 from .reference import naive_attention
 
@@ -9,6 +9,7 @@ __all__ = [
     "explain",
     "explain_sdpa",
     "flash_attention",
+    "flash_attention_varlen",
     "naive_attention",
     "scaled_dot_product_attention",
 ]

@@ -1,55 +1,116 @@
-"""The public functions: flash_attention, scaled_dot_product_attention and explain."""
-import math
-
+"""The public functions: flash_attention, flash_attention_varlen, scaled_dot_product_attention, explain."""
 import torch
 import torch.nn.functional as F
 
 from .backends import Explanation, explain_choice, select_backend
-from .validation import validate_inputs
+from .validation import (
+    SDPA_NAMES,
+    AttentionOptions,
+    check_bool,
+    resolve_scale,
+    validate_cu_seqlens,
+    validate_inputs,
+    validate_key_padding_mask,
+)
 
 
-def _check_causal(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+def _dense_options(q, k, v, causal, softmax_scale, scale, key_padding_mask, deterministic):
+    validate_inputs(q, k, v)
+    check_bool("causal", causal)
+    check_bool("deterministic", deterministic)
+    if key_padding_mask is not None:
+        key_padding_mask = validate_key_padding_mask(key_padding_mask, q, k)
+    return AttentionOptions(causal, resolve_scale(softmax_scale, scale, q.shape[-1]), key_padding_mask,
+                            deterministic=deterministic)
 
 
 def flash_attention(q, k, v, causal=False, softmax_scale=None, backend="auto", return_lse=False, *,
-                    deterministic=True):
+                    key_padding_mask=None, deterministic=True, scale=None):
     """Fused attention softmax(scale · q kᵀ) v on (batch, heads, seq_len, head_dim) tensors.
 
-    ``causal=True`` aligns the mask bottom-right: query i sees keys j <= i + Nk - Nq (what decoding
-    with a KV cache needs). Rows that see no key give output 0 and lse -inf. ``softmax_scale``
-    defaults to 1/sqrt(head_dim). ``backend`` is "auto", "triton", "cuda", "cpu" or "naive";
-    ``explain`` tells which one a call takes and why. With ``return_lse`` also returns the float32
-    log-sum-exp of the scaled scores, shape (batch, heads, Nq), without gradient.
+    q is (B, Hq, Nq, D); k and v are (B, Hkv, Nk, D) with Hq a multiple of Hkv: grouped-query (and,
+    with Hkv = 1, multi-query) attention, query head h reading KV head h // (Hq // Hkv), as SDPA's
+    ``enable_gqa``; k and v are never expanded. ``causal=True`` aligns the mask bottom-right: query i
+    sees keys j <= i + Nk - Nq (what decoding with a KV cache needs). ``key_padding_mask``: bool
+    (B, Nk), True where the key is real (left or right padding, or holes); it combines with
+    ``causal``. Rows that see no key give output 0 and lse -inf. ``softmax_scale`` (or its alias
+    ``scale``, SDPA's name) defaults to 1/sqrt(head_dim). ``backend`` is "auto", "triton", "cuda",
+    "cpu" or "naive"; ``explain`` tells which one a call takes and why. With ``return_lse`` also
+    returns the float32 log-sum-exp of the scaled scores, shape (B, Hq, Nq), without gradient.
     ``deterministic=False`` lets the Triton backward add dq with atomics in its dk/dv pass (fewer
     matmuls; dq's last bits vary between runs). With the default, gradients are bitwise repeatable for
     a given kernel config (the Triton autotuner picks one per process and may pick another elsewhere).
     """
-    validate_inputs(q, k, v, softmax_scale)
-    _check_causal("causal", causal)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    chosen = select_backend(q, k, v, backend)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    o, lse = chosen.forward(q, k, v, causal, scale, deterministic)
+    options = _dense_options(q, k, v, causal, softmax_scale, scale, key_padding_mask, deterministic)
+    o, lse = select_backend(q, k, v, options, backend).forward(q, k, v, options)
     return (o, lse) if return_lse else o
 
 
-def _torch_fallback_reasons(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                           softmax_scale=None, backend="auto", return_lse=False, *, deterministic=True, scale=None):
+    """``flash_attention`` on packed variable-length batches, flash-attn's layout, with no padding.
+
+    q is (total_q, Hq, D), k and v (total_k, Hkv, D): the sequences of a batch one after another.
+    cu_seqlens_q and cu_seqlens_k are int32 (B + 1,) offsets on q's device (from 0, non-decreasing,
+    ending at total): sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1]; lengths may be 0 and differ
+    between q and k. max_seqlen_q / max_seqlen_k bound the lengths (they size the kernels' grids).
+    Causal is bottom-right within each sequence. Returns o (total_q, Hq, D) and, with ``return_lse``,
+    lse float32 (Hq, total_q). The offsets are checked on the host (one small copy) outside torch.compile.
+    """
+    validate_inputs(q, k, v, rank=3)
+    check_bool("causal", causal)
+    check_bool("deterministic", deterministic)
+    validate_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k)
+    options = AttentionOptions(causal, resolve_scale(softmax_scale, scale, q.shape[-1]),
+                               cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous(),
+                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic)
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, total, D) views, no copy
+    o, lse = select_backend(q4, k4, v4, options, backend).forward(q4, k4, v4, options)
+    o = o[0].transpose(0, 1)
+    return (o, lse[0]) if return_lse else o
+
+
+def _padding_mask_from_sdpa(attn_mask, query, key):
+    """SDPA's boolean ``attn_mask`` (True: take part) as our (B, Nk) key-padding mask, or None when it
+    is not one: it must broadcast to (B, 1, 1, Nk), the same keys hidden for every head and query."""
+    if attn_mask.dtype != torch.bool or attn_mask.dim() > 4 or attn_mask.dim() == 0:
+        return None
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    batch, n_k = query.shape[0], key.shape[2]
+    if mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[0] not in (1, batch) or mask.shape[3] not in (1, n_k):
+        return None
+    return mask[:, 0, 0, :].expand(batch, n_k)
+
+
+def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """(reasons torch's SDPA must run the call, our key-padding mask or None)."""
     reasons = []
+    padding = None
     if attn_mask is not None:
-        reasons.append("attn_mask is given (our kernels take no arbitrary mask)")
+        if not isinstance(attn_mask, torch.Tensor):
+            reasons.append(f"attn_mask is a {type(attn_mask).__name__}, not a tensor")
+        elif is_causal:
+            reasons.append("attn_mask and is_causal are both given (torch's SDPA rejects that)")
+        else:
+            padding = _padding_mask_from_sdpa(attn_mask, query, key)
+            if padding is None:
+                reasons.append(f"attn_mask ({attn_mask.dtype}, shape {tuple(attn_mask.shape)}) is not a boolean "
+                               f"key-padding mask broadcastable to (batch, 1, 1, Nk), the only mask our kernels take")
     if dropout_p != 0.0:
         reasons.append(f"dropout_p={dropout_p} (our kernels have no dropout)")
     try:
-        validate_inputs(query, key, value, scale)
+        validate_inputs(query, key, value, names=SDPA_NAMES)
+        resolve_scale(scale, None, query.shape[-1], "scale")
     except (TypeError, ValueError) as exc:
         reasons.append(str(exc))
-        return reasons
+        return reasons, None
+    if key.shape[1] != query.shape[1] and not enable_gqa:
+        reasons.append(f"key has {key.shape[1]} heads and query {query.shape[1]}, but enable_gqa is False")
     if is_causal and query.shape[2] != key.shape[2]:
         reasons.append("is_causal with Nq != Nk: SDPA aligns the mask top-left, our kernels bottom-right")
-    return reasons
+    if padding is not None and padding.device != query.device:
+        reasons.append(f"attn_mask is on {padding.device} but query is on {query.device}")
+    return reasons, padding
 
 
 def scaled_dot_product_attention(
@@ -57,27 +118,32 @@ def scaled_dot_product_attention(
 ):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention, same signature and meaning.
 
-    Calls our fused kernels where they apply; otherwise (attn_mask, dropout, grouped heads, other
-    ranks or dtypes, causal with Nq != Nk) torch's own SDPA runs the call. ``explain_sdpa`` says which.
+    Calls our fused kernels where they apply: grouped heads with ``enable_gqa=True`` and a boolean
+    ``attn_mask`` that is a key-padding mask (broadcastable to (B, 1, 1, Nk)) included. Otherwise
+    (other masks, dropout, other ranks or dtypes, causal with Nq != Nk) torch's own SDPA runs the call;
+    ``explain_sdpa`` says which. A query row whose keys are all masked gives 0 here (torch's SDPA: NaN).
     """
-    if _torch_fallback_reasons(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    reasons, padding = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if reasons:
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,
         )
-    return flash_attention(query, key, value, causal=bool(is_causal), softmax_scale=scale)
+    return flash_attention(query, key, value, causal=bool(is_causal), softmax_scale=scale, key_padding_mask=padding)
 
 
-def explain(q, k, v, causal=False, softmax_scale=None, backend="auto") -> Explanation:
+def explain(q, k, v, causal=False, softmax_scale=None, backend="auto", *, key_padding_mask=None, deterministic=True,
+            scale=None) -> Explanation:
     """Which backend ``flash_attention`` with these arguments takes, and why the others were passed over."""
-    validate_inputs(q, k, v, softmax_scale)
-    _check_causal("causal", causal)
-    return explain_choice(q, k, v, backend)
+    options = _dense_options(q, k, v, causal, softmax_scale, scale, key_padding_mask, deterministic)
+    return explain_choice(q, k, v, options, backend)
 
 
 def explain_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """What ``scaled_dot_product_attention`` does with these arguments: our backend, or torch's SDPA and why."""
-    reasons = _torch_fallback_reasons(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    reasons, padding = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reasons:
         return Explanation(None, torch_fallback=reasons)
-    return explain_choice(query, key, value)
+    scale = resolve_scale(scale, None, query.shape[-1], "scale")
+    options = AttentionOptions(bool(is_causal), scale, None if padding is None else padding.contiguous())
+    return explain_choice(query, key, value, options)

@@ -1,8 +1,9 @@
 """Which backend runs a call, and why the others do not.
 
-Each backend answers ``why_not(q, k, v)`` with a list of reasons (empty: it can run the call).
+Each backend answers ``why_not(q, k, v, options)`` with a list of reasons (empty: it can run the call).
 ``"auto"`` walks the device's preference order and takes the first with no reasons; an explicit
-backend that cannot run raises with its reasons; ``explain`` shows the whole decision.
+backend that cannot run raises with its reasons; ``explain`` shows the whole decision, the backends
+``"auto"`` never considers on that device included.
 """
 import importlib.util
 import os
@@ -13,7 +14,8 @@ from typing import Callable
 import torch
 
 from . import ops
-from .reference import naive_attention
+from .reference import naive_attention, naive_attention_varlen
+from .validation import AttentionOptions
 
 BACKENDS = ("triton", "cuda", "cpu", "naive")
 
@@ -29,18 +31,24 @@ def _last_dim_contiguous(t):
 
 
 def _fused_forward(op, takes_deterministic=False):
-    def run(q, k, v, causal, softmax_scale, deterministic=True):
-        args = (_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), causal, softmax_scale)
+    def run(q, k, v, options: AttentionOptions):
+        args = (_last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), *options.op_args())
         # Only the Triton backward has a non-deterministic variant; the others always are deterministic.
-        return op(*args, deterministic) if takes_deterministic else op(*args)
+        return op(*args, options.deterministic) if takes_deterministic else op(*args)
 
     return run
 
 
-def _run_naive(q, k, v, causal, softmax_scale, deterministic=True):
+def _run_naive(q, k, v, options: AttentionOptions):
     # lse without gradient, as the fused ops return it (they mark it non-differentiable): a caller
     # gets the same autograd graph whichever backend runs.
-    o, lse = naive_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+    if options.varlen:  # back to flash-attn's packed (total, H, D) layout, one call per sequence
+        packed = lambda t: t[0].transpose(0, 1)
+        o, lse = naive_attention_varlen(packed(q), packed(k), packed(v), options.cu_seqlens_q, options.cu_seqlens_k,
+                                        options.causal, options.softmax_scale, return_lse=True)
+        return o.transpose(0, 1)[None], lse[None].detach()
+    o, lse = naive_attention(q, k, v, causal=options.causal, softmax_scale=options.softmax_scale, return_lse=True,
+                             key_padding_mask=options.key_padding_mask)
     return o, lse.detach()
 
 
@@ -50,7 +58,7 @@ def _empty_reasons(q, k):
     return []
 
 
-def _triton_why_not(q, k, v):
+def _triton_why_not(q, k, v, options):
     if not TRITON_INSTALLED:
         return ["triton is not installed"]
     if q.device.type == "cpu" and not TRITON_INTERPRET:
@@ -112,7 +120,7 @@ def _cuda_device_reasons(q, k, v):
                                 ops.CUDA_TARGETS, needed)
 
 
-def _cuda_why_not(q, k, v):
+def _cuda_why_not(q, k, v, options):
     if ops.EXTENSION_ERROR is not None:
         return [ops.EXTENSION_ERROR]
     if not ops.HAS_CUDA_KERNELS:
@@ -126,7 +134,7 @@ def _cuda_why_not(q, k, v):
     return reasons + _empty_reasons(q, k)
 
 
-def _cpu_why_not(q, k, v):
+def _cpu_why_not(q, k, v, options):
     if ops.EXTENSION_ERROR is not None:
         return [ops.EXTENSION_ERROR]
     reasons = [] if q.device.type == "cpu" else [f"the C++ CPU kernels run CPU tensors, got {q.device.type}"]
@@ -136,8 +144,8 @@ def _cpu_why_not(q, k, v):
 @dataclass(frozen=True)
 class Backend:
     name: str
-    why_not: Callable  # (q, k, v) -> list[str]
-    forward: Callable  # (q, k, v, causal, softmax_scale, deterministic) -> (o, lse), differentiable in q, k, v
+    why_not: Callable  # (q, k, v, options) -> list[str]
+    forward: Callable  # (q, k, v, options) -> (o, lse), differentiable in q, k, v
 
 
 # One C++ op serves both devices; looked up at call time, since attention._C may be missing.
@@ -147,7 +155,7 @@ _REGISTRY = {
     "triton": Backend("triton", _triton_why_not, _fused_forward(torch.ops.fused_attention_triton.fwd, True)),
     "cuda": Backend("cuda", _cuda_why_not, _cpp_forward),
     "cpu": Backend("cpu", _cpu_why_not, _cpp_forward),
-    "naive": Backend("naive", lambda q, k, v: [], _run_naive),
+    "naive": Backend("naive", lambda q, k, v, options: [], _run_naive),
 }
 
 
@@ -175,23 +183,40 @@ def _check_backend_name(backend):
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
 
-def explain_choice(q, k, v, backend="auto") -> Explanation:
+def explain_choice(q, k, v, options, backend="auto") -> Explanation:
+    """``backend`` is a name or, for tests of a backend outside the registry (the emulated CUDA
+    kernels), a Backend."""
+    if isinstance(backend, Backend):
+        reasons = backend.why_not(q, k, v, options)
+        return Explanation(None if reasons else backend.name, {backend.name: reasons} if reasons else {})
     _check_backend_name(backend)
     candidates = AUTO_ORDER.get(q.device.type, ("naive",)) if backend == "auto" else (backend,)
-    passed_over = {}
+    passed_over, chosen = {}, None
     for name in candidates:
-        reasons = _REGISTRY[name].why_not(q, k, v)
+        reasons = _REGISTRY[name].why_not(q, k, v, options)
         if not reasons:
-            return Explanation(name, passed_over)
+            chosen = name
+            break
         passed_over[name] = reasons
-    return Explanation(None, passed_over)
+    if backend == "auto":  # say why the backends of other devices were not considered at all
+        for name in BACKENDS:
+            if name not in candidates:
+                passed_over[name] = _REGISTRY[name].why_not(q, k, v, options) or [
+                    f"auto does not take it for {q.device.type} tensors (ask for it by name)"]
+    return Explanation(chosen, passed_over)
 
 
-def select_backend(q, k, v, backend="auto") -> Backend:
-    choice = explain_choice(q, k, v, backend)
+def select_backend(q, k, v, options, backend="auto") -> Backend:
+    choice = explain_choice(q, k, v, options, backend)
     if choice.backend is None:
-        raise RuntimeError(f"backend={backend!r} cannot run this call:\n{choice}")
-    return _REGISTRY[choice.backend]
+        name = backend.name if isinstance(backend, Backend) else backend
+        raise RuntimeError(f"backend={name!r} cannot run this call:\n{choice}")
+    return backend if isinstance(backend, Backend) else _REGISTRY[choice.backend]
+
+
+def fused_backend(name, forward_op, why_not):
+    """A Backend running a forward op with the fused ops' signature (see ops.py), for the test grid."""
+    return Backend(name, why_not, _fused_forward(forward_op))
 
 
 def available_backends(device="cpu") -> list[str]:
@@ -199,4 +224,5 @@ def available_backends(device="cpu") -> list[str]:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         return []
     probe = torch.empty(1, 1, 1, 16, device=device, dtype=torch.float16)
-    return [name for name in BACKENDS if not _REGISTRY[name].why_not(probe, probe, probe)]
+    options = AttentionOptions(causal=False, softmax_scale=0.25)
+    return [name for name in BACKENDS if not _REGISTRY[name].why_not(probe, probe, probe, options)]

@@ -9,9 +9,8 @@ import math
 import torch
 from torch import nn
 
-from .api import flash_attention, scaled_dot_product_attention
+from .api import flash_attention
 from .backends import BACKENDS
-from .reference import causal_mask
 
 
 def check_backend(backend):
@@ -72,26 +71,17 @@ class MultiHeadAttention(nn.Module):
         """x: (B, Nq, d_model); context: (B, Nk, d_model) for cross-attention; key_padding_mask: bool
         (B, Nk), True where the key is padding. Returns (B, Nq, d_model)."""
         q, k, v = self.project(x, context)
-        if key_padding_mask is None:
-            o = flash_attention(q, k, v, causal=self.causal, backend=self.backend)
-        else:
-            # Our kernels take no mask: with padding the call goes to torch's SDPA (through our
-            # scaled_dot_product_attention), whatever self.backend says. Every row must keep one key.
-            o = scaled_dot_product_attention(q, k, v, attn_mask=self._allowed_keys(key_padding_mask, q, k))
+        if key_padding_mask is not None:
+            batch, n_k = k.shape[0], k.shape[2]
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, n_k):
+                raise ValueError(
+                    f"key_padding_mask must be a bool tensor of shape (batch, Nk) = {(batch, n_k)}, "
+                    f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                )
+            key_padding_mask = ~key_padding_mask  # flash_attention's mask is True where the key is real
+        o = flash_attention(q, k, v, causal=self.causal, backend=self.backend, key_padding_mask=key_padding_mask)
         batch, n_q, _ = x.shape
         return self.out_proj(o.transpose(1, 2).reshape(batch, n_q, self.d_model))
-
-    def _allowed_keys(self, key_padding_mask, q, k):
-        batch, n_k = k.shape[0], k.shape[2]
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, n_k):
-            raise ValueError(
-                f"key_padding_mask must be a bool tensor of shape (batch, Nk) = {(batch, n_k)}, "
-                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-            )
-        hidden = key_padding_mask[:, None, None, :]  # (B, 1, 1, Nk)
-        if self.causal:
-            hidden = hidden | causal_mask(q.shape[2], n_k, q.device)  # (B, 1, Nq, Nk)
-        return ~hidden  # SDPA's bool mask is True where attention is allowed
 
     def extra_repr(self):
         return (

@@ -1,14 +1,19 @@
 """The fused kernels as torch ops, so autograd and torch.compile see one opaque call per direction.
 
-Each fused backend has a forward op ``(q, k, v, causal, softmax_scale) -> (o, lse)`` and a backward
-op ``(dout, q, k, v, o, lse, causal, softmax_scale) -> (dq, dk, dv)``:
+Each fused backend has a forward op and a backward op with the arguments csrc/ops.cpp declares:
+  fwd(q, k, v, causal, softmax_scale, key_padding_mask?, cu_seqlens_q?, cu_seqlens_k?,
+      max_seqlen_q, max_seqlen_k) -> (o, lse)
+  bwd(dout, q, k, v, o, lse, <the same options>) -> (dq, dk, dv)
 - ``fused_attention::fwd`` / ``::bwd``: the C++ ops of ``attention._C`` (CPU and, when built, CUDA);
 - ``fused_attention_triton::fwd`` / ``::bwd``: the Triton kernels, defined here. Both take one more
   argument, ``deterministic``: the forward only passes it on to the backward (through autograd).
-Both get the same fake implementation (outputs are always fresh contiguous tensors) and the same
-autograd formula. lse is returned without a gradient: it is marked non-differentiable.
+q, k, v are 4-D: (B, Hq, Nq, D) and (B, Hkv, Nk, D) (grouped-query heads when Hkv < Hq), or, with
+cu_seqlens, flash-attn's packed (total, H, D) tensors seen as (1, H, total, D). Every op gets the same
+fake implementation (it gives the outputs' exact layouts) and the same autograd formula. lse is
+returned without a gradient: it is marked non-differentiable.
 """
 import importlib
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -24,47 +29,63 @@ except ImportError as exc:  # not built (no compiler at install time) or built f
 
 @torch.library.custom_op("fused_attention_triton::fwd", mutates_args=())
 def triton_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, deterministic: bool = True
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, key_padding_mask: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+    deterministic: bool = True,
 ) -> tuple[Tensor, Tensor]:
     from .triton_kernels.forward import attention_forward
 
-    return attention_forward(q, k, v, causal, softmax_scale)
+    return attention_forward(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k)
 
 
 @torch.library.custom_op("fused_attention_triton::bwd", mutates_args=())
 def triton_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, softmax_scale: float,
-    deterministic: bool = True,
+    key_padding_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, deterministic: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from .triton_kernels.backward import attention_backward
 
-    return attention_backward(dout, q, k, v, o, lse, causal, softmax_scale, deterministic)
+    return attention_backward(dout, q, k, v, o, lse, causal, softmax_scale, deterministic, key_padding_mask,
+                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
-def _fake_forward(q, k, v, causal, softmax_scale, deterministic=True):
-    batch, heads, n_q, head_dim = q.shape
-    return q.new_empty(batch, heads, n_q, head_dim), q.new_empty(batch, heads, n_q, dtype=torch.float32)
+def empty_like_input(t, varlen):
+    """A fresh output shaped like the 4-D input t: contiguous, or with cu_seqlens the (1, H, total, D) view
+    of a contiguous (total, H, D) tensor, flash-attn's packed layout."""
+    if not varlen:
+        return t.new_empty(t.shape)
+    _, heads, total, head_dim = t.shape
+    return t.new_empty(total, heads, head_dim).transpose(0, 1).unsqueeze(0)
 
 
-def _fake_backward(dout, q, k, v, o, lse, causal, softmax_scale, deterministic=True):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _fake_forward(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *rest):
+    return empty_like_input(q, cu_seqlens_q is not None), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _fake_backward(dout, q, k, v, o, lse, causal, softmax_scale, key_padding_mask, cu_seqlens_q, *rest):
+    varlen = cu_seqlens_q is not None
+    return empty_like_input(q, varlen), empty_like_input(k, varlen), empty_like_input(v, varlen)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, *options = inputs  # options: (deterministic,) for the Triton op
+    q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *sizes_and_flags = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.softmax_scale, ctx.options = causal, softmax_scale, options
+    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
+    # (max_seqlen_q, max_seqlen_k) and, for the Triton op, deterministic
+    ctx.causal, ctx.softmax_scale, ctx.sizes_and_flags = causal, softmax_scale, sizes_and_flags
     ctx.mark_non_differentiable(lse)
 
 
 def _autograd_for(backward_op):
     def backward(ctx, dout, _dlse):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         if dout.stride(-1) != 1:  # e.g. the expanded gradient of o.sum()
             dout = dout.contiguous()
-        dq, dk, dv = backward_op(dout, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, *ctx.options)
-        return dq, dk, dv, None, None, *(None for _ in ctx.options)
+        dq, dk, dv = backward_op(dout, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, key_padding_mask,
+                                 cu_seqlens_q, cu_seqlens_k, *ctx.sizes_and_flags)
+        return dq, dk, dv, *(None for _ in range(5 + len(ctx.sizes_and_flags)))
 
     return backward
 

@@ -1,36 +1,141 @@
-"""Checks every public call makes once, before any backend runs: each error names the argument."""
+"""Checks every public call makes once, before any backend runs: each error names the argument.
+
+The checks end in one frozen ``AttentionOptions`` that dispatch, ``explain`` and the ops read.
+"""
+import math
+from dataclasses import dataclass
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
+# The argument names of flash_attention, and those of torch's SDPA for its drop-in.
+FLASH_NAMES = dict(q="q", k="k", v="v", scale="softmax_scale")
+SDPA_NAMES = dict(q="query", k="key", v="value", scale="scale")
 
-def validate_inputs(q, k, v, softmax_scale=None):
-    for name, t in (("q", q), ("k", k), ("v", v)):
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """One call's options, checked. Dense calls leave the cu_seqlens None; varlen calls (flash-attn's
+    packed layout, seen by the kernels as 4-D (1, H, total, D) views) leave key_padding_mask None."""
+
+    causal: bool
+    softmax_scale: float
+    key_padding_mask: torch.Tensor | None = None  # contiguous bool (B, Nk), True where the key is real
+    cu_seqlens_q: torch.Tensor | None = None  # int32 (B + 1,)
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    deterministic: bool = True
+
+    @property
+    def varlen(self):
+        return self.cu_seqlens_q is not None
+
+    def op_args(self):
+        """The arguments after (q, k, v) of every fused forward op, as csrc/ops.cpp declares them."""
+        return (self.causal, self.softmax_scale, self.key_padding_mask, self.cu_seqlens_q, self.cu_seqlens_k,
+                self.max_seqlen_q, self.max_seqlen_k)
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def resolve_scale(softmax_scale, scale, head_dim, name="softmax_scale"):
+    """The scale to use: ``softmax_scale`` or its alias ``scale`` (SDPA's name), 1/sqrt(head_dim) if neither."""
+    if scale is not None:
+        if softmax_scale is not None and softmax_scale != scale:
+            raise ValueError(f"softmax_scale={softmax_scale} and scale={scale} disagree: give one of them")
+        softmax_scale, name = scale, "scale"
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"{name} must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"{name} must be finite, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def validate_inputs(q, k, v, names=FLASH_NAMES, rank=4):
+    """q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D) with Hq a multiple of Hkv; rank 3 (total, H, D) for varlen."""
+    layout = "(batch, heads, seq_len, head_dim)" if rank == 4 else "(total_tokens, heads, head_dim)"
+    qn, kn, vn = names["q"], names["k"], names["v"]
+    for name, t in ((qn, q), (kn, k), (vn, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have rank 4 (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    for name, t in (("k", k), ("v", v)):
+    for name, t in ((kn, k), (vn, v)):
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all inputs must share a device")
+            raise ValueError(f"{name} is on {t.device} but {qn} is on {q.device}: all inputs must share a device")
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all inputs must share a dtype")
-        if t.shape[:2] != q.shape[:2]:
-            raise ValueError(
-                f"{name} has (batch, heads) {tuple(t.shape[:2])} but q has {tuple(q.shape[:2])}: they must match"
-            )
-    if v.shape[2] != k.shape[2]:
-        raise ValueError(f"v has {v.shape[2]} keys (dim 2) but k has {k.shape[2]}: they must match")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape[3] != q.shape[3]:
-            raise ValueError(f"{name} has head_dim {t.shape[3]} but q has {q.shape[3]}: head dims must be equal")
-    if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
-        raise ValueError(f"q has head_dim {q.shape[3]}: supported head dims are 1..{MAX_HEAD_DIM}")
-    if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        if not softmax_scale == softmax_scale or softmax_scale in (float("inf"), float("-inf")):
-            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+            raise TypeError(f"{name} has dtype {t.dtype} but {qn} has {q.dtype}: all inputs must share a dtype")
+        if rank == 4 and t.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} has batch {t.shape[0]} but {qn} has {q.shape[0]}: they must match")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"{vn} has {v.shape[1]} heads but {kn} has {k.shape[1]}: they must match")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{qn} has {q.shape[1]} heads, not a multiple of the {k.shape[1]} heads of {kn} "
+                         f"(grouped-query attention: query heads = group size x key heads)")
+    seq_dim, what = (2, "keys (dim 2)") if rank == 4 else (0, "tokens (dim 0)")
+    if v.shape[seq_dim] != k.shape[seq_dim]:
+        raise ValueError(f"{vn} has {v.shape[seq_dim]} {what} but {kn} has {k.shape[seq_dim]}: they must match")
+    for name, t in ((kn, k), (vn, v)):
+        if t.shape[-1] != q.shape[-1]:
+            raise ValueError(f"{name} has head_dim {t.shape[-1]} but {qn} has {q.shape[-1]}: head dims must be equal")
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"{qn} has head_dim {q.shape[-1]}: supported head dims are 1..{MAX_HEAD_DIM}")
+
+
+def validate_key_padding_mask(mask, q, k, name="key_padding_mask"):
+    """A bool (B, Nk) tensor on q's device, True where the key is real; returned contiguous."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True where the key is real), got {mask.dtype}")
+    expected = (q.shape[0], k.shape[2])
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"{name} must have shape (batch, Nk) = {expected}, got {tuple(mask.shape)}")
+    if mask.device != q.device:
+        raise ValueError(f"{name} is on {mask.device} but q is on {q.device}: all inputs must share a device")
+    return mask.contiguous()
+
+
+def validate_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k):
+    """int32 (B + 1,) offsets on q's device, from 0, non-decreasing, ending at the token count; the max
+    lengths at least the longest sequence. Reads the offsets on the host (one small copy) unless traced."""
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {q.device}: all inputs must share a device")
+        if cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{name} must have shape (batch + 1,), got {tuple(cu.shape)}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has "
+                         f"{cu_seqlens_k.numel()}: both are (batch + 1,)")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+    if torch.compiler.is_compiling():  # values are data: checking them would break the graph
+        return
+    for name, cu, total, max_name, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
+                                                ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
+        bounds = cu.tolist()
+        lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+        if bounds[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {bounds[0]}")
+        if any(n < 0 for n in lengths):
+            raise ValueError(f"{name} must be non-decreasing, got {bounds}")
+        if bounds[-1] != total:
+            raise ValueError(f"{name} ends at {bounds[-1]} but there are {total} tokens: the last entry must be "
+                             f"the total")
+        if lengths and max(lengths) > max_len:
+            raise ValueError(f"{max_name}={max_len} is below the longest sequence in {name} ({max(lengths)})")

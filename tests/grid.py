@@ -6,6 +6,7 @@ import torch
 
 import attention
 import cuda_emulator
+from attention.backends import fused_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -40,11 +41,24 @@ def backends_under_test():
     return backends
 
 
+def _backend(name):
+    """A backend name for the public API; the emulated CUDA kernels as a Backend of their own."""
+    if name != EMULATED_CUDA:
+        return name
+    takes = (torch.float16, torch.bfloat16)
+    return fused_backend(EMULATED_CUDA, torch.ops.fused_attention_emulated.fwd,
+                         lambda q, k, v, options: [] if q.dtype in takes else [f"float16 or bfloat16, not {q.dtype}"])
+
+
 def flash_attention(q, k, v, backend, **options):
     """attention.flash_attention on `backend`, the emulated CUDA kernels included."""
-    if backend == EMULATED_CUDA:
-        return cuda_emulator.flash_attention(q, k, v, **options)
-    return attention.flash_attention(q, k, v, backend=backend, **options)
+    return attention.flash_attention(q, k, v, backend=_backend(backend), **options)
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend, **options):
+    """attention.flash_attention_varlen on `backend`, the emulated CUDA kernels included."""
+    return attention.flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            backend=_backend(backend), **options)
 
 
 def dtypes_for(backend):

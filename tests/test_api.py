@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import attention
-from attention.reference import causal_mask
-from grid import DEVICE, backends_under_test
+from attention.reference import causal_mask, naive_attention_varlen
+from grid import DEVICE, EMULATED_CUDA, backends_under_test
 
 
 def qkv(n_q=8, n_k=8, head_dim=16, dtype=torch.float32, batch=2, heads=3):
@@ -23,8 +23,9 @@ BAD_CALLS = [
     (lambda q, k, v: (q, k, v.double()), TypeError, r"v must be float16, bfloat16 or float32"),
     (lambda q, k, v: (q.int(), k, v), TypeError, r"q must be float16"),
     (lambda q, k, v: (q, k.half(), v), TypeError, r"k has dtype torch.float16 but q has torch.float32"),
-    (lambda q, k, v: (q, k, v[:1]), ValueError, r"v has \(batch, heads\) \(1, 3\) but q has \(2, 3\)"),
-    (lambda q, k, v: (q, k[:, :2], v), ValueError, r"k has \(batch, heads\)"),
+    (lambda q, k, v: (q, k, v[:1]), ValueError, r"v has batch 1 but q has 2"),
+    (lambda q, k, v: (q, k[:, :2], v[:, :2]), ValueError, r"q has 3 heads, not a multiple of the 2 heads of k"),
+    (lambda q, k, v: (q, k[:, :1], v), ValueError, r"v has 3 heads but k has 1"),
     (lambda q, k, v: (q, k, v[:, :, :5]), ValueError, r"v has 5 keys \(dim 2\) but k has 8"),
     (lambda q, k, v: (q, k[..., :8], v), ValueError, r"k has head_dim 8 but q has 16"),
     (lambda q, k, v: (q, k, v[..., :8]), ValueError, r"v has head_dim 8 but q has 16"),
@@ -114,15 +115,17 @@ def test_sdpa_drop_in_matches_torch(is_causal):
 
 
 SDPA_FALLBACKS = [
-    (dict(attn_mask="mask"), "attn_mask is given"),
+    (dict(attn_mask="mask"), "is not a boolean key-padding mask"),
+    (dict(attn_mask="float"), "is not a boolean key-padding mask"),
     (dict(dropout_p=0.5), "dropout_p=0.5"),
     (dict(is_causal=True, n_q=5, n_k=9), "top-left"),
-    (dict(enable_gqa=True, kv_heads=1), "k has \\(batch, heads\\)"),
-    (dict(dtype=torch.float64), "q must be float16, bfloat16 or float32"),
+    (dict(kv_heads=1), "key has 1 heads and query 3, but enable_gqa is False"),
+    (dict(dtype=torch.float64), "query must be float16, bfloat16 or float32"),
 ]
 
 
-@pytest.mark.parametrize("case,reason", SDPA_FALLBACKS, ids=["mask", "dropout", "causal-nq-ne-nk", "gqa", "float64"])
+@pytest.mark.parametrize("case,reason", SDPA_FALLBACKS,
+                         ids=["mask", "float-mask", "dropout", "causal-nq-ne-nk", "heads-without-gqa", "float64"])
 def test_sdpa_falls_back_to_torch_and_says_so(case, reason):
     case = dict(case)
     n_q, n_k, kv_heads = case.pop("n_q", 8), case.pop("n_k", 8), case.pop("kv_heads", 3)
@@ -131,12 +134,115 @@ def test_sdpa_falls_back_to_torch_and_says_so(case, reason):
     k, v = k[:, :kv_heads], v[:, :kv_heads]
     if case.get("attn_mask") == "mask":
         case["attn_mask"] = torch.rand(n_q, n_k, device=DEVICE) > 0.3
+    if case.get("attn_mask") == "float":
+        case["attn_mask"] = torch.zeros(2, 1, 1, n_k, device=DEVICE)
     explanation = attention.explain_sdpa(q, k, v, **case)
     assert explanation.backend is None and any(re.search(reason, r) for r in explanation.torch_fallback), explanation
+    if kv_heads != 3:  # torch's own SDPA rejects different head counts without enable_gqa
+        with pytest.raises(RuntimeError):
+            attention.scaled_dot_product_attention(q, k, v, **case)
+        return
     torch.manual_seed(0)
     ours = attention.scaled_dot_product_attention(q, k, v, **case)
     torch.manual_seed(0)
     torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, **case))
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 11), (1, 1, 11), (11,), (2, 1, 1, 1)])
+def test_sdpa_key_padding_masks_run_on_our_kernels(mask_shape):
+    """A boolean attn_mask broadcastable to (B, 1, 1, Nk), with grouped heads, as Hugging Face models pass it."""
+    q, k, v = qkv(n_q=7, n_k=11, heads=4)
+    k, v = k[:, :2], v[:, :2]
+    mask = torch.rand(mask_shape, device=DEVICE) > 0.3
+    mask.view(-1)[0] = True  # every row keeps a key: torch's SDPA gives NaN for rows that see none
+    if mask_shape[-1] == 1:
+        mask[:] = True
+    args = dict(attn_mask=mask, enable_gqa=True, scale=0.3)
+    explanation = attention.explain_sdpa(q, k, v, **args)
+    assert explanation.backend is not None, explanation
+    torch.testing.assert_close(attention.scaled_dot_product_attention(q, k, v, **args),
+                               F.scaled_dot_product_attention(q, k, v, **args))
+
+
+def test_sdpa_fully_masked_rows_give_zero():
+    q, k, v = qkv(n_q=5, n_k=6)
+    mask = torch.tensor([True, False], device=DEVICE)[:, None, None, None].expand(2, 1, 1, 6)
+    o = attention.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.all(o[1] == 0) and not o.isnan().any()
+
+
+def test_explain_sdpa_names_sdpa_arguments():
+    q, k, v = qkv()
+    for bad, message in ((dict(query=q[0]), r"query must have rank 4"), (dict(key=k.half()), r"key has dtype"),
+                         (dict(scale="x"), r"scale must be a float"), (dict(value=v[:, :, :3]), r"value has 3 keys")):
+        args = dict(query=q, key=k, value=v) | bad
+        reasons = attention.explain_sdpa(**args).torch_fallback
+        assert any(re.search(message, r) for r in reasons), reasons
+
+
+def test_explain_on_cpu_says_why_triton_and_cuda_were_passed_over():
+    q, k, v = qkv()
+    choice = attention.explain(q.cpu(), k.cpu(), v.cpu())
+    assert {"triton", "cuda"} <= set(choice.passed_over), choice
+    assert "triton:" in str(choice) and "cuda:" in str(choice)
+
+
+def test_scale_is_an_alias_of_softmax_scale():
+    q, k, v = qkv()
+    torch.testing.assert_close(attention.flash_attention(q, k, v, scale=0.3),
+                               attention.flash_attention(q, k, v, softmax_scale=0.3))
+    with pytest.raises(ValueError, match=r"softmax_scale=0.2 and scale=0.3 disagree"):
+        attention.flash_attention(q, k, v, softmax_scale=0.2, scale=0.3)
+    with pytest.raises(ValueError, match=r"scale must be finite"):
+        attention.flash_attention(q, k, v, scale=float("inf"))
+
+
+BAD_PADDING = [
+    (lambda m: m.float(), TypeError, r"key_padding_mask must be a bool tensor"),
+    (lambda m: m[:, :5], ValueError, r"key_padding_mask must have shape \(batch, Nk\) = \(2, 8\), got \(2, 5\)"),
+    (lambda m: m[None], ValueError, r"key_padding_mask must have shape"),
+    (lambda m: m.tolist(), TypeError, r"key_padding_mask must be a torch.Tensor or None"),
+]
+
+
+@pytest.mark.parametrize("make_bad,error,message", BAD_PADDING)
+def test_bad_key_padding_mask(make_bad, error, message):
+    q, k, v = qkv()
+    with pytest.raises(error, match=message):
+        attention.flash_attention(q, k, v, key_padding_mask=make_bad(torch.ones(2, 8, dtype=torch.bool, device=DEVICE)))
+
+
+def varlen_args(lengths=(3, 0, 5), heads=2, head_dim=16):
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, head_dim, device=DEVICE) for _ in range(3))
+    cu = torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+    return [q, k, v, cu, cu.clone(), max(lengths), max(lengths)]
+
+
+BAD_VARLEN = [
+    (3, lambda cu: cu.long(), TypeError, r"cu_seqlens_q must be int32, got torch.int64"),
+    (4, lambda cu: cu.long(), TypeError, r"cu_seqlens_k must be int32"),
+    (3, lambda cu: cu.flip(0), ValueError, r"cu_seqlens_q must start at 0"),
+    (4, lambda cu: torch.tensor([0, 5, 3, 8], dtype=torch.int32, device=DEVICE), ValueError,
+     r"cu_seqlens_k must be non-decreasing"),
+    (3, lambda cu: cu[:-1], ValueError, r"cu_seqlens_q has 3 entries but cu_seqlens_k has 4"),
+    (3, lambda cu: torch.tensor([0, 3, 3, 7], dtype=torch.int32, device=DEVICE), ValueError,
+     r"cu_seqlens_q ends at 7 but there are 8 tokens"),
+    (3, lambda cu: cu[None], ValueError, r"cu_seqlens_q must have shape \(batch \+ 1,\)"),
+    (3, lambda cu: cu.tolist(), TypeError, r"cu_seqlens_q must be a torch.Tensor"),
+    (5, lambda n: 4, ValueError, r"max_seqlen_q=4 is below the longest sequence in cu_seqlens_q \(5\)"),
+    (6, lambda n: -1, TypeError, r"max_seqlen_k must be a non-negative int"),
+    (0, lambda q: q[None], ValueError, r"q must have rank 3 \(total_tokens, heads, head_dim\)"),
+    (2, lambda v: v[:4], ValueError, r"v has 4 tokens \(dim 0\) but k has 8"),
+]
+
+
+@pytest.mark.parametrize("position,make_bad,error,message", BAD_VARLEN)
+def test_bad_varlen_arguments(position, make_bad, error, message):
+    args = varlen_args()
+    args[position] = make_bad(args[position])
+    with pytest.raises(error, match=message):
+        attention.flash_attention_varlen(*args)
 
 
 # ---- the naive reference, checked against torch's own math
@@ -158,6 +264,27 @@ def test_naive_matches_torch_math(n_q, n_k, causal):
     torch.testing.assert_close(lse[..., seen], torch.logsumexp(scores, -1)[..., seen])
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_naive_grouped_heads_and_padding_match_torch_math(causal):
+    q, k, v = (t.double() for t in qkv(9, 12, head_dim=24, heads=6))
+    k, v = k[:, :2], v[:, :2]
+    padding = torch.rand(2, 12, device=DEVICE) > 0.3
+    padding[:, -1] = True  # every row keeps its last key (causal bottom-right sees it)
+    allowed = padding[:, None, None, :] & (~causal_mask(9, 12, DEVICE) if causal else True)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    torch.testing.assert_close(attention.naive_attention(q, k, v, causal=causal, key_padding_mask=padding), expected)
+
+
+def test_naive_varlen_is_one_call_per_sequence():
+    q, k, v, cu_q, cu_k, _, _ = varlen_args(lengths=(3, 0, 5))
+    o, lse = naive_attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=True, return_lse=True)
+    for start, end in ((0, 3), (3, 8)):
+        view = lambda t: t[start:end].double().transpose(0, 1)[None]
+        o_b, lse_b = attention.naive_attention(view(q), view(k), view(v), causal=True, return_lse=True)
+        torch.testing.assert_close(o[start:end], o_b[0].transpose(0, 1))
+        torch.testing.assert_close(lse[:, start:end], lse_b[0])
+
+
 def test_naive_upcast_returns_float32():
     q, k, v = qkv(dtype=torch.bfloat16)
     assert attention.naive_attention(q, k, v, upcast=True).dtype == torch.float32
@@ -173,8 +300,20 @@ def test_causal_mask_is_bottom_right():
 
 
 @pytest.mark.parametrize("backend", backends_under_test())
-def test_opcheck(backend):
-    forward = torch.ops.fused_attention_triton.fwd if backend == "triton" else torch.ops.fused_attention.fwd
-    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
-    q, k, v = (t.requires_grad_() for t in qkv(n_q=17, n_k=19, head_dim=32, dtype=dtype, batch=1, heads=2))
-    torch.library.opcheck(forward, (q, k, v, True, 0.25))
+@pytest.mark.parametrize("case", ["plain", "gqa-padding", "varlen"])
+def test_opcheck(backend, case):
+    forward = {"triton": torch.ops.fused_attention_triton.fwd,
+               EMULATED_CUDA: getattr(torch.ops.fused_attention_emulated, "fwd", None)}.get(
+        backend, torch.ops.fused_attention.fwd)
+    dtype = torch.float16 if DEVICE == "cuda" or backend == EMULATED_CUDA else torch.float32
+    q, k, v = qkv(n_q=17, n_k=19, head_dim=32, dtype=dtype, batch=2, heads=4)
+    args = (q, k, v, True, 0.25, None, None, None, 0, 0)
+    if case == "gqa-padding":
+        args = (q, k[:, :2], v[:, :2], True, 0.25, torch.rand(2, 19, device=DEVICE) > 0.3, None, None, 0, 0)
+    elif case == "varlen":
+        packed = lambda total, heads: torch.randn(total, heads, 32, device=DEVICE, dtype=dtype).transpose(0, 1)[None]
+        cu_q = torch.tensor([0, 5, 5, 34], dtype=torch.int32, device=DEVICE)
+        cu_k = torch.tensor([0, 9, 20, 38], dtype=torch.int32, device=DEVICE)
+        args = (packed(34, 4), packed(38, 2), packed(38, 2), True, 0.25, None, cu_q, cu_k, 29, 18)
+    args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args)
+    torch.library.opcheck(forward, args)

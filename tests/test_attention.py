@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import attention
-from grid import DEVICE, assert_within_rule, case_grid, flash_attention, poison_allocator
+from attention.reference import naive_attention_varlen
+from grid import DEVICE, assert_within_rule, case_grid, flash_attention, flash_attention_varlen, poison_allocator
 
 
 def pytest_generate_tests(metafunc):
@@ -18,31 +19,31 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend,dtype", case_grid(full, with_shapes=False))
 
 
-def random_inputs(shape, dtype, seed=0):
+def random_inputs(shape, dtype, seed=0, kv_heads=None):
+    """q, k, v, dout for (batch, heads, Nq, Nk, head_dim); k and v with kv_heads heads if given (GQA)."""
     batch, heads, n_q, n_k, head_dim = shape
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    make = lambda n: torch.randn(batch, heads, n, head_dim, generator=gen, device=DEVICE, dtype=dtype)
-    return make(n_q), make(n_k), make(n_k), make(n_q)
+    make = lambda h, n: torch.randn(batch, h, n, head_dim, generator=gen, device=DEVICE, dtype=dtype)
+    kv_heads = heads if kv_heads is None else kv_heads
+    return make(heads, n_q), make(kv_heads, n_k), make(kv_heads, n_k), make(heads, n_q)
 
 
-def run(backend, q, k, v, dout, causal, softmax_scale=None):
-    """Output, lse and gradients of one attention call on fresh leaves."""
+def run(attend, q, k, v, dout):
+    """Output, lse and gradients of attend(q, k, v) -> (o, lse) on fresh leaves."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    if backend == "reference":
-        o, lse = attention.naive_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
-    else:
-        poison_allocator()
-        o, lse = flash_attention(q, k, v, backend, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+    o, lse = attend(q, k, v)
     o.backward(dout)
     return o, lse, q.grad, k.grad, v.grad
 
 
-def check_against_reference(backend, q, k, v, dout, causal, softmax_scale=None):
-    ours = run(backend, q, k, v, dout, causal, softmax_scale)
-    ref = run("reference", *(t.double() for t in (q, k, v, dout)), causal, softmax_scale)
-    lowprec = run("reference", q, k, v, dout, causal, softmax_scale)
+def check(ours_fn, reference_fn, q, k, v, dout):
+    """ours_fn against reference_fn in float64 by the 2x / 3x rule; returns ours (o, lse, dq, dk, dv)."""
+    poison_allocator()
+    ours = run(ours_fn, q, k, v, dout)
+    ref = run(reference_fn, *(t.double() for t in (q, k, v, dout)))
+    lowprec = run(reference_fn, q, k, v, dout)
     lse, ref_lse, lowprec_lse = ours[1], ref[1], lowprec[1]
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
     hidden = ref_lse.isinf()
     assert torch.equal(lse.isneginf(), hidden), "lse must be -inf exactly on rows that see no key"
     assert_within_rule("lse", lse[~hidden], ref_lse[~hidden], lowprec_lse[~hidden], 2)
@@ -51,6 +52,15 @@ def check_against_reference(backend, q, k, v, dout, causal, softmax_scale=None):
                                       lowprec[:1] + lowprec[2:]):
         assert_within_rule(name, a, r, lp, factor)
     return ours
+
+
+def check_against_reference(backend, q, k, v, dout, causal, softmax_scale=None, **options):
+    """flash_attention on `backend` against the naive reference; options: key_padding_mask."""
+    ours = lambda q, k, v: flash_attention(q, k, v, backend, causal=causal, softmax_scale=softmax_scale,
+                                           return_lse=True, **options)
+    reference = lambda q, k, v: attention.naive_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                                          return_lse=True, **options)
+    return check(ours, reference, q, k, v, dout)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -113,8 +123,14 @@ def test_rows_without_keys_are_zero(backend, dtype):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_deterministic(backend, dtype, causal):
     """Two runs on the same inputs are bitwise equal, gradients included (no atomics)."""
-    inputs = random_inputs((2, 2, 67, 53, 64), dtype)
-    first, second = run(backend, *inputs, causal), run(backend, *inputs, causal)
+    inputs = random_inputs((2, 4, 67, 53, 64), dtype, kv_heads=2)  # dk, dv also sum over a group of heads
+    padding = torch.arange(53, device=DEVICE) < torch.tensor([[53], [30]], device=DEVICE)
+    attend = lambda q, k, v: flash_attention(q, k, v, backend, causal=causal, return_lse=True)
+    attend_padded = lambda q, k, v: flash_attention(q, k, v, backend, causal=causal, return_lse=True,
+                                                    key_padding_mask=padding)
+    first, second = run(attend, *inputs), run(attend, *inputs)
+    first += run(attend_padded, *inputs)
+    second += run(attend_padded, *inputs)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -135,3 +151,103 @@ def test_torch_compile_fullgraph(backend, dtype):
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
     torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))
+
+
+# ---- grouped-query heads, key padding and packed variable-length batches
+
+
+GQA_HEADS = [(4, 2), (8, 2), (8, 1), (3, 1)]  # (query heads, key/value heads): groups of 2, 4, 8 and 3 (MQA)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads,kv_heads", GQA_HEADS, ids=["gqa2", "gqa4", "mqa8", "mqa3"])
+def test_grouped_query_heads(backend, dtype, heads, kv_heads, causal):
+    """k and v with fewer heads than q: dk and dv sum over each group of query heads."""
+    q, k, v, dout = random_inputs((2, heads, 37, 45, 32), dtype, kv_heads=kv_heads)
+    check_against_reference(backend, q, k, v, dout, causal)
+
+
+def padding_mask(pattern, batch, n_k, seed=0):
+    """bool (batch, Nk), True where the key is real, in one of the shapes real batches come in."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.arange(n_k)
+    lengths = torch.randint(1, n_k, (batch,), generator=gen)
+    if pattern == "right":  # a batch of different lengths, padded at the end
+        mask = keys < lengths[:, None]
+    elif pattern == "left":  # padded at the start, as generation batches are
+        mask = keys >= (n_k - lengths)[:, None]
+    elif pattern == "holes":
+        mask = torch.rand(batch, n_k, generator=gen) > 0.4
+    else:  # "empty": one batch element has no real key at all
+        mask = keys < lengths[:, None]
+        mask[1] = False
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("pattern", ["right", "left", "holes", "empty"])
+def test_key_padding(backend, dtype, pattern, causal):
+    """Keys hidden per batch element; 150 keys so that whole key tiles are padding (and skipped)."""
+    q, k, v, dout = random_inputs((3, 2, 41, 150, 32), dtype)
+    mask = padding_mask(pattern, 3, 150)
+    o, lse, dq, dk, dv = check_against_reference(backend, q, k, v, dout, causal, key_padding_mask=mask)
+    hidden = ~mask[:, None, :, None].expand_as(dk)
+    assert torch.all(dk[hidden] == 0) and torch.all(dv[hidden] == 0), "a padding key must get no gradient"
+    if pattern == "empty":
+        assert torch.all(o[1] == 0) and torch.all(dq[1] == 0) and torch.all(lse[1] == float("-inf"))
+
+
+def test_key_padding_with_grouped_heads(backend, dtype):
+    q, k, v, dout = random_inputs((2, 4, 29, 70, 48), dtype, kv_heads=2)
+    check_against_reference(backend, q, k, v, dout, True, key_padding_mask=padding_mask("holes", 2, 70))
+
+
+# Per sequence (Nq, Nk): empty queries, a query with no key, Nq != Nk both ways, several tiles.
+VARLEN_LENGTHS = [(0, 4), (1, 17), (17, 1), (64, 113), (113, 64), (9, 0)]
+
+
+def packed_inputs(lengths, heads, kv_heads, head_dim, dtype, seed=0):
+    """q, k, v, dout in flash-attn's packed layout and the int32 cu_seqlens / max lengths."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    total_q, total_k = (sum(n[i] for n in lengths) for i in (0, 1))
+    make = lambda total, h: torch.randn(total, h, head_dim, generator=gen, device=DEVICE, dtype=dtype)
+    offsets = lambda i: torch.tensor([0] + [n[i] for n in lengths], device=DEVICE).cumsum(0).to(torch.int32)
+    max_q, max_k = (max(n[i] for n in lengths) for i in (0, 1))
+    return (make(total_q, heads), make(total_k, kv_heads), make(total_k, kv_heads), make(total_q, heads),
+            offsets(0), offsets(1), max_q, max_k)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 1)], ids=["mha", "mqa"])
+def test_varlen(backend, dtype, heads, kv_heads, causal):
+    """Sequences of mixed lengths packed with no padding, causal bottom-right within each sequence."""
+    q, k, v, dout, cu_q, cu_k, max_q, max_k = packed_inputs(VARLEN_LENGTHS, heads, kv_heads, 40, dtype)
+    ours = lambda q, k, v: flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend, causal=causal,
+                                                  return_lse=True)
+    reference = lambda q, k, v: naive_attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
+    o, lse, dq, dk, dv = check(ours, reference, q, k, v, dout)
+    assert o.shape == q.shape and o.is_contiguous() and lse.shape == (heads, q.shape[0])
+    last = int(cu_q[-2])
+    assert torch.all(o[last:] == 0) and torch.all(dq[last:] == 0), "the last sequence has no key"
+
+
+def test_varlen_matches_padded_batch(backend, dtype):
+    """The same sequences as a right-padded dense batch with a key-padding mask give the same rows."""
+    lengths = [(13, 13), (40, 40), (1, 1)]
+    q, k, v, _, cu_q, cu_k, max_q, max_k = packed_inputs(lengths, 2, 2, 32, dtype)
+    packed = flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend, causal=True)
+    bounds = list(zip(cu_q.tolist(), cu_q.tolist()[1:]))
+
+    def pad(t):
+        dense = t.new_zeros(len(lengths), max_q, *t.shape[1:])
+        for b, (start, end) in enumerate(bounds):
+            dense[b, : end - start] = t[start:end]
+        return dense.transpose(1, 2)  # (B, H, N, D)
+
+    real = torch.arange(max_k, device=DEVICE) < (cu_k[1:] - cu_k[:-1])[:, None]
+    # Nq == Nk padded, so bottom-right causal hides the same keys from every real row as in each sequence
+    dense = flash_attention(pad(q), pad(k), pad(v), backend, causal=True, key_padding_mask=real)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for b, (start, end) in enumerate(bounds):
+        torch.testing.assert_close(packed[start:end].float(), dense[b, :, : end - start].transpose(0, 1).float(),
+                                   atol=tolerance, rtol=tolerance)

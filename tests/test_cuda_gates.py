@@ -7,9 +7,11 @@ import torch
 
 from attention import backends, ops
 from attention.backends import cuda_device_problems, cuda_image_problem
+from attention.validation import AttentionOptions
 
 DEFAULT_TARGETS = "sm_80,compute_90,sm_90"  # what setup.py builds by default: "8.0;9.0+PTX"
 KIB = 1024
+OPTIONS = AttentionOptions(causal=False, softmax_scale=0.0625)
 
 
 @pytest.mark.parametrize(
@@ -83,12 +85,12 @@ def test_cuda_backend_reads_the_device_and_the_extension(monkeypatch):
         return types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(1, 1, 8, 256),
                                      requires_grad=requires_grad, numel=lambda: 2048)
 
-    assert backends._cuda_why_not(*[tensor(False)] * 3) == []
-    reasons = backends._cuda_why_not(*[tensor(True)] * 3)
+    assert backends._cuda_why_not(*[tensor(False)] * 3, OPTIONS) == []
+    reasons = backends._cuda_why_not(*[tensor(True)] * 3, OPTIONS)
     assert reasons == [f"the backward kernels need 131584 bytes of shared memory per block, above this GPU's {99 * KIB}"]
     with torch.no_grad():
-        assert backends._cuda_why_not(*[tensor(True)] * 3) == []
+        assert backends._cuda_why_not(*[tensor(True)] * 3, OPTIONS) == []
     device.major, device.minor = 7, 5
-    assert backends._cuda_why_not(*[tensor(False)] * 3) == [
+    assert backends._cuda_why_not(*[tensor(False)] * 3, OPTIONS) == [
         "the CUDA kernels need compute capability 8.0 or newer, this GPU has 7.5"
     ]
