@@ -138,10 +138,6 @@ def test_sdpa_falls_back_to_torch_and_says_so(case, reason):
         case["attn_mask"] = torch.zeros(2, 1, 1, n_k, device=DEVICE)
     explanation = attention.explain_sdpa(q, k, v, **case)
     assert explanation.backend is None and any(re.search(reason, r) for r in explanation.torch_fallback), explanation
-    if kv_heads != 3:  # torch's own SDPA rejects different head counts without enable_gqa
-        with pytest.raises(RuntimeError):
-            attention.scaled_dot_product_attention(q, k, v, **case)
-        return
     torch.manual_seed(0)
     ours = attention.scaled_dot_product_attention(q, k, v, **case)
     torch.manual_seed(0)
