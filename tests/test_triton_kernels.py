@@ -389,3 +389,213 @@ def test_config_pruning(configs, monkeypatch):
     limit = 1  # nothing fits: the smallest config stays
     smallest = min(configs.for_head_dim(128, 90), key=lambda c: configs.shared_memory(c, 128, 2))
     assert kept(torch.float16, 128) == config_shapes([smallest])
+
+
+# Grouped-query heads, key padding and packed variable-length batches (attention_forward/backward's options),
+# against a float64 reference written here in plain torch: K and V expanded with repeat_interleave, hidden
+# scores set to -inf, one sequence at a time for varlen.
+
+
+def plain_attention(q, k, v, causal, scale, real_key=None):
+    """o and lse of (B, Hq, Nq, D) q against (B, Hkv, Nk, D) k, v; real_key: bool (B, Nk) or None.
+    A row that sees no key gives o = 0, lse = -inf and no gradient (never NaN)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    n_q, n_k = q.shape[2], k.shape[2]
+    seen = torch.ones(q.shape[0], 1, n_q, n_k, dtype=torch.bool, device=q.device)
+    if causal:
+        seen = seen & (torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + n_k - n_q).to(q.device)
+    if real_key is not None:
+        seen = seen & real_key[:, None, None, :]
+    blind = ~seen.any(-1, keepdim=True)
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(s.masked_fill(blind, 0.0), -1, keepdim=True)  # finite everywhere: no NaN gradient
+    o = torch.exp(s - lse) @ v
+    return o, lse.squeeze(-1).masked_fill(blind.squeeze(-1), float("-inf"))
+
+
+def plain_results(q, k, v, do, causal, scale, dtype, real_key=None, cu_seqlens_q=None, cu_seqlens_k=None):
+    """Output, lse and gradients of plain_attention computed in `dtype`; varlen: one sequence at a time."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    if cu_seqlens_q is None:
+        o, lse = plain_attention(*leaves, causal, scale, real_key)
+    else:
+        bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        pieces = [
+            plain_attention(*(x[:, :, a:b] for x, (a, b) in zip(leaves, [(q0, q1), (k0, k1), (k0, k1)])), causal, scale)
+            for q0, q1, k0, k1 in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])
+        ]
+        o, lse = (torch.cat(parts, dim=2) for parts in zip(*pieces))
+    o.backward(do.to(dtype))
+    return o.detach(), lse.detach(), *(x.grad for x in leaves)
+
+
+def check_options_against_plain(q, k, v, do, causal, scale, deterministic=True, key_padding_mask=None,
+                                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """Our forward and backward with the options, held to the tolerance rule against the float64 reference."""
+    options = (key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    o, lse = attention_forward(q, k, v, causal, scale, *options)
+    dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, *options)
+    reference = (causal, scale)
+    ref = plain_results(q, k, v, do, *reference, torch.float64, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
+    low = plain_results(q, k, v, do, *reference, q.dtype, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
+    assert_within_rule("o", o, ref[0], low[0], 2)
+    assert_lse_within_rule(lse, ref[1], low[1])
+    for name, ours, ref_grad, low_grad in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:], low[2:]):
+        assert_within_rule(name, ours, ref_grad, low_grad, 3)
+    blind = lse == float("-inf")
+    assert torch.all(o[blind] == 0) and torch.all(dq[blind] == 0), "rows that see no key: o = 0, dq = 0"
+    return o, lse, dq, dk, dv
+
+
+def grouped_inputs(batch, heads, kv_heads, n_q, n_k, head_dim, dtype, seed):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(h, n):
+        return torch.randn(batch, h, n, head_dim, generator=gen, device=DEVICE).to(dtype)
+
+    return randn(heads, n_q), randn(kv_heads, n_k), randn(kv_heads, n_k), randn(heads, n_q)
+
+
+# (heads, kv_heads, dtypes): group sizes 2 and 4 and multi-query; group 1 is every other test of this file.
+GROUPS = [(4, 2, DTYPES), (8, 2, [torch.float16]), (3, 1, [torch.bfloat16])]
+GROUP_CASES = [(heads, kv_heads, dtype) for heads, kv_heads, dtypes in GROUPS for dtype in dtypes]
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads, kv_heads, dtype", GROUP_CASES, ids=str)
+def test_grouped_query_heads(heads, kv_heads, dtype, causal, deterministic):
+    """Query head h reads K/V head h // (heads // kv_heads); dK, dV sum over the group. Nq > Nk and Nq < Nk."""
+    for n_q, n_k in ((40, 17), (17, 45)):
+        q, k, v, do = grouped_inputs(2, heads, kv_heads, n_q, n_k, 32, dtype, seed=heads * n_q + kv_heads)
+        check_options_against_plain(q, k, v, do, causal, 0.2, deterministic)
+
+
+def test_grouped_backward_is_deterministic():
+    """dK and dV of a group are summed over its query heads in a fixed order: bitwise repeatable."""
+    q, k, v, do = grouped_inputs(1, 4, 1, 37, 45, 32, torch.float16, seed=6)
+    o, lse = attention_forward(q, k, v, True, 0.125)
+    first = attention_backward(do, q, k, v, o, lse, True, 0.125)
+    second = attention_backward(do, q, k, v, o, lse, True, 0.125)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def padding_patterns(n_k):
+    """bool (4, n_k), True for a real key: right padding, left padding, random holes, every key padding."""
+    mask = torch.ones(4, n_k, dtype=torch.bool)
+    mask[0, n_k // 3 :] = False
+    mask[1, : n_k // 2] = False
+    mask[2] = torch.rand(n_k, generator=torch.Generator().manual_seed(n_k)) < 0.6
+    mask[3] = False
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("n_q, n_k", [(33, 70), (40, 17)], ids=str)
+def test_key_padding(n_q, n_k, causal, dtype, deterministic):
+    """Left, right, holes and a batch element with no real key, with grouped heads; causal counts from the
+    padded length (bottom-right). Rows that see no key: o = 0, lse = -inf, dq = 0."""
+    mask = padding_patterns(n_k)
+    q, k, v, do = grouped_inputs(4, 4, 2, n_q, n_k, 32, dtype, seed=n_q + n_k)
+    o, lse, dq, dk, dv = check_options_against_plain(q, k, v, do, causal, 0.2, deterministic, mask)
+    assert torch.all(lse[3] == float("-inf")) and torch.all(o[3] == 0) and torch.all(dq[3] == 0)
+    hidden = ~mask[:, None, :, None]
+    assert torch.all(dk.masked_select(hidden) == 0) and torch.all(dv.masked_select(hidden) == 0)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_padding_tiles_are_skipped(causal, deterministic, monkeypatch):
+    """K and V are NaN in the key tiles that hold padding only: a tile that were not skipped would spread the
+    NaN (into dK/dV of its own rows, or through 0 * NaN in P.V and dS.K); skipped, every result is finite."""
+    block_n = 32
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": block_n}, num_warps=4, num_stages=2)
+    for kernel in (forward._forward_kernel, backward._dkdv_kernel, backward._dq_kernel):
+        monkeypatch.setattr(kernel, "configs", [config])
+    n_q, n_k = 20, 4 * block_n + 5
+    mask = torch.ones(3, n_k, dtype=torch.bool, device=DEVICE)
+    mask[0, 2 * block_n :] = False  # right padding: the last three tiles, one of them partial
+    mask[1, : 2 * block_n] = False  # left padding: the first two tiles
+    mask[2, block_n : 3 * block_n] = False  # a hole of two tiles
+    q, k, v, do = grouped_inputs(3, 2, 1, n_q, n_k, 16, torch.float32, seed=8)
+    padded_tiles = ~mask.view(3, 1, -1, 1)[:, :, : 4 * block_n].unflatten(2, (4, block_n)).any(3, keepdim=True)
+    nan_k, nan_v = (x.clone() for x in (k, v))
+    for x in (nan_k, nan_v):
+        x[:, :, : 4 * block_n].unflatten(2, (4, block_n)).masked_fill_(padded_tiles, float("nan"))
+    o, lse = attention_forward(q, nan_k, nan_v, causal, 0.3, mask)
+    grads = attention_backward(do, q, nan_k, nan_v, o, lse, causal, 0.3, deterministic, mask)
+    ref_o, ref_lse = attention_forward(q, k, v, causal, 0.3, mask)
+    ref_grads = attention_backward(do, q, k, v, ref_o, ref_lse, causal, 0.3, deterministic, mask)
+    assert torch.equal(o, ref_o) and torch.equal(lse, ref_lse)
+    for ours, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, ref_grad, rtol=1e-6, atol=1e-7)
+
+
+def packed_inputs(lengths_q, lengths_k, heads, kv_heads, head_dim, dtype, seed):
+    """flash-attn's packed (total, H, D) q, k, v, dO as the (1, H, total, D) views the launchers take, and the
+    int32 cu_seqlens."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def packed(total, h):
+        return torch.randn(total, h, head_dim, generator=gen, device=DEVICE).to(dtype).transpose(0, 1).unsqueeze(0)
+
+    def cumulative(lengths):
+        return torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+
+    total_q, total_k = sum(lengths_q), sum(lengths_k)
+    q, k, v, do = packed(total_q, heads), packed(total_k, kv_heads), packed(total_k, kv_heads), packed(total_q, heads)
+    return q, k, v, do, cumulative(lengths_q), cumulative(lengths_k)
+
+
+def assert_packed_layout(x, total, heads, head_dim):
+    """x is the (1, H, total, D) view of a new contiguous (total, H, D) tensor."""
+    assert x.shape == (1, heads, total, head_dim) and x[0].transpose(0, 1).is_contiguous()
+
+
+# (query lengths, key lengths) per sequence: empty query or key sequences, a single token, Nq > Nk (causal
+# rows that see no key) and Nq < Nk, sequences longer than a tile.
+VARLEN_CASES = [((17, 0, 1, 40, 5), (30, 9, 0, 40, 0)), ((1, 64, 0), (17, 33, 0))]
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("lengths", VARLEN_CASES, ids=str)
+def test_varlen(lengths, causal, dtype, deterministic):
+    """Packed sequences with grouped heads; causal is bottom-right within each sequence."""
+    lengths_q, lengths_k = lengths
+    heads, kv_heads, head_dim = 4, 2, 32
+    q, k, v, do, cu_q, cu_k = packed_inputs(lengths_q, lengths_k, heads, kv_heads, head_dim, dtype, seed=len(lengths_q))
+    o, lse, dq, dk, dv = check_options_against_plain(
+        q, k, v, do, causal, 0.2, deterministic, None, cu_q, cu_k, max(lengths_q), max(lengths_k)
+    )
+    for x, total, h in ((o, sum(lengths_q), heads), (dq, sum(lengths_q), heads), (dk, sum(lengths_k), kv_heads),
+                        (dv, sum(lengths_k), kv_heads)):
+        assert_packed_layout(x, total, h, head_dim)
+    assert lse.shape == (1, heads, sum(lengths_q)) and lse.is_contiguous()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_never_reads_outside_the_views(causal):
+    """The packed q, k, v, dO sit inside NaN-filled buffers (rows before the first sequence and after the
+    last, columns past D): a read past the views would turn results NaN. A read past one sequence's end
+    into the next one's rows breaks the tolerance rule instead."""
+    lengths_q, lengths_k, pad = (9, 20, 3), (13, 4, 0), 5
+    heads, kv_heads, head_dim = 2, 1, 16
+    gen = torch.Generator(device=DEVICE).manual_seed(12)
+
+    def nan_padded(total, h):
+        storage = torch.full((total + 2 * pad, h, head_dim + pad), float("nan"), dtype=torch.float16, device=DEVICE)
+        view = storage[pad : pad + total, :, :head_dim]
+        view.copy_(torch.randn(total, h, head_dim, generator=gen, device=DEVICE))
+        return view.transpose(0, 1).unsqueeze(0)
+
+    total_q, total_k = sum(lengths_q), sum(lengths_k)
+    q, k, v, do = nan_padded(total_q, heads), nan_padded(total_k, kv_heads), nan_padded(total_k, kv_heads), \
+        nan_padded(total_q, heads)
+    cu_q, cu_k = (torch.tensor([0, *x], device=DEVICE).cumsum(0).to(torch.int32) for x in (lengths_q, lengths_k))
+    results = check_options_against_plain(q, k, v, do, causal, 0.3, True, None, cu_q, cu_k, 20, 13)
+    assert not any(x.isnan().any() for x in results)

@@ -1,7 +1,8 @@
 """Flash-attention backward in Triton: by default three deterministic kernels (no atomics).
 
 1. delta = rowsum(dO * O), the softmax-gradient term every score of a row shares.
-2. dK, dV: one program per key tile, looping over the query tiles that see it.
+2. dK, dV: one program per key tile of a K/V head, looping over the query heads that read that K/V head
+   (several with grouped-query attention) and the query tiles that see the key tile.
 3. dQ: one program per query tile, looping over the key tiles it sees.
 Both loops rebuild P = exp2(scale_log2 * q.k - lse_log2) from the forward's lse instead of storing P.
 Splitting dK/dV from dQ costs one extra recomputation of P (7 matmuls per tile pair instead of 5) but
@@ -16,13 +17,19 @@ from .common import (
     INTERPRETING,
     LOG2E,
     KernelConfigs,
+    any_key,
+    batch_stride,
     dot_precision,
     key_range,
     load_rows,
     n_bucket,
+    new_rows,
     padded_head_dim,
     program_grid,
     program_tile,
+    query_range,
+    real_keys,
+    sequence,
     store_rows,
     visible,
 )
@@ -102,71 +109,81 @@ def _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q):
 
 @triton.autotune(
     configs=DKDV_CONFIGS.all(),
-    key=["BLOCK_D", "CAUSAL", "FUSED_DQ", "q_bucket", "k_bucket"],  # lengths as buckets, as in the forward
+    # lengths as buckets, as in the forward
+    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "FUSED_DQ", "q_bucket", "k_bucket"],
     prune_configs_by={"early_config_prune": DKDV_CONFIGS.prune},
     reset_to_zero=["DQ_ACCUM"],  # the timing runs of the autotuner add to it too
 )
 @triton.jit
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    DQ_ACCUM,  # FUSED_DQ: float32 (B, H, Nq, HEAD_DIM), zeroed, for dQ / softmax_scale
+    DQ_ACCUM,  # FUSED_DQ: float32, zeroed, for dQ / softmax_scale; laid out as LSE with HEAD_DIM per row
+    KEY_MASK,  # PADDED: the bool (B, n_k) key padding mask, True for a real key
+    CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: int32 (B + 1,) first rows of the sequences in the packed tensors
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    n_heads, n_q, n_k,
+    stride_lseb, stride_lseh,  # of LSE and DELTA, contiguous (B, Hq, rows)
+    n_kv_heads, group, n_q, n_k,  # VARLEN: n_q, n_k are the longest sequences' lengths, for the grid
     q_bucket, k_bucket,  # autotune key only
     softmax_scale,
     scale_log2,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_n, batch, head = program_tile(n_k, n_heads, BLOCK_N)
-    q_base = Q + batch * stride_qb + head * stride_qh
-    do_base = DO + batch * stride_dob + head * stride_doh
-    row_offset = (batch * n_heads + head) * n_q
+    start_n, batch, kv_head = program_tile(n_k, n_kv_heads, BLOCK_N)
+    q_first, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
+    k_first, n_k = sequence(CU_SEQLENS_K, batch, n_k, VARLEN)
+    if VARLEN:
+        if start_n >= n_k:  # the grid is sized for the longest key sequence
+            return
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     # Keys past n_k load as zeros. Their dK/dV rows may come out inf (P = exp2(-lse) there) but are never
     # stored, and no other row depends on them.
-    k = load_rows(K + batch * stride_kb + head * stride_kh, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
-    v = load_rows(V + batch * stride_vb + head * stride_vh, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
+    k = load_rows(K + batch * stride_kb + kv_head * stride_kh + k_first * stride_kn, offs_n, stride_kn, n_k, offs_d,
+                  HEAD_DIM)
+    v = load_rows(V + batch * stride_vb + kv_head * stride_vh + k_first * stride_vn, offs_n, stride_vn, n_k, offs_d,
+                  HEAD_DIM)
+    if PADDED:
+        real = real_keys(KEY_MASK + batch * n_k, offs_n, n_k, PADDED)
+    else:
+        real = real_keys(KEY_MASK, offs_n, n_k, PADDED)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    if CAUSAL:
-        # Query i sees key j when i >= j - (n_k - n_q). Query tiles before the first one that sees key
-        # start_n are skipped; tiles from the first one that sees the tile's last key on need no mask.
-        shift = n_k - n_q
-        first_seeing = tl.minimum(tl.maximum(start_n - shift, 0), n_q)
-        all_seeing = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), n_q)
-        masked_start = (first_seeing // BLOCK_M) * BLOCK_M
-        unmasked_start = tl.cdiv(all_seeing, BLOCK_M) * BLOCK_M
-    else:
-        masked_start = 0
-        unmasked_start = 0
-    # Query rows past n_q need no mask in either loop: their q and dO load as zeros (see _load_row_stats).
-    dk, dv = _accumulate_dkdv(
-        dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n, offs_d,
-        n_q, n_k, scale_log2, masked_start, unmasked_start,
-        True, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
-    )
-    dk, dv = _accumulate_dkdv(
-        dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n, offs_d,
-        n_q, n_k, scale_log2, unmasked_start, n_q,
-        False, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
-    )
+    masked_start, unmasked_start = query_range(start_n, n_q, n_k, any_key(real), BLOCK_M, BLOCK_N, CAUSAL, PADDED)
+    # The query heads that read this K/V head, one after the other into the same accumulators: the sum
+    # over the group, in a fixed order, with no atomics.
+    for head in range(kv_head * group, kv_head * group + group):
+        q_base = Q + batch * stride_qb + head * stride_qh + q_first * stride_qn
+        do_base = DO + batch * stride_dob + head * stride_doh + q_first * stride_don
+        row_offset = batch * stride_lseb + head * stride_lseh + q_first
+        # Query rows past n_q need no mask in either loop: their q and dO load as zeros (see _load_row_stats).
+        dk, dv = _accumulate_dkdv(
+            dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n,
+            offs_d, real, n_q, n_k, scale_log2, masked_start, unmasked_start,
+            True, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
+        )
+        dk, dv = _accumulate_dkdv(
+            dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n,
+            offs_d, real, n_q, n_k, scale_log2, unmasked_start, n_q,
+            False, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
+        )
 
-    dk_base = DK + batch * stride_dkb + head * stride_dkh
-    dv_base = DV + batch * stride_dvb + head * stride_dvh
+    dk_base = DK + batch * stride_dkb + kv_head * stride_dkh + k_first * stride_dkn
+    dv_base = DV + batch * stride_dvb + kv_head * stride_dvh + k_first * stride_dvn
     store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, n_k, offs_d, HEAD_DIM)
     store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, n_k, offs_d, HEAD_DIM)
 
@@ -174,7 +191,7 @@ def _dkdv_kernel(
 @triton.jit
 def _accumulate_dkdv(
     dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n, offs_d,
-    n_q, n_k, scale_log2, start, end,
+    real, n_q, n_k, scale_log2, start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -182,8 +199,9 @@ def _accumulate_dkdv(
     FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Add query tiles [start, end) to dK (unscaled) and dV; apply the causal mask only when MASKED.
-    With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM, atomically.
+    """Add query tiles [start, end) to dK (unscaled) and dV; mask (causal, padding: `visible` of the keys
+    `real`) only when MASKED. With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM,
+    atomically.
 
     The scores are kept transposed, keys by queries: sT = k.qT, dpT = v.dOT, dV += pT.dO, dK += dsT.q.
     Every computed tile is then already the left operand its next product needs, where q.kT would need pT
@@ -199,7 +217,7 @@ def _accumulate_dkdv(
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
         if MASKED:
-            p_t = tl.where(visible(offs_m[None, :], offs_n[:, None], n_q, n_k, CAUSAL), p_t, 0.0)
+            p_t = tl.where(visible(offs_m[None, :], offs_n[:, None], real[:, None], n_q, n_k, CAUSAL), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
 
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -220,152 +238,213 @@ def _accumulate_dkdv(
 
 @triton.autotune(
     configs=DQ_CONFIGS.all(),
-    key=["BLOCK_D", "CAUSAL", "q_bucket", "k_bucket"],
+    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "q_bucket", "k_bucket"],
     prune_configs_by={"early_config_prune": DQ_CONFIGS.prune},
 )
 @triton.jit
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
+    KEY_MASK,  # PADDED: the bool (B, n_k) key padding mask, True for a real key
+    CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: int32 (B + 1,) first rows of the sequences in the packed tensors
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    n_heads, n_q, n_k,
+    stride_lseb, stride_lseh,  # of LSE and DELTA, contiguous (B, Hq, rows)
+    n_heads, group, n_q, n_k,  # VARLEN: n_q, n_k are the longest sequences' lengths, for the grid
     q_bucket, k_bucket,  # autotune key only
     softmax_scale,
     scale_log2,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     start_m, batch, head = program_tile(n_q, n_heads, BLOCK_M)
-    k_base = K + batch * stride_kb + head * stride_kh
-    v_base = V + batch * stride_vb + head * stride_vh
+    q_first, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
+    k_first, n_k = sequence(CU_SEQLENS_K, batch, n_k, VARLEN)
+    if VARLEN:
+        if start_m >= n_q:  # the grid is sized for the longest query sequence
+            return
+    kv_head = head // group
+    k_base = K + batch * stride_kb + kv_head * stride_kh + k_first * stride_kn
+    v_base = V + batch * stride_vb + kv_head * stride_vh + k_first * stride_vn
+    if PADDED:
+        key_mask_row = KEY_MASK + batch * n_k
+    else:
+        key_mask_row = KEY_MASK  # None: unused
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
-    do = load_rows(DO + batch * stride_dob + head * stride_doh, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
-    lse, delta = _load_row_stats(LSE, DELTA, (batch * n_heads + head) * n_q, offs_m, n_q)
+    q = load_rows(Q + batch * stride_qb + head * stride_qh + q_first * stride_qn, offs_m, stride_qn, n_q, offs_d,
+                  HEAD_DIM)
+    do = load_rows(DO + batch * stride_dob + head * stride_doh + q_first * stride_don, offs_m, stride_don, n_q,
+                   offs_d, HEAD_DIM)
+    lse, delta = _load_row_stats(LSE, DELTA, batch * stride_lseb + head * stride_lseh + q_first, offs_m, n_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Same key ranges as the forward. Keys past n_k must be masked here: with zero k their P would be
     # exp2(-lse), which overflows to inf for very negative lse and turns into NaN against k = 0.
-    unmasked_end, visible_end = key_range(start_m, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL)
+    unmasked_end, visible_end = key_range(start_m, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL, PADDED)
     dq = _accumulate_dq(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
-        0, unmasked_end, False, CAUSAL, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+        scale_log2, 0, unmasked_end, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
     )
     dq = _accumulate_dq(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
-        unmasked_end, visible_end, True, CAUSAL, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+        scale_log2, unmasked_end, visible_end, True, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
     )
 
-    dq_base = DQ + batch * stride_dqb + head * stride_dqh
+    dq_base = DQ + batch * stride_dqb + head * stride_dqh + q_first * stride_dqn
     store_rows(dq_base, (dq * softmax_scale).to(DQ.dtype.element_ty), offs_m, stride_dqn, n_q, offs_d, HEAD_DIM)
 
 
 @triton.jit
 def _accumulate_dq(
-    dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
+    dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
     start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Add key tiles [start, end) to dQ (unscaled); mask keys (bounds, causal) only when MASKED."""
+    """Add key tiles [start, end) to dQ (unscaled); mask keys (bounds, causal, padding) only when MASKED.
+    With PADDED (every tile MASKED), a tile with no real key is skipped, as in the forward."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
         v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(s * scale_log2 - lse[:, None])
-        if MASKED:
-            p = tl.where(visible(offs_m[:, None], offs_n[None, :], n_q, n_k, CAUSAL), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        real = real_keys(key_mask_row, offs_n, n_k, PADDED)
+        if PADDED:
+            if any_key(real):
+                dq = _add_key_tile_to_dq(
+                    dq, q, do, lse, delta, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2,
+                    MASKED, CAUSAL, DOT_PRECISION,
+                )
+        else:
+            dq = _add_key_tile_to_dq(
+                dq, q, do, lse, delta, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2, MASKED, CAUSAL, DOT_PRECISION,
+            )
     return dq
 
 
-def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, deterministic: bool = True):
-    """Gradients of fused attention: dq, dk, dv as new contiguous tensors shaped and typed like q, k, v.
+@triton.jit
+def _add_key_tile_to_dq(
+    dq, q, do, lse, delta, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.math.exp2(s * scale_log2 - lse[:, None])
+    if MASKED:
+        p = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, CAUSAL), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
-    q, k, v, causal and softmax_scale are the forward's inputs; o and lse (contiguous float32 (B, H, Nq))
-    its outputs. do is the gradient of o, any strides with a contiguous last dim.
+
+def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, deterministic: bool = True,
+                       key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """Gradients of fused attention: dq, dk, dv new tensors shaped and typed like q, k, v, laid out as
+    attention_forward lays out o (contiguous; in varlen, views of contiguous (total, H, D) tensors).
+
+    q, k, v, causal, softmax_scale, key_padding_mask and the varlen arguments are the forward's inputs
+    (see attention_forward); o and lse (contiguous float32 (B, Hq, Nq)) its outputs. do is the gradient of
+    o, any strides with a contiguous last dim. With grouped-query heads, dk and dv sum over the query heads
+    of each K/V head, in a fixed order.
     deterministic=True: the dK/dV and dQ kernels each own their accumulators; for a given config the same
     inputs give bitwise the same gradients (the autotuner picks the config per process, so two processes
     may differ). deterministic=False: dQ is added into a float32 buffer with atomics by the dK/dV kernel
     (5 matmuls per tile pair instead of 7, no dQ kernel); dQ's last bits then vary from run to run.
     """
-    batch, heads, n_q, head_dim = q.shape
-    n_k = k.shape[2]
+    rows_batch, heads, rows_q, head_dim = q.shape
+    kv_heads, rows_k = k.shape[1], k.shape[2]
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch, n_q, n_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+    else:
+        batch, n_q, n_k = rows_batch, rows_q, rows_k
+    padded = key_padding_mask is not None
     block_d = padded_head_dim(head_dim)
     precision = dot_precision(q.dtype)
     scale_log2 = softmax_scale * LOG2E.value
 
-    delta = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(n_q, DELTA_BLOCK_M) * heads * batch,)](
+    # Per row of o: varlen's packed rows need no sequence bounds here.
+    delta = torch.empty((rows_batch, heads, rows_q), device=q.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(rows_q, DELTA_BLOCK_M) * heads * rows_batch,)](
         o, do, delta,
         o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        heads, n_q,
+        heads, rows_q,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_M=DELTA_BLOCK_M,
     )
 
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    dk = new_rows(rows_batch, kv_heads, rows_k, head_dim, varlen, k)
+    dv = new_rows(rows_batch, kv_heads, rows_k, head_dim, varlen, v)
+    dq = new_rows(rows_batch, heads, rows_q, head_dim, varlen, q)
+    if batch * n_k == 0:  # no key rows: nothing reaches dq (CUDA refuses an empty grid)
+        return dq.zero_(), dk, dv
 
     fused_dq = not deterministic
     # Unused (and empty) in the deterministic kernel.
-    dq_accum = torch.zeros(q.shape if fused_dq else 0, device=q.device, dtype=torch.float32)
-    _dkdv_kernel[program_grid(n_k, heads, batch, "BLOCK_N")](
+    dq_accum = torch.zeros((rows_batch, heads, rows_q, head_dim) if fused_dq else 0, device=q.device,
+                           dtype=torch.float32)
+    _dkdv_kernel[program_grid(n_k, kv_heads, batch, "BLOCK_N")](
         q, k, v, do, lse, delta, dk, dv,
         dq_accum,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        heads, n_q, n_k,
+        key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+        batch_stride(q, varlen), q.stride(1), q.stride(2),
+        batch_stride(k, varlen), k.stride(1), k.stride(2),
+        batch_stride(v, varlen), v.stride(1), v.stride(2),
+        batch_stride(do, varlen), do.stride(1), do.stride(2),
+        batch_stride(dk, varlen), dk.stride(1), dk.stride(2),
+        batch_stride(dv, varlen), dv.stride(1), dv.stride(2),
+        batch_stride(lse, varlen), lse.stride(1),
+        kv_heads, heads // kv_heads, n_q, n_k,
         n_bucket(n_q), n_bucket(n_k),
         softmax_scale,
         scale_log2,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         CAUSAL=causal,
+        PADDED=padded,
+        VARLEN=varlen,
         DOT_PRECISION=precision,
         FUSED_DQ=fused_dq,
     )
     if fused_dq:
-        return (dq_accum * softmax_scale).to(q.dtype), dk, dv
-
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+        return dq.copy_(dq_accum * softmax_scale), dk, dv
+    if batch * n_q == 0:
+        return dq, dk, dv
 
     _dq_kernel[program_grid(n_q, heads, batch, "BLOCK_M")](
         q, k, v, do, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        heads, n_q, n_k,
+        key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+        batch_stride(q, varlen), q.stride(1), q.stride(2),
+        batch_stride(k, varlen), k.stride(1), k.stride(2),
+        batch_stride(v, varlen), v.stride(1), v.stride(2),
+        batch_stride(do, varlen), do.stride(1), do.stride(2),
+        batch_stride(dq, varlen), dq.stride(1), dq.stride(2),
+        batch_stride(lse, varlen), lse.stride(1),
+        heads, heads // kv_heads, n_q, n_k,
         n_bucket(n_q), n_bucket(n_k),
         softmax_scale,
         scale_log2,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         CAUSAL=causal,
+        PADDED=padded,
+        VARLEN=varlen,
         DOT_PRECISION=precision,
     )
     return dq, dk, dv

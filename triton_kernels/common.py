@@ -1,4 +1,5 @@
-"""Pieces shared by the forward and backward kernels: tile loads, the causal key range, config rules."""
+"""Pieces shared by the forward and backward kernels: tile loads, which keys a query sees (causal, key
+padding, varlen sequences), config rules."""
 import functools
 import math
 import os
@@ -143,13 +144,45 @@ def store_rows(base, tile, rows, row_stride, n_rows, cols, HEAD_DIM: tl.constexp
 
 
 @triton.jit
-def key_range(start_m, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+def sequence(CU_SEQLENS, batch, n_rows, VARLEN: tl.constexpr):
+    """(first row, length) of batch element `batch`'s query or key sequence.
+
+    Dense: rows 0 .. n_rows - 1 of the batch element's own slice. Varlen: rows cu[batch] .. cu[batch + 1] - 1
+    of the packed tensors, whose batch elements all live in batch 0 (the launchers pass a batch stride of
+    0). The first row is int64, as every offset built from it must be.
+    """
+    if VARLEN:
+        first = tl.load(CU_SEQLENS + batch)
+        return first.to(tl.int64), tl.load(CU_SEQLENS + batch + 1) - first
+    else:
+        return 0, n_rows
+
+
+@triton.jit
+def real_keys(key_mask_row, key, n_k, PADDED: tl.constexpr):
+    """Which keys exist: in bounds and, with PADDED, not padding (key_mask_row: the batch element's row of
+    the bool key padding mask). key is an index tensor of any shape; the result has its shape."""
+    real = key < n_k
+    if PADDED:
+        real = real & (tl.load(key_mask_row + key, mask=real, other=0) != 0)
+    return real
+
+
+@triton.jit
+def any_key(real):
+    """Whether a tile's 1-D `real_keys` holds any real key; tiles without one are skipped, no dots computed."""
+    return tl.max(real.to(tl.int32), 0) > 0
+
+
+@triton.jit
+def key_range(start_m, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+              PADDED: tl.constexpr):
     """Keys a query tile [start_m, start_m + BLOCK_M) works on, as (unmasked_end, visible_end).
 
     Key tiles in [0, unmasked_end) are in bounds and visible to every query of the tile, so they need no
-    mask; tiles in [unmasked_end, visible_end) straddle the causal diagonal or the end of the keys and must
-    be masked; keys from visible_end on are hidden from every query of the tile and are skipped.
-    Causal is bottom-right aligned: query i sees key j when j <= i + n_k - n_q.
+    mask; tiles in [unmasked_end, visible_end) straddle the causal diagonal or the end of the keys, or may
+    hold padding (PADDED: every tile may), and must be masked; keys from visible_end on are hidden from every
+    query of the tile and are skipped. Causal is bottom-right aligned: query i sees key j when j <= i + n_k - n_q.
     """
     if CAUSAL:
         shift = n_k - n_q
@@ -158,17 +191,61 @@ def key_range(start_m, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
     else:
         unmasked_end = n_k
         visible_end = n_k
+    if PADDED:
+        unmasked_end = 0
     return (unmasked_end // BLOCK_N) * BLOCK_N, visible_end
 
 
 @triton.jit
-def visible(query, key, n_q, n_k, CAUSAL: tl.constexpr):
-    """Mask of the (query, key) pairs that count: key in bounds and, if causal, not after the query's diagonal.
+def query_range(start_n, n_q, n_k, has_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, PADDED: tl.constexpr):
+    """Queries a key tile [start_n, start_n + BLOCK_N) works on, as (masked_start, unmasked_start), the
+    mirror of key_range.
+
+    Query tiles before masked_start see none of the tile's keys and are skipped; tiles in [masked_start,
+    unmasked_start) must be masked; tiles from unmasked_start on see every key of the tile. With PADDED
+    every tile is masked, and a key tile without a real key (has_key False) is skipped whole.
+    """
+    if CAUSAL:
+        # Query i sees key j when i >= j - (n_k - n_q): the first query tile that sees key start_n, and the
+        # first one that sees the tile's last key.
+        shift = n_k - n_q
+        first_seeing = tl.minimum(tl.maximum(start_n - shift, 0), n_q)
+        all_seeing = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), n_q)
+        masked_start = (first_seeing // BLOCK_M) * BLOCK_M
+        unmasked_start = tl.cdiv(all_seeing, BLOCK_M) * BLOCK_M
+    else:
+        masked_start = 0
+        unmasked_start = 0
+    if PADDED:
+        unmasked_start = n_q
+        masked_start = tl.where(has_key, masked_start, n_q)
+    return masked_start, unmasked_start
+
+
+@triton.jit
+def visible(query, key, real, n_q, n_k, CAUSAL: tl.constexpr):
+    """Mask of the (query, key) pairs that count: a real key (`real_keys` of key) and, if causal, not after
+    the query's diagonal.
 
     query and key are index tensors that broadcast to the tile: (M, 1) and (1, N) for a scores tile,
-    (1, M) and (N, 1) for a transposed one.
+    (1, M) and (N, 1) for a transposed one; real has key's shape.
     """
-    mask = key < n_k
+    mask = real
     if CAUSAL:
         mask = mask & (key <= query + (n_k - n_q))
     return mask
+
+
+def batch_stride(x, varlen):
+    """x.stride(0) for a kernel's batch offset; 0 in varlen, where every sequence lives in batch 0."""
+    return 0 if varlen else x.stride(0)
+
+
+def new_rows(batch, heads, n_rows, head_dim, varlen, like, dtype=None):
+    """A new (batch, heads, n_rows, head_dim) tensor: contiguous, or in varlen (batch 1) the 4-D view of a
+    contiguous (n_rows, heads, head_dim) tensor, flash-attn's packed layout."""
+    dtype = dtype or like.dtype
+    if varlen:
+        return torch.empty((n_rows, heads, head_dim), device=like.device, dtype=dtype).transpose(0, 1).unsqueeze(0)
+    return torch.empty((batch, heads, n_rows, head_dim), device=like.device, dtype=dtype)

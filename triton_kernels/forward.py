@@ -7,13 +7,18 @@ from .common import (
     LN2,
     LOG2E,
     KernelConfigs,
+    any_key,
+    batch_stride,
     dot_precision,
     key_range,
     load_rows,
     n_bucket,
+    new_rows,
     padded_head_dim,
     program_grid,
     program_tile,
+    real_keys,
+    sequence,
     store_rows,
     visible,
 )
@@ -43,30 +48,45 @@ CONFIGS = KernelConfigs(
     configs=CONFIGS.all(),
     # The lengths only as buckets (n_bucket): retuning and recompiling for every new length would stall
     # training on variable-length batches. The autotuner adds the tensors' dtypes to the key itself.
-    key=["BLOCK_D", "CAUSAL", "q_bucket", "k_bucket"],
+    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "q_bucket", "k_bucket"],
     prune_configs_by={"early_config_prune": CONFIGS.prune},
 )
 @triton.jit
 def _forward_kernel(
     Q, K, V, O, LSE,
+    KEY_MASK,  # PADDED: the bool (B, n_k) key padding mask, True for a real key
+    CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: int32 (B + 1,) first rows of the sequences in the packed tensors
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    n_heads, n_q, n_k,
+    stride_lseb, stride_lseh,
+    n_heads, group, n_q, n_k,  # VARLEN: n_q, n_k are the longest sequences' lengths, for the grid
     q_bucket, k_bucket,  # autotune key only
     scale_log2,  # softmax scale times log2(e): scores come out in base 2, ready for exp2
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     start_m, batch, head = program_tile(n_q, n_heads, BLOCK_M)
-    q_base = Q + batch * stride_qb + head * stride_qh
-    k_base = K + batch * stride_kb + head * stride_kh
-    v_base = V + batch * stride_vb + head * stride_vh
+    q_first, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
+    k_first, n_k = sequence(CU_SEQLENS_K, batch, n_k, VARLEN)
+    if VARLEN:
+        if start_m >= n_q:  # the grid is sized for the longest query sequence
+            return
+    kv_head = head // group  # grouped-query attention: `group` query heads share one K/V head
+    q_base = Q + batch * stride_qb + head * stride_qh + q_first * stride_qn
+    k_base = K + batch * stride_kb + kv_head * stride_kh + k_first * stride_kn
+    v_base = V + batch * stride_vb + kv_head * stride_vh + k_first * stride_vn
+    if PADDED:
+        key_mask_row = KEY_MASK + batch * n_k
+    else:
+        key_mask_row = KEY_MASK  # None: unused
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -82,14 +102,14 @@ def _forward_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    unmasked_end, visible_end = key_range(start_m, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL)
+    unmasked_end, visible_end = key_range(start_m, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL, PADDED)
     acc, l_i, m_i = _attend_key_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
-        0, unmasked_end, False, CAUSAL, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+        scale_log2, 0, unmasked_end, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
     )
     acc, l_i, m_i = _attend_key_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
-        unmasked_end, visible_end, True, CAUSAL, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+        scale_log2, unmasked_end, visible_end, True, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
     )
 
     # l_i is 0 exactly for rows that saw no key (any visible key adds exp2(0) = 1): output 0, lse -inf.
@@ -98,74 +118,115 @@ def _forward_kernel(
     o = acc / l_safe[:, None]
     lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
 
-    o_base = O + batch * stride_ob + head * stride_oh
+    o_base = O + batch * stride_ob + head * stride_oh + q_first * stride_on
     store_rows(o_base, o.to(O.dtype.element_ty), offs_m, stride_on, n_q, offs_d, HEAD_DIM)
-    lse_base = LSE + (batch * n_heads + head) * n_q
+    lse_base = LSE + batch * stride_lseb + head * stride_lseh + q_first
     tl.store(lse_base + offs_m, lse, mask=offs_m < n_q)
 
 
 @triton.jit
 def _attend_key_tiles(
-    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
+    acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
     start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Fold key tiles [start, end) into the online softmax state; mask scores only when MASKED."""
+    """Fold key tiles [start, end) into the online softmax state; mask scores only when MASKED. With PADDED
+    (every tile MASKED), a tile with no real key is skipped: its K and V are loaded (keeping the loads at the
+    loop's top level, where the pipeliner prefetches them) but no score is computed."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
         v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
-
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASKED:
-            s = tl.where(visible(offs_m[:, None], offs_n[None, :], n_q, n_k, CAUSAL), qk * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with no visible key so far has m_new = -inf, and -inf - -inf is NaN: subtract 0 instead,
-            # so its p and alpha come out exp2(-inf) = 0.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_shift[:, None])
+        real = real_keys(key_mask_row, offs_n, n_k, PADDED)
+        if PADDED:
+            if any_key(real):
+                acc, l_i, m_i = _attend_key_tile(
+                    acc, l_i, m_i, q, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2,
+                    MASKED, CAUSAL, DOT_PRECISION,
+                )
         else:
-            # Every key visible, so m_new is finite; scaling and subtracting the max is one FMA per score
-            # (scale_log2 >= 0: the max of the unscaled scores gives the max of the scaled ones).
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-            m_shift = m_new
-            p = tl.math.exp2(qk * scale_log2 - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+            acc, l_i, m_i = _attend_key_tile(
+                acc, l_i, m_i, q, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2, MASKED, CAUSAL, DOT_PRECISION,
+            )
     return acc, l_i, m_i
 
 
-def attention_forward(q, k, v, causal: bool, softmax_scale: float):
-    """Fused attention forward on (B, H, N, D) tensors, validated by the caller.
+@triton.jit
+def _attend_key_tile(
+    acc, l_i, m_i, q, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold one key tile into the online softmax state; real: its keys that exist (`real_keys`)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        s = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, CAUSAL), qk * scale_log2,
+                     float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no visible key so far has m_new = -inf, and -inf - -inf is NaN: subtract 0 instead,
+        # so its p and alpha come out exp2(-inf) = 0.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+    else:
+        # Every key visible, so m_new is finite; scaling and subtracting the max is one FMA per score
+        # (scale_log2 >= 0: the max of the unscaled scores gives the max of the scaled ones).
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+        m_shift = m_new
+        p = tl.math.exp2(qk * scale_log2 - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
-    q, k, v share device and dtype (fp16, bf16 or fp32), B, H and D (<= 256); k and v share Nk; any strides
-    with a contiguous last dim. Causal is bottom-right aligned.
-    Returns o: new contiguous (B, H, Nq, D) in q.dtype, and lse: new contiguous float32 (B, H, Nq), the
-    natural log of sum_j exp(scale * q.k_j); -inf (and o = 0) for rows that see no key.
+
+def attention_forward(q, k, v, causal: bool, softmax_scale: float, key_padding_mask=None, cu_seqlens_q=None,
+                      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """Fused attention forward, validated by the caller.
+
+    Dense (cu_seqlens None): q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D) with Hq % Hkv == 0; query head h
+    reads K/V head h // (Hq // Hkv). key_padding_mask: None or a contiguous bool (B, Nk), True for a real
+    key. Varlen: q (1, Hq, total_q, D), k and v (1, Hkv, total_k, D), views of flash-attn's packed
+    (total, H, D) tensors; sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q (likewise k),
+    at most max_seqlen_q (max_seqlen_k) long. q, k, v share device and dtype (fp16, bf16 or fp32) and D
+    (<= 256); any strides with a contiguous last dim. Causal is bottom-right aligned (per sequence).
+    Returns o: new (B, Hq, Nq, D) in q.dtype, contiguous (varlen: a view of a contiguous (total_q, Hq, D)),
+    and lse: new contiguous float32 (B, Hq, Nq), the natural log of sum_j exp(scale * q.k_j); -inf (and
+    o = 0) for rows that see no key.
     """
-    batch, heads, n_q, head_dim = q.shape
-    n_k = k.shape[2]
-    o = torch.empty((batch, heads, n_q, head_dim), device=q.device, dtype=q.dtype)
-    lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
+    rows_batch, heads, rows_q, head_dim = q.shape
+    kv_heads, rows_k = k.shape[1], k.shape[2]
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        batch, n_q, n_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+    else:
+        batch, n_q, n_k = rows_batch, rows_q, rows_k
+    o = new_rows(rows_batch, heads, rows_q, head_dim, varlen, q)
+    lse = torch.empty((rows_batch, heads, rows_q), device=q.device, dtype=torch.float32)
+    if batch * n_q == 0:
+        return o, lse  # no query rows: CUDA refuses an empty grid
 
     _forward_kernel[program_grid(n_q, heads, batch, "BLOCK_M")](
         q, k, v, o, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        heads, n_q, n_k,
+        key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+        batch_stride(q, varlen), q.stride(1), q.stride(2),
+        batch_stride(k, varlen), k.stride(1), k.stride(2),
+        batch_stride(v, varlen), v.stride(1), v.stride(2),
+        batch_stride(o, varlen), o.stride(1), o.stride(2),
+        batch_stride(lse, varlen), lse.stride(1),
+        heads, heads // kv_heads, n_q, n_k,
         n_bucket(n_q), n_bucket(n_k),
         softmax_scale * LOG2E.value,
         HEAD_DIM=head_dim,
         BLOCK_D=padded_head_dim(head_dim),
         CAUSAL=causal,
+        PADDED=key_padding_mask is not None,
+        VARLEN=varlen,
         DOT_PRECISION=dot_precision(q.dtype),
     )
     return o, lse
