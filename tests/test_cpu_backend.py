@@ -453,3 +453,60 @@ BAD_BACKWARD_INPUTS = [
 def test_backward_checks_name_the_argument(inputs, message):
     with pytest.raises(RuntimeError, match=message):
         bwd(*inputs, False, 0.25)
+
+
+def _varlen_inputs(batch=1, **changes):
+    """Valid varlen (q, k, v) and options: two packed sequences, (2, 3) query and (3, 4) key rows."""
+    q, k, v = torch.randn(batch, 3, 5, 16), torch.randn(batch, 3, 7, 16), torch.randn(batch, 3, 7, 16)
+    options = {"cu_seqlens_q": torch.tensor([0, 2, 5], dtype=torch.int32),
+               "cu_seqlens_k": torch.tensor([0, 3, 7], dtype=torch.int32), "max_seqlen_q": 3, "max_seqlen_k": 4}
+    options.update(changes)
+    return (q, k, v), options
+
+
+def _padded(**changes):
+    """Valid dense (q, k, v) with a key_padding_mask, replaced by changes."""
+    return _inputs(), {"key_padding_mask": torch.ones(2, 7, dtype=torch.bool), **changes}
+
+
+BAD_OPTIONS = [
+    pytest.param(_padded(key_padding_mask=torch.ones(2, 7)), r"key_padding_mask must be bool \(got Float\)",
+                 id="mask-dtype"),
+    pytest.param(_padded(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)),
+                 r"key_padding_mask must have shape \(batch, seq_len_k\) \(2, 7\) \(got \[2, 6\]\)", id="mask-shape"),
+    pytest.param(_padded(key_padding_mask=torch.ones(7, 2, dtype=torch.bool).t()),
+                 "key_padding_mask must be contiguous", id="mask-strided"),
+    pytest.param((_inputs(), {"cu_seqlens_q": torch.tensor([0, 5], dtype=torch.int32)}),
+                 r"cu_seqlens_q and cu_seqlens_k must be given together \(got only cu_seqlens_q\)", id="cu-alone"),
+    pytest.param(_varlen_inputs(cu_seqlens_k=torch.tensor([0, 3, 7])), r"cu_seqlens_k must be int32 \(got Long\)",
+                 id="cu-dtype"),
+    pytest.param(_varlen_inputs(cu_seqlens_q=torch.tensor([[0, 2, 5]], dtype=torch.int32)), "cu_seqlens_q must be 1-D",
+                 id="cu-rank"),
+    pytest.param(_varlen_inputs(cu_seqlens_q=torch.tensor([0, 9, 2, 9, 5], dtype=torch.int32)[::2]),
+                 "cu_seqlens_q must be contiguous", id="cu-strided"),
+    pytest.param(_varlen_inputs(cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32)),
+                 r"cu_seqlens_k must have as many entries as cu_seqlens_q \(got 2 vs 3\)", id="cu-entries"),
+    pytest.param(_varlen_inputs(batch=2), r"q must have batch size 1 with cu_seqlens", id="cu-batch"),
+    pytest.param(_varlen_inputs(key_padding_mask=torch.ones(1, 7, dtype=torch.bool)),
+                 "key_padding_mask cannot be combined with cu_seqlens_q / cu_seqlens_k", id="cu-and-mask"),
+    # The values of cu_seqlens, which the CPU kernels read anyway
+    pytest.param(_varlen_inputs(cu_seqlens_q=torch.tensor([1, 2, 5], dtype=torch.int32)),
+                 "cu_seqlens_q must start at 0", id="cu-start"),
+    pytest.param(_varlen_inputs(cu_seqlens_k=torch.tensor([0, 3, 6], dtype=torch.int32)),
+                 r"cu_seqlens_k must end at the total number of rows 7 \(got 6\)", id="cu-end"),
+    pytest.param(_varlen_inputs(cu_seqlens_q=torch.tensor([0, 3, 2, 5], dtype=torch.int32),
+                                cu_seqlens_k=torch.tensor([0, 3, 5, 7], dtype=torch.int32)),
+                 r"cu_seqlens_q must be non-decreasing \(entry 2 is 2 after 3\)", id="cu-decreasing"),
+    pytest.param(_varlen_inputs(max_seqlen_q=2),
+                 r"max_seqlen_q \(2\) is shorter than sequence 1 of cu_seqlens_q \(3 rows\)", id="max-seqlen"),
+]
+
+
+@pytest.mark.parametrize("inputs, message", BAD_OPTIONS)
+def test_option_checks_name_the_argument(inputs, message):
+    (q, k, v), options = inputs
+    with pytest.raises(RuntimeError, match=message):
+        fwd(q, k, v, False, 0.25, **options)
+    dout, o, lse = torch.randn_like(q), torch.randn_like(q), torch.randn(q.shape[:3])
+    with pytest.raises(RuntimeError, match=message):
+        bwd(dout, q, k, v, o, lse, False, 0.25, **options)
