@@ -1,6 +1,7 @@
 // Input checks shared by every C++ binding of fused_attention::fwd / ::bwd (CPU and CUDA).
 // The Python layer validates first; these are the second line of defence for direct op calls,
-// and each message names the offending argument.
+// and each message names the offending argument. They check types, shapes and devices only: the
+// values of cu_seqlens live on q's device, where reading them could cost a device-to-host sync.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,6 +9,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <utility>
 
 namespace fused_attention {
@@ -30,8 +32,34 @@ inline void check_same_dtype(const char* name, const at::Tensor& t, const at::Te
               t.scalar_type(), " vs ", q.scalar_type(), ")");
 }
 
-// q (B, H, Nq, D), k and v (B, H, Nk, D): one device, one dtype among fp16/bf16/fp32, 1 <= D <= 256.
-inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// key_padding_mask: bool, contiguous (B, Nk) on q's device.
+inline void check_key_padding_mask(const at::Tensor& mask, const at::Tensor& q, const at::Tensor& k) {
+  check_same_device("key_padding_mask", mask, q);
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "fused_attention: key_padding_mask must be bool (got ",
+              mask.scalar_type(), ")");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == q.size(0) && mask.size(1) == k.size(2),
+              "fused_attention: key_padding_mask must have shape (batch, seq_len_k) (", q.size(0), ", ", k.size(2),
+              ") (got ", mask.sizes(), ")");
+  TORCH_CHECK(mask.is_contiguous(), "fused_attention: key_padding_mask must be contiguous");
+}
+
+// cu_seqlens_q / cu_seqlens_k: int32, contiguous, 1-D on q's device.
+inline void check_cu_seqlens(const char* name, const at::Tensor& cu_seqlens, const at::Tensor& q) {
+  check_same_device(name, cu_seqlens, q);
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, "fused_attention: ", name, " must be int32 (got ",
+              cu_seqlens.scalar_type(), ")");
+  TORCH_CHECK(cu_seqlens.dim() == 1, "fused_attention: ", name, " must be 1-D (batch + 1,) (got shape ",
+              cu_seqlens.sizes(), ")");
+  TORCH_CHECK(cu_seqlens.is_contiguous(), "fused_attention: ", name, " must be contiguous");
+}
+
+// Dense: q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D) with Hq a multiple of Hkv, and an optional
+// key_padding_mask. Varlen (both cu_seqlens given): the same with B = 1, no key_padding_mask.
+// One device, one dtype among fp16/bf16/fp32, 1 <= D <= 256.
+inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const std::optional<at::Tensor>& key_padding_mask,
+                                   const std::optional<at::Tensor>& cu_seqlens_q,
+                                   const std::optional<at::Tensor>& cu_seqlens_k) {
   check_defined_rank4("q", q);
   check_defined_rank4("k", k);
   check_defined_rank4("v", v);
@@ -41,22 +69,44 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
     check_same_device(name, t, q);
     check_same_dtype(name, t, q);
-    TORCH_CHECK(t.size(0) == q.size(0) && t.size(1) == q.size(1), "fused_attention: ", name,
-                " must have the same (batch, heads) as q (got ", t.sizes().slice(0, 2), " vs ",
-                q.sizes().slice(0, 2), ")");
+    TORCH_CHECK(t.size(0) == q.size(0), "fused_attention: ", name, " must have the same batch size as q (got ",
+                t.size(0), " vs ", q.size(0), ")");
     TORCH_CHECK(t.size(3) == q.size(3), "fused_attention: ", name, " must have the same head_dim as q (got ",
                 t.size(3), " vs ", q.size(3), ")");
   }
+  TORCH_CHECK(v.size(1) == k.size(1), "fused_attention: v must have as many heads (dim 1) as k (got ", v.size(1),
+              " vs ", k.size(1), ")");
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+              "fused_attention: q heads must be a multiple of k heads (dim 1; got ", q.size(1), " vs ", k.size(1),
+              ")");
   TORCH_CHECK(v.size(2) == k.size(2), "fused_attention: v must have as many keys (dim 2) as k (got ", v.size(2),
               " vs ", k.size(2), ")");
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "fused_attention: q head_dim must be in 1..", kMaxHeadDim,
               " (got ", q.size(3), ")");
+  if (key_padding_mask.has_value()) check_key_padding_mask(*key_padding_mask, q, k);
+  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+              "fused_attention: cu_seqlens_q and cu_seqlens_k must be given together (got only ",
+              cu_seqlens_q.has_value() ? "cu_seqlens_q" : "cu_seqlens_k", ")");
+  if (cu_seqlens_q.has_value()) {
+    check_cu_seqlens("cu_seqlens_q", *cu_seqlens_q, q);
+    check_cu_seqlens("cu_seqlens_k", *cu_seqlens_k, q);
+    TORCH_CHECK(cu_seqlens_k->numel() == cu_seqlens_q->numel(),
+                "fused_attention: cu_seqlens_k must have as many entries as cu_seqlens_q (got ",
+                cu_seqlens_k->numel(), " vs ", cu_seqlens_q->numel(), ")");
+    TORCH_CHECK(q.size(0) == 1, "fused_attention: q must have batch size 1 with cu_seqlens (packed sequences; got ",
+                q.size(0), ")");
+    TORCH_CHECK(!key_padding_mask.has_value(),
+                "fused_attention: key_padding_mask cannot be combined with cu_seqlens_q / cu_seqlens_k");
+  }
 }
 
-// The forward's inputs, plus dout and o shaped like q and lse float32 (B, H, Nq).
+// The forward's inputs, plus dout and o shaped like q and lse float32 (B, Hq, Nq).
 inline void check_backward_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse) {
-  check_attention_inputs(q, k, v);
+                                  const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
+                                  const std::optional<at::Tensor>& key_padding_mask,
+                                  const std::optional<at::Tensor>& cu_seqlens_q,
+                                  const std::optional<at::Tensor>& cu_seqlens_k) {
+  check_attention_inputs(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout}, {"o", o}}) {
     check_defined_rank4(name, t);
     check_same_device(name, t, q);

@@ -14,9 +14,12 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_attention, m) {
-  m.def("fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale) -> (Tensor o, Tensor lse)");
   m.def(
-      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float softmax_scale)"
+      "fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, Tensor? key_padding_mask,"
+      " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k) -> (Tensor o, Tensor lse)");
+  m.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float softmax_scale,"
+      " Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k)"
       " -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 

@@ -13,8 +13,21 @@ from grid import assert_within_rule, max_err
 
 pytest.importorskip("attention._C", reason="the C++ extension attention._C is not built")
 
-fwd = torch.ops.fused_attention.fwd
-bwd = torch.ops.fused_attention.bwd
+
+
+def fwd(q, k, v, causal, scale, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+        max_seqlen_k=0):
+    """The raw forward op, with the options of issue 10 defaulting to off."""
+    return torch.ops.fused_attention.fwd(q, k, v, causal, scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                                         max_seqlen_q, max_seqlen_k)
+
+
+def bwd(dout, q, k, v, o, lse, causal, scale, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
+        max_seqlen_q=0, max_seqlen_k=0):
+    """The raw backward op, with the options of issue 10 defaulting to off."""
+    return torch.ops.fused_attention.bwd(dout, q, k, v, o, lse, causal, scale, key_padding_mask, cu_seqlens_q,
+                                         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (batch, heads, Nq, Nk, head_dim)
@@ -224,8 +237,12 @@ BAD_FORWARD_INPUTS = [
     pytest.param(_inputs(k=torch.randn(2, 3, 7, 16).half()), r"k must have the same dtype as q \(got Half vs Float\)",
                  id="k-dtype"),
     pytest.param(_inputs(v=torch.randn(2, 3, 7, 16).bfloat16()), "v must have the same dtype as q", id="v-dtype"),
-    pytest.param(_inputs(k=torch.randn(1, 3, 7, 16)), r"k must have the same \(batch, heads\) as q", id="k-batch"),
-    pytest.param(_inputs(v=torch.randn(2, 4, 7, 16)), r"v must have the same \(batch, heads\) as q", id="v-heads"),
+    pytest.param(_inputs(k=torch.randn(1, 3, 7, 16)), r"k must have the same batch size as q \(got 1 vs 2\)",
+                 id="k-batch"),
+    pytest.param(_inputs(v=torch.randn(2, 4, 7, 16)), r"v must have as many heads \(dim 1\) as k \(got 4 vs 3\)",
+                 id="v-heads"),
+    pytest.param(_inputs(k=torch.randn(2, 2, 7, 16), v=torch.randn(2, 2, 7, 16)),
+                 r"q heads must be a multiple of k heads \(dim 1; got 3 vs 2\)", id="k-heads"),
     pytest.param(_inputs(v=torch.randn(2, 3, 6, 16)), r"v must have as many keys \(dim 2\) as k \(got 6 vs 7\)",
                  id="v-keys"),
     pytest.param(_inputs(k=torch.randn(2, 3, 7, 8)), r"k must have the same head_dim as q \(got 8 vs 16\)",

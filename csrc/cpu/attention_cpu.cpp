@@ -538,8 +538,14 @@ void dispatch_dtype(at::ScalarType dtype, const Body& body) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                         const at::Tensor& v_in, bool causal, double softmax_scale) {
-  check_attention_inputs(q_in, k_in, v_in);
+                                                         const at::Tensor& v_in, bool causal, double softmax_scale,
+                                                         const std::optional<at::Tensor>& key_padding_mask,
+                                                         const std::optional<at::Tensor>& cu_seqlens_q,
+                                                         const std::optional<at::Tensor>& cu_seqlens_k,
+                                                         int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/) {
+  check_attention_inputs(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  TORCH_CHECK(q_in.size(1) == k_in.size(1) && !key_padding_mask.has_value() && !cu_seqlens_q.has_value(),
+              "cpu backend: grouped-query heads, key_padding_mask and cu_seqlens are not implemented yet");
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const Shape shape = make_shape(q, k, causal);
   at::Tensor o = at::empty(q.sizes(), q.options());
@@ -553,11 +559,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
   return {o, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(const at::Tensor& dout_in, const at::Tensor& q_in,
-                                                                      const at::Tensor& k_in, const at::Tensor& v_in,
-                                                                      const at::Tensor& o_in, const at::Tensor& lse_in,
-                                                                      bool causal, double softmax_scale) {
-  check_backward_inputs(dout_in, q_in, k_in, v_in, o_in, lse_in);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& o_in, const at::Tensor& lse_in, bool causal, double softmax_scale,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/) {
+  check_backward_inputs(dout_in, q_in, k_in, v_in, o_in, lse_in, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  TORCH_CHECK(q_in.size(1) == k_in.size(1) && !key_padding_mask.has_value() && !cu_seqlens_q.has_value(),
+              "cpu backend: grouped-query heads, key_padding_mask and cu_seqlens are not implemented yet");
   const at::Tensor dout = with_contiguous_rows(dout_in), q = with_contiguous_rows(q_in);
   const at::Tensor k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in), o = with_contiguous_rows(o_in);
   const at::Tensor lse = lse_in.contiguous();
