@@ -29,12 +29,14 @@ class StridedTensor(ctypes.Structure):
 class AttentionParams(ctypes.Structure):  # mirrors csrc/cuda/params.h
     _fields_ = [
         ("q", StridedTensor), ("k", StridedTensor), ("v", StridedTensor), ("o", StridedTensor),
-        ("lse", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p), ("lse_head_stride", ctypes.c_int64),
         ("dout", StridedTensor), ("dq", StridedTensor), ("dk", StridedTensor), ("dv", StridedTensor),
         ("delta", ctypes.c_void_p),
-        ("batch", ctypes.c_int), ("heads", ctypes.c_int), ("seqlen_q", ctypes.c_int), ("seqlen_k", ctypes.c_int),
-        ("head_dim", ctypes.c_int), ("softmax_scale", ctypes.c_float), ("causal", ctypes.c_bool),
-        ("element_type", ctypes.c_int),
+        ("key_padding_mask", ctypes.c_void_p), ("key_padding_mask_batch_stride", ctypes.c_int64),
+        ("cu_seqlens_q", ctypes.c_void_p), ("cu_seqlens_k", ctypes.c_void_p),
+        ("batch", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int), ("seqlen_q", ctypes.c_int),
+        ("seqlen_k", ctypes.c_int), ("head_dim", ctypes.c_int), ("softmax_scale", ctypes.c_float),
+        ("causal", ctypes.c_bool), ("element_type", ctypes.c_int),
     ]
 
 
@@ -49,7 +51,8 @@ def _load():
     lib.fae_ldmatrix_fragment.argtypes = [ctypes.c_int] * 3 + [ctypes.POINTER(ctypes.c_int)] * 2
     offsets = (ctypes.c_longlong * 16)()
     lib.fae_params_layout(offsets, 16)
-    fields = ["q", "o", "lse", "dout", "delta", "batch", "softmax_scale", "causal", "element_type"]
+    fields = ["q", "o", "lse", "lse_head_stride", "dout", "delta", "key_padding_mask", "cu_seqlens_q", "batch",
+              "kv_heads", "softmax_scale", "causal", "element_type"]
     mirror = [ctypes.sizeof(AttentionParams)] + [getattr(AttentionParams, f).offset for f in fields]
     if list(offsets[: len(mirror)]) != mirror:
         return None, f"AttentionParams mirror is stale: C++ {list(offsets[:len(mirror)])}, Python {mirror}"
@@ -95,19 +98,35 @@ def _strided(t):
     return StridedTensor(t.data_ptr(), t.stride(0), t.stride(1), t.stride(2))
 
 
-def _params(q, k, v, causal, softmax_scale):
+def _params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """What binding.cpp fills from tensors, for dense calls (cu_seqlens None) and varlen ones."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"the CUDA kernels take float16 or bfloat16, got {q.dtype}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.device.type != "cpu" or (t.size(3) > 1 and t.stride(3) != 1):
             raise ValueError(f"{name} must be a CPU tensor with a contiguous last dim")
+    if q.size(1) % k.size(1):
+        raise ValueError(f"q heads ({q.size(1)}) must be a multiple of k heads ({k.size(1)})")
     p = AttentionParams()
     p.q, p.k, p.v = _strided(q), _strided(k), _strided(v)
-    p.batch, p.heads, p.seqlen_q, p.head_dim = q.shape
-    p.seqlen_k = k.shape[2]
+    p.heads, p.kv_heads, p.head_dim = q.size(1), k.size(1), q.size(3)
+    p.lse_head_stride = q.size(2)
     p.softmax_scale = softmax_scale
     p.causal = causal
     p.element_type = 0 if q.dtype == torch.float16 else 1
+    if cu_seqlens_q is None:
+        p.batch, p.seqlen_q, p.seqlen_k = q.size(0), q.size(2), k.size(2)
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (q.size(0), k.size(2)):
+                raise ValueError(f"key_padding_mask must be bool {(q.size(0), k.size(2))}")
+            p.key_padding_mask = key_padding_mask.data_ptr()
+            p.key_padding_mask_batch_stride = key_padding_mask.stride(0)
+    else:
+        for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if t.dtype != torch.int32 or t.dim() != 1 or not t.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous int32 vector")
+        p.batch, p.seqlen_q, p.seqlen_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+        p.cu_seqlens_q, p.cu_seqlens_k = cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr()
     return p
 
 
@@ -121,18 +140,32 @@ def _poisoned(shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
-def forward(q, k, v, causal, softmax_scale):
+def _poisoned_like_rows(t, varlen):
+    """An output shaped like q, k or v: dense, contiguous; varlen, the (1, H, total, D) view of a
+    contiguous (total, H, D) tensor, as SPEC10 lays out packed sequences."""
+    if not varlen:
+        return _poisoned(t.shape, t.dtype)
+    _, heads, total, head_dim = t.shape
+    return _poisoned((total, heads, head_dim), t.dtype).transpose(0, 1).unsqueeze(0)
+
+
+def forward(q, k, v, causal, softmax_scale, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
+            max_seqlen_q=0, max_seqlen_k=0):
     """(o, lse) of the emulated forward kernel."""
-    p = _params(q, k, v, causal, softmax_scale)
-    o, lse = _poisoned(q.shape, q.dtype), _poisoned(q.shape[:3], torch.float32)
+    p = _params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                max_seqlen_k)
+    o, lse = _poisoned_like_rows(q, cu_seqlens_q is not None), _poisoned(q.shape[:3], torch.float32)
     p.o, p.lse = _strided(o), lse.data_ptr()
     _check(LIB.fae_forward(ctypes.byref(p)))
     return o, lse
 
 
-def backward(dout, q, k, v, o, lse, causal, softmax_scale):
-    p = _params(q, k, v, causal, softmax_scale)
-    dq, dk, dv = (_poisoned(t.shape, t.dtype) for t in (q, k, v))
+def backward(dout, q, k, v, o, lse, causal, softmax_scale, key_padding_mask=None, cu_seqlens_q=None,
+             cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    p = _params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                max_seqlen_k)
+    varlen = cu_seqlens_q is not None
+    dq, dk, dv = (_poisoned_like_rows(t, varlen) for t in (q, k, v))
     delta = _poisoned(q.shape[:3], torch.float32)
     lse = lse.contiguous()
     p.o, p.lse, p.dout = _strided(o), lse.data_ptr(), _strided(dout)
@@ -143,15 +176,21 @@ def backward(dout, q, k, v, o, lse, causal, softmax_scale):
 
 if LIB is not None:
     @torch.library.custom_op("fused_attention_emulated::fwd", mutates_args=())
-    def emulated_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                         softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward(q, k, v, causal, softmax_scale)
+    def emulated_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+                         key_padding_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+                         cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
+                         max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                       max_seqlen_k)
 
     @torch.library.custom_op("fused_attention_emulated::bwd", mutates_args=())
     def emulated_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                          torch.Tensor]:
-        return backward(dout, q, k, v, o, lse, causal, softmax_scale)
+                          lse: torch.Tensor, causal: bool, softmax_scale: float,
+                          key_padding_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+                          cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
+                          max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return backward(dout, q, k, v, o, lse, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                        max_seqlen_q, max_seqlen_k)
 
     ops.register_fused_op("fused_attention_emulated::fwd", "fused_attention_emulated::bwd", emulated_backward)
 
@@ -160,5 +199,5 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, return_lse=False)
     """attention.flash_attention's contract, on the emulated CUDA kernels."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     fix = lambda t: t if t.size(-1) == 1 or t.stride(-1) == 1 else t.contiguous()
-    o, lse = torch.ops.fused_attention_emulated.fwd(fix(q), fix(k), fix(v), causal, scale)
+    o, lse = torch.ops.fused_attention_emulated.fwd(fix(q), fix(k), fix(v), causal, scale, None, None, None, 0, 0)
     return (o, lse) if return_lse else o

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import cuda_emulator as emu
-from grid import EMULATED_CUDA
+from grid import EMULATED_CUDA, assert_within_rule
 from test_attention import check_against_reference, random_inputs
 
 if emu.LIB is None:  # under CI, conftest.py has already failed the run
@@ -219,3 +219,169 @@ def test_results_do_not_depend_on_timing(dtype):
     raced_grads = emu.backward(dout, q, k, v, *raced, True, 0.125)
     for a, b in zip(calm + calm_grads, raced + raced_grads):
         assert torch.equal(a, b)
+
+
+# --- grouped-query heads, key padding and packed sequences (SPEC10) -----------------------------------
+
+def reference(q, k, v, causal, scale, key_padding_mask=None):
+    """(o, lse) in plain torch: k and v expanded to q's heads, hidden scores -inf, and a row that
+    sees no key giving o = 0, lse = -inf and no gradient."""
+    group = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    n_q, n_k = q.size(2), k.size(2)
+    scores = q @ k.transpose(-1, -2) * scale
+    hidden = torch.zeros(n_q, n_k, dtype=torch.bool)
+    if causal:
+        hidden = torch.ones(n_q, n_k, dtype=torch.bool).triu(n_k - n_q + 1)
+    hidden = hidden.expand(q.size(0), 1, n_q, n_k)
+    if key_padding_mask is not None:
+        hidden = hidden | ~key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(hidden, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True).detach() if n_k else scores.new_zeros(*scores.shape[:3], 1)
+    row_max = row_max.masked_fill(row_max.isneginf(), 0)
+    p = torch.exp(scores - row_max)
+    row_sum = p.sum(-1, keepdim=True)
+    o = (p @ v) / row_sum.clamp_min(torch.finfo(row_sum.dtype).tiny)
+    return o, (row_max + row_sum.log()).squeeze(-1).float()
+
+
+def reference_varlen(q, k, v, causal, scale, cu_q, cu_k):
+    """The packed (1, H, total, D) views attended sequence by sequence."""
+    outputs, lses = [], []
+    for b in range(cu_q.numel() - 1):
+        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        o, lse = reference(q[:, :, rows_q], k[:, :, rows_k], v[:, :, rows_k], causal, scale)
+        outputs.append(o)
+        lses.append(lse)
+    return torch.cat(outputs, 2), torch.cat(lses, 2)
+
+
+def reference_run(q, k, v, dout, dtype, **options):
+    """Output, lse and gradients of `reference` (or reference_varlen with cu_q/cu_k) in `dtype`."""
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    attend = reference_varlen if "cu_q" in options else reference
+    o, lse = attend(q, k, v, **options)
+    o.backward(dout.to(dtype))
+    return o, lse, q.grad, k.grad, v.grad
+
+
+def check_options_against_reference(q, k, v, dout, causal, key_padding_mask=None, cu_seqlens=None, max_seqlen=(0, 0)):
+    """Our (o, lse, dq, dk, dv) against the float64 reference by the 2x/3x rule, the rule's base
+    being the reference run in q's dtype."""
+    scale = q.size(-1) ** -0.5
+    cu_q, cu_k = cu_seqlens or (None, None)
+    options = (key_padding_mask, cu_q, cu_k, *max_seqlen)
+    o, lse = emu.forward(q, k, v, causal, scale, *options)
+    grads = emu.backward(dout, q, k, v, o, lse, causal, scale, *options)
+    ref_options = dict(causal=causal, scale=scale)
+    ref_options.update(dict(cu_q=cu_q, cu_k=cu_k) if cu_seqlens else dict(key_padding_mask=key_padding_mask))
+    ref = reference_run(q, k, v, dout, torch.float64, **ref_options)
+    lowprec = reference_run(q, k, v, dout, q.dtype, **ref_options)
+    hidden = ref[1].isinf()
+    assert torch.equal(lse.isneginf(), hidden), "lse must be -inf exactly on rows that see no key"
+    assert_within_rule("lse", lse[~hidden], ref[1][~hidden], lowprec[1][~hidden], 2)
+    for name, factor, ours, r, lp in zip(("o", "dq", "dk", "dv"), (2, 3, 3, 3), (o, *grads), ref[:1] + ref[2:],
+                                         lowprec[:1] + lowprec[2:]):
+        assert_within_rule(name, ours, r, lp, factor)
+    # A row that sees no key: exactly zero output and query gradient.
+    assert torch.all(o.transpose(1, 2)[hidden.transpose(1, 2)] == 0)
+    assert torch.all(grads[0].transpose(1, 2)[hidden.transpose(1, 2)] == 0)
+    return o, lse, grads
+
+
+def grouped_inputs(batch, heads, kv_heads, n_q, n_k, head_dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    make = lambda h, n: torch.randn(batch, h, n, head_dim, generator=gen, dtype=dtype)
+    return make(heads, n_q), make(kv_heads, n_k), make(kv_heads, n_k), make(heads, n_q)
+
+
+# (batch, query heads, kv heads, Nq, Nk, head dim): two query tiles per head, so that the dK/dV
+# block's walk over its group crosses from one head's tiles to the next.
+GROUPED = [(1, 4, 2, 70, 67, 32), (2, 3, 1, 33, 70, 40)]
+
+
+@pytest.mark.parametrize("shape", GROUPED, ids=["gqa2", "mqa"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+def test_grouped_query_heads(dtype, causal, shape):
+    _, _, grads = check_options_against_reference(*grouped_inputs(*shape, dtype), causal)
+    assert grads[1].shape == grads[2].shape == (shape[0], shape[2], shape[4], shape[5])
+
+
+def test_grouped_gradients_are_bitwise_repeatable():
+    """dK and dV sum the group's heads in one fixed order: random warp delays change no bit."""
+    q, k, v, dout = grouped_inputs(1, 4, 1, 70, 67, 32, torch.float16)
+    o, lse = emu.forward(q, k, v, True, 0.2)
+    calm = emu.backward(dout, q, k, v, o, lse, True, 0.2)
+    emu.configure(eager_copies=True, delay_seed=3, delay_max_us=200)
+    raced = emu.backward(dout, q, k, v, o, lse, True, 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(calm, raced))
+
+
+def padding_mask(n_k):
+    """Left padding over a whole 64-key tile, right padding over the last tile, random holes, and a
+    batch element with every key masked."""
+    mask = torch.ones(4, n_k, dtype=torch.bool)
+    mask[0, :70] = False
+    mask[1, 100:] = False
+    mask[2] = torch.rand(n_k, generator=torch.Generator().manual_seed(5)) > 0.3
+    mask[3] = False
+    return mask
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+def test_key_padding(dtype, causal):
+    q, k, v, dout = grouped_inputs(4, 2, 1, 40, 150, 32, dtype)
+    o, _, (dq, dk, dv) = check_options_against_reference(q, k, v, dout, causal, padding_mask(150))
+    assert torch.all(o[3] == 0) and torch.all(dq[3] == 0)
+    assert torch.all(dk[3] == 0) and torch.all(dv[3] == 0)
+    assert torch.all(dk[0, :, :70] == 0) and torch.all(dv[1, :, 100:] == 0)
+
+
+def test_padding_tiles_cost_no_mma():
+    """Keys 64.. all padding: forward and backward run the MMAs of a 64-key call, no more."""
+    q, k, v, dout = grouped_inputs(1, 1, 1, 40, 150, 64, torch.float16)
+    mask = torch.zeros(1, 150, dtype=torch.bool)
+    mask[:, :64] = True
+
+    def mma_counts(*args):
+        emu.reset_counters()
+        o, lse = emu.forward(*args)
+        forward = emu.counters()["mma"]
+        emu.reset_counters()
+        emu.backward(dout, *args[:3], o, lse, *args[3:])
+        return forward, emu.counters()["mma"]
+
+    padded = mma_counts(q, k, v, False, 0.125, mask)
+    assert padded == mma_counts(q, k[:, :, :64], v[:, :, :64], False, 0.125)
+    assert mma_counts(q, k, v, False, 0.125, torch.zeros_like(mask)) == (0, 0)
+
+
+# Packed sequences: a zero-length query and key sequence, Nq != Nk in every sequence, and a
+# sequence longer than one tile of either kind.
+LENGTHS_Q = [0, 1, 17, 64, 113, 17]
+LENGTHS_K = [17, 64, 1, 113, 0, 0]
+
+
+def packed_inputs(dtype, heads=2, kv_heads=1, head_dim=32):
+    """(q, k, v, dout) as (1, H, total, D) views of flash-attn's (total, H, D) tensors, and cu_seqlens."""
+    gen = torch.Generator().manual_seed(2)
+    cu = lambda lengths: torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q, cu_k = cu(LENGTHS_Q), cu(LENGTHS_K)
+    packed = lambda total, h: torch.randn(total, h, head_dim, generator=gen, dtype=dtype).transpose(0, 1).unsqueeze(0)
+    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
+    q, k, v = packed(total_q, heads), packed(total_k, kv_heads), packed(total_k, kv_heads)
+    return q, k, v, packed(total_q, heads), (cu_q, cu_k)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+def test_varlen(dtype, causal):
+    q, k, v, dout, cu_seqlens = packed_inputs(dtype)
+    o, lse, grads = check_options_against_reference(q, k, v, dout, causal, cu_seqlens=cu_seqlens,
+                                                    max_seqlen=(max(LENGTHS_Q), max(LENGTHS_K)))
+    # Outputs are views of contiguous (total, H, D) tensors; lse is (1, H, total_q).
+    for ours, like in zip((o, *grads), (q, q, k, v)):
+        assert ours.shape == like.shape and ours.squeeze(0).transpose(0, 1).is_contiguous()
+    assert lse.shape == q.shape[:3] and lse.is_contiguous()

@@ -12,8 +12,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "../checks.h"
 #include "dispatch.cuh"
@@ -36,17 +38,31 @@ void check_contiguous_rows(const char* name, const at::Tensor& t) {
 
 StridedTensor strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
+// Which calls are varlen: both cu_seqlens given (checks.h has checked they come together).
+bool is_varlen(const std::optional<at::Tensor>& cu_seqlens_q) { return cu_seqlens_q.has_value(); }
+
 // What the CUDA kernels need beyond the shared checks of checks.h.
-void check_cuda_requirements(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+void check_cuda_requirements(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& cu_seqlens_q, int64_t max_seqlen_q,
+                             int64_t max_seqlen_k) {
   TORCH_CHECK(q.is_cuda(), "cuda backend: q must be a CUDA tensor, got one on ", q.device());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "cuda backend: q must be float16 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK(q.size(3) <= kCudaMaxHeadDim, "cuda backend: head_dim must be at most ", kCudaMaxHeadDim, ", got ",
               q.size(3));
-  TORCH_CHECK(q.size(0) <= kMaxGridDim && q.size(1) <= kMaxGridDim, "cuda backend: batch and heads must be at most ",
-              kMaxGridDim, ", got q of shape ", q.sizes());
+  const int64_t batch = is_varlen(cu_seqlens_q) ? cu_seqlens_q->numel() - 1 : q.size(0);
+  TORCH_CHECK(batch <= kMaxGridDim && q.size(1) <= kMaxGridDim,
+              "cuda backend: batch (sequences) and heads must be at most ", kMaxGridDim, ", got ", batch,
+              " and q of shape ", q.sizes());
   TORCH_CHECK(q.size(2) <= std::numeric_limits<int>::max() && k.size(2) <= std::numeric_limits<int>::max(),
               "cuda backend: sequence lengths must fit in int32, got q ", q.sizes(), " and k ", k.sizes());
+  if (is_varlen(cu_seqlens_q)) {
+    for (const auto& [name, length] : {std::pair<const char*, int64_t>{"max_seqlen_q", max_seqlen_q},
+                                       {"max_seqlen_k", max_seqlen_k}}) {
+      TORCH_CHECK(length >= 0 && length <= std::numeric_limits<int>::max(), "cuda backend: ", name,
+                  " must be in 0..", std::numeric_limits<int>::max(), ", got ", length);
+    }
+  }
   check_contiguous_rows("q", q);
   check_contiguous_rows("k", k);
   check_contiguous_rows("v", v);
@@ -54,55 +70,88 @@ void check_cuda_requirements(const at::Tensor& q, const at::Tensor& k, const at:
 
 // The parts of the params every call shares; outputs and backward-only fields are set by the caller.
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                            double softmax_scale) {
+                            double softmax_scale, const std::optional<at::Tensor>& key_padding_mask,
+                            const std::optional<at::Tensor>& cu_seqlens_q,
+                            const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                            int64_t max_seqlen_k) {
   AttentionParams params{};
   params.q = strided(q);
   params.k = strided(k);
   params.v = strided(v);
-  params.batch = static_cast<int>(q.size(0));
+  params.lse_head_stride = q.size(2);
   params.heads = static_cast<int>(q.size(1));
-  params.seqlen_q = static_cast<int>(q.size(2));
-  params.seqlen_k = static_cast<int>(k.size(2));
+  params.kv_heads = static_cast<int>(k.size(1));
   params.head_dim = static_cast<int>(q.size(3));
   params.softmax_scale = static_cast<float>(softmax_scale);
   params.causal = causal;
   params.element_type = q.scalar_type() == at::kHalf ? ElementType::kFloat16 : ElementType::kBFloat16;
+  if (is_varlen(cu_seqlens_q)) {
+    params.batch = static_cast<int>(cu_seqlens_q->numel() - 1);
+    params.seqlen_q = static_cast<int>(max_seqlen_q);
+    params.seqlen_k = static_cast<int>(max_seqlen_k);
+    params.cu_seqlens_q = cu_seqlens_q->data_ptr<int>();
+    params.cu_seqlens_k = cu_seqlens_k->data_ptr<int>();
+  } else {
+    // max_seqlen_q/k only size varlen grids; dense calls pass 0.
+    params.batch = static_cast<int>(q.size(0));
+    params.seqlen_q = static_cast<int>(q.size(2));
+    params.seqlen_k = static_cast<int>(k.size(2));
+    if (key_padding_mask.has_value()) {
+      params.key_padding_mask = key_padding_mask->data_ptr<bool>();
+      params.key_padding_mask_batch_stride = key_padding_mask->stride(0);
+    }
+  }
   return params;
 }
 
+// An output laid out for `like` (q, k or v): dense, a contiguous tensor of its shape; varlen, the
+// (1, H, total, D) view of a contiguous (total, H, D) tensor, flash-attn's packed layout.
+at::Tensor empty_rows_like(const at::Tensor& like, bool varlen) {
+  if (!varlen) return at::empty(like.sizes(), like.options());
+  return at::empty({like.size(2), like.size(1), like.size(3)}, like.options()).transpose(0, 1).unsqueeze(0);
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                bool causal, double softmax_scale) {
-  check_attention_inputs(q, k, v);
-  check_cuda_requirements(q, k, v);
+                                                bool causal, double softmax_scale,
+                                                const std::optional<at::Tensor>& key_padding_mask,
+                                                const std::optional<at::Tensor>& cu_seqlens_q,
+                                                const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                                int64_t max_seqlen_k) {
+  check_attention_inputs(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  check_cuda_requirements(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard device_guard(q.device());
-  at::Tensor o = at::empty(q.sizes(), q.options());
+  at::Tensor o = empty_rows_like(q, is_varlen(cu_seqlens_q));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
 
-  AttentionParams params = make_params(q, k, v, causal, softmax_scale);
+  AttentionParams params = make_params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                                       max_seqlen_q, max_seqlen_k);
   params.o = strided(o);
   params.lse = lse.data_ptr<float>();
   C10_CUDA_CHECK(launch_attention_forward(params, at::cuda::getCurrentCUDAStream()));
   return {o, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& dout, const at::Tensor& q,
-                                                             const at::Tensor& k, const at::Tensor& v,
-                                                             const at::Tensor& o, const at::Tensor& lse, bool causal,
-                                                             double softmax_scale) {
-  check_backward_inputs(dout, q, k, v, o, lse);
-  check_cuda_requirements(q, k, v);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+    const at::Tensor& lse, bool causal, double softmax_scale, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  check_backward_inputs(dout, q, k, v, o, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  check_cuda_requirements(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard device_guard(q.device());
   // A gradient may arrive with any strides (the expanded gradient of o.sum(), say): copy only then.
   const at::Tensor dout_rows = has_contiguous_rows(dout) ? dout : dout.contiguous();
   const at::Tensor o_rows = has_contiguous_rows(o) ? o : o.contiguous();
   const at::Tensor lse_contiguous = lse.contiguous();
 
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  const bool varlen = is_varlen(cu_seqlens_q);
+  at::Tensor dq = empty_rows_like(q, varlen);
+  at::Tensor dk = empty_rows_like(k, varlen);
+  at::Tensor dv = empty_rows_like(v, varlen);
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
 
-  AttentionParams params = make_params(q, k, v, causal, softmax_scale);
+  AttentionParams params = make_params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                                       max_seqlen_q, max_seqlen_k);
   params.o = strided(o_rows);
   params.lse = lse_contiguous.data_ptr<float>();
   params.dout = strided(dout_rows);

@@ -1,6 +1,8 @@
 // FlashAttention-2 backward, in three deterministic kernels (no atomics):
 //   1. delta = rowsum(dO * O), one fp32 per query row;
-//   2. per key tile: dV = P^T dO and dK = scale * dS^T Q, looping over query tiles;
+//   2. per key tile of a key/value head: dV = P^T dO and dK = scale * dS^T Q, looping over the
+//      query tiles of every query head of the head's group (GQA), so that the group's sum is
+//      taken in one fixed order;
 //   3. per query tile: dQ = scale * dS K, looping over key tiles;
 // where P = exp(scale * Q K^T - lse) is recomputed from the forward's logsumexp and
 // dS = P * (dO V^T - delta). Kernels 2 and 3 both recompute P and dO V^T: that costs two extra
@@ -30,24 +32,20 @@ constexpr int kDeltaRowsPerBlock = 64;
 // +inf makes every exp2(score - lse) of that row 0, so its gradients are 0 instead of NaN.
 __device__ __forceinline__ float lse_in_log2_units(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
-__device__ __forceinline__ int64_t row_values_offset(const AttentionParams& params, int batch, int head) {
-  return (static_cast<int64_t>(batch) * params.heads + head) * params.seqlen_q;
-}
-
 // delta[row] = sum_d dO[row, d] * O[row, d] in fp32; one warp per row at a time.
 template <typename T>
 __global__ void __launch_bounds__(32 * kDeltaWarps)
     attention_backward_delta_kernel(const __grid_constant__ AttentionParams params) {
   const int head = blockIdx.y;
-  const int batch = blockIdx.z;
+  const Sequence sequence = sequence_of(params, blockIdx.z);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  float* const delta = params.delta + row_values_offset(params, batch, head);
+  float* const delta = params.delta + row_values_offset(params, sequence, head);
   const int row_begin = blockIdx.x * kDeltaRowsPerBlock;
-  const int row_end = min(params.seqlen_q, row_begin + kDeltaRowsPerBlock);
+  const int row_end = min(sequence.mask.seqlen_q, row_begin + kDeltaRowsPerBlock);
   for (int row = row_begin + warp; row < row_end; row += kDeltaWarps) {
-    const uint16_t* const dout = row_pointer(params.dout, batch, head, row);
-    const uint16_t* const out = row_pointer(params.o, batch, head, row);
+    const uint16_t* const dout = row_pointer(params.dout, sequence.batch, head, sequence.q_row0 + row);
+    const uint16_t* const out = row_pointer(params.o, sequence.batch, head, sequence.q_row0 + row);
     float sum = 0.f;
     for (int d = lane; d < params.head_dim; d += 32) sum += element_to_float<T>(dout[d]) * element_to_float<T>(out[d]);
 #pragma unroll
@@ -75,56 +73,62 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
   float* const delta_stages = row_values + Tiles::kDeltaOffset;
 
   const int n0 = blockIdx.x * kBlockN;
-  const int head = blockIdx.y;
-  const int batch = blockIdx.z;
+  const int kv_head = blockIdx.y;
+  const Sequence sequence = sequence_of(params, blockIdx.z);
+  const ScoreMask& mask = sequence.mask;
+  const int seqlen_q = mask.seqlen_q;
+  const int seqlen_k = mask.seqlen_k;
+  // Varlen: the grid covers the longest sequence; the shorter ones' extra tiles have no rows.
+  if (n0 >= seqlen_k) return;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int strip_row0 = 16 * (warp % Tiles::kKeyStrips);  // this warp's keys inside the block
   const int slice_col0 = kSliceCols * (warp / Tiles::kKeyStrips);
-  const int seqlen_q = params.seqlen_q;
-  const int seqlen_k = params.seqlen_k;
   const int head_dim = params.head_dim;
-  const ScoreMask mask{seqlen_q, seqlen_k, params.causal};
+  const int group = params.heads / params.kv_heads;
 
   // Causal: key n0 is seen by queries i >= n0 - (seqlen_k - seqlen_q); start at that i's tile.
   const int query_begin = params.causal ? max(0, n0 - (seqlen_k - seqlen_q)) / kBlockM * kBlockM : 0;
   const int query_tiles = query_begin < seqlen_q ? ceil_div(seqlen_q - query_begin, kBlockM) : 0;
+  // The block walks the query tiles of each query head of its group in turn (steps), summing
+  // their contributions to dK and dV in order. A block of padding keys alone has nothing to sum.
+  const KeyTile keys = mask.key_tile<kBlockN>(n0);
+  const int steps = keys.any_real() ? group * query_tiles : 0;
 
-  const uint16_t* const q_rows = row_pointer(params.q, batch, head, 0);
-  const uint16_t* const do_rows = row_pointer(params.dout, batch, head, 0);
-  const float* const lse = params.lse + row_values_offset(params, batch, head);
-  const float* const delta = params.delta + row_values_offset(params, batch, head);
-  auto load_query_stage = [&](int tile, int stage) {
-    const int m0 = query_begin + tile * kBlockM;
-    load_tile<kBlockM, kHeadDim, kThreads>(q_tiles + stage * kBlockM * kHeadDim, q_rows + m0 * params.q.row_stride,
+  auto load_query_stage = [&](int step, int stage) {
+    const int head = kv_head * group + step / query_tiles;
+    const int m0 = query_begin + step % query_tiles * kBlockM;
+    load_tile<kBlockM, kHeadDim, kThreads>(q_tiles + stage * kBlockM * kHeadDim,
+                                           row_pointer(params.q, sequence.batch, head, sequence.q_row0 + m0),
                                            params.q.row_stride, seqlen_q - m0, head_dim, chunked);
     load_tile<kBlockM, kHeadDim, kThreads>(do_tiles + stage * kBlockM * kHeadDim,
-                                           do_rows + m0 * params.dout.row_stride, params.dout.row_stride,
-                                           seqlen_q - m0, head_dim, chunked);
+                                           row_pointer(params.dout, sequence.batch, head, sequence.q_row0 + m0),
+                                           params.dout.row_stride, seqlen_q - m0, head_dim, chunked);
     // Queries past the end get lse +inf (so P = 0) and delta 0.
     const int thread = threadIdx.x;
     if (thread < kBlockM) {
       const int row = m0 + thread;
-      lse_stages[stage * kBlockM + thread] = row < seqlen_q ? lse_in_log2_units(lse[row]) : INFINITY;
-      delta_stages[stage * kBlockM + thread] = row < seqlen_q ? delta[row] : 0.f;
+      const int64_t offset = row_values_offset(params, sequence, head) + row;
+      lse_stages[stage * kBlockM + thread] = row < seqlen_q ? lse_in_log2_units(params.lse[offset]) : INFINITY;
+      delta_stages[stage * kBlockM + thread] = row < seqlen_q ? params.delta[offset] : 0.f;
     }
   };
 
-  load_tile<kBlockN, kHeadDim, kThreads>(k_tile, row_pointer(params.k, batch, head, n0), params.k.row_stride,
-                                         seqlen_k - n0, head_dim, chunked);
-  load_tile<kBlockN, kHeadDim, kThreads>(v_tile, row_pointer(params.v, batch, head, n0), params.v.row_stride,
-                                         seqlen_k - n0, head_dim, chunked);
-  if (query_tiles > 0) load_query_stage(0, 0);
+  load_tile<kBlockN, kHeadDim, kThreads>(k_tile, row_pointer(params.k, sequence.batch, kv_head, sequence.k_row0 + n0),
+                                         params.k.row_stride, seqlen_k - n0, head_dim, chunked);
+  load_tile<kBlockN, kHeadDim, kThreads>(v_tile, row_pointer(params.v, sequence.batch, kv_head, sequence.k_row0 + n0),
+                                         params.v.row_stride, seqlen_k - n0, head_dim, chunked);
+  if (steps > 0) load_query_stage(0, 0);
   cp_async_commit();
 
   const float scale_log2 = params.softmax_scale * kLog2e;
   float dk[kSliceCols / 8][4] = {};
   float dv[kSliceCols / 8][4] = {};
 
-  for (int tile = 0; tile < query_tiles; ++tile) {
-    const int stage = tile % 2;
-    const int m0 = query_begin + tile * kBlockM;
-    if (tile + 1 < query_tiles) load_query_stage(tile + 1, stage ^ 1);
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step % 2;
+    const int m0 = query_begin + step % query_tiles * kBlockM;
+    if (step + 1 < steps) load_query_stage(step + 1, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -143,8 +147,8 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) scores[n][i] = scores[n][i] * scale_log2 - lse_log2[8 * n + 2 * (lane % 4) + i % 2];
     }
-    if (mask.block_needs_mask(m0, kBlockM, n0, kBlockN)) {
-      hide_masked_scores<true>(scores, n0 + strip_row0, m0, mask);
+    if (mask.block_needs_mask<kBlockN>(m0, kBlockM, keys)) {
+      hide_masked_scores<true>(scores, n0 + strip_row0, m0, mask, keys);
     }
     // P^T = exp2(scores), kept in `scores`; dV += P^T dO.
 #pragma unroll
@@ -169,7 +173,7 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
     warp_gemm_registers_by_tile<T, kHeadDim, kBlockM, kSliceCols>(dk, ds_fragments, q_tile, 0, slice_col0);
     __syncthreads();
   }
-  // Completes the first stage's copies when there was no query tile, before K and V are reused.
+  // Completes the first stage's copies when there was no step, before K and V are reused.
   cp_async_wait<0>();
   __syncthreads();
 
@@ -177,10 +181,10 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
                                                  params.softmax_scale);
   store_accumulator<T, kHeadDim, kSliceCols / 8>(v_tile, strip_row0, slice_col0, dv, 1.f, 1.f);
   __syncthreads();
-  store_tile<kBlockN, kHeadDim, kThreads>(row_pointer(params.dk, batch, head, n0), params.dk.row_stride,
-                                          seqlen_k - n0, head_dim, k_tile, chunked);
-  store_tile<kBlockN, kHeadDim, kThreads>(row_pointer(params.dv, batch, head, n0), params.dv.row_stride,
-                                          seqlen_k - n0, head_dim, v_tile, chunked);
+  store_tile<kBlockN, kHeadDim, kThreads>(row_pointer(params.dk, sequence.batch, kv_head, sequence.k_row0 + n0),
+                                          params.dk.row_stride, seqlen_k - n0, head_dim, k_tile, chunked);
+  store_tile<kBlockN, kHeadDim, kThreads>(row_pointer(params.dv, sequence.batch, kv_head, sequence.k_row0 + n0),
+                                          params.dv.row_stride, seqlen_k - n0, head_dim, v_tile, chunked);
 }
 
 template <typename T, int kHeadDim>
@@ -199,20 +203,23 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
 
   const int m0 = blockIdx.x * kBlockM;
   const int head = blockIdx.y;
-  const int batch = blockIdx.z;
+  const Sequence sequence = sequence_of(params, blockIdx.z);
+  const ScoreMask& mask = sequence.mask;
+  const int seqlen_q = mask.seqlen_q;
+  const int seqlen_k = mask.seqlen_k;
+  // Varlen: the grid covers the longest sequence; the shorter ones' extra tiles have no rows.
+  if (m0 >= seqlen_q) return;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int warp_row0 = 16 * warp;
-  const int seqlen_q = params.seqlen_q;
-  const int seqlen_k = params.seqlen_k;
   const int head_dim = params.head_dim;
-  const ScoreMask mask{seqlen_q, seqlen_k, params.causal};
 
   const int key_end = params.causal ? max(0, min(seqlen_k, m0 + kBlockM + seqlen_k - seqlen_q)) : seqlen_k;
   const int key_tiles = ceil_div(key_end, kBlockN);
 
-  const uint16_t* const k_rows = row_pointer(params.k, batch, head, 0);
-  const uint16_t* const v_rows = row_pointer(params.v, batch, head, 0);
+  const int kv_head = kv_head_of(params, head);
+  const uint16_t* const k_rows = row_pointer(params.k, sequence.batch, kv_head, sequence.k_row0);
+  const uint16_t* const v_rows = row_pointer(params.v, sequence.batch, kv_head, sequence.k_row0);
   auto load_kv_stage = [&](int tile, int stage) {
     const int n0 = tile * kBlockN;
     load_tile<kBlockN, kHeadDim, kThreads>(k_tiles + stage * kBlockN * kHeadDim, k_rows + n0 * params.k.row_stride,
@@ -221,19 +228,20 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
                                            params.v.row_stride, seqlen_k - n0, head_dim, chunked);
   };
 
-  load_tile<kBlockM, kHeadDim, kThreads>(q_tile, row_pointer(params.q, batch, head, m0), params.q.row_stride,
-                                         seqlen_q - m0, head_dim, chunked);
-  load_tile<kBlockM, kHeadDim, kThreads>(do_tile, row_pointer(params.dout, batch, head, m0),
+  load_tile<kBlockM, kHeadDim, kThreads>(q_tile, row_pointer(params.q, sequence.batch, head, sequence.q_row0 + m0),
+                                         params.q.row_stride, seqlen_q - m0, head_dim, chunked);
+  load_tile<kBlockM, kHeadDim, kThreads>(do_tile, row_pointer(params.dout, sequence.batch, head, sequence.q_row0 + m0),
                                          params.dout.row_stride, seqlen_q - m0, head_dim, chunked);
-  if (key_tiles > 0) load_kv_stage(0, 0);
+  int tile = mask.next_key_tile<kBlockN>(0, key_tiles);
+  if (tile < key_tiles) load_kv_stage(tile, 0);
   cp_async_commit();
 
   // This lane's rows g (half 0) and g + 8 (half 1): their lse and delta stay in registers.
   float lse_log2[2];
   float row_delta[2];
   {
-    const float* const lse = params.lse + row_values_offset(params, batch, head);
-    const float* const delta = params.delta + row_values_offset(params, batch, head);
+    const float* const lse = params.lse + row_values_offset(params, sequence, head);
+    const float* const delta = params.delta + row_values_offset(params, sequence, head);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = m0 + warp_row0 + lane / 4 + 8 * half;
@@ -245,10 +253,10 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
   const float scale_log2 = params.softmax_scale * kLog2e;
   float dq[kHeadDim / 8][4] = {};
 
-  for (int tile = 0; tile < key_tiles; ++tile) {
-    const int stage = tile % 2;
+  for (int stage = 0; tile < key_tiles; stage ^= 1) {
     const int n0 = tile * kBlockN;
-    if (tile + 1 < key_tiles) load_kv_stage(tile + 1, stage ^ 1);
+    const int next_tile = mask.next_key_tile<kBlockN>(tile + 1, key_tiles);
+    if (next_tile < key_tiles) load_kv_stage(next_tile, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -266,8 +274,9 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) scores[n][i] = scores[n][i] * scale_log2 - lse_log2[i / 2];
     }
-    if (mask.block_needs_mask(m0, kBlockM, n0, kBlockN)) {
-      hide_masked_scores<false>(scores, m0 + warp_row0, n0, mask);
+    const KeyTile keys = mask.key_tile<kBlockN>(n0);
+    if (mask.block_needs_mask<kBlockN>(m0, kBlockM, keys)) {
+      hide_masked_scores<false>(scores, m0 + warp_row0, n0, mask, keys);
     }
     // dS = P * (dP - delta), kept in `dp`.
 #pragma unroll
@@ -280,6 +289,7 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
     accumulator_to_a_fragments<T, kBlockN>(ds_fragments, dp);
     warp_gemm_registers_by_tile<T, kHeadDim, kBlockN, kHeadDim>(dq, ds_fragments, k_tile, 0, 0);
     __syncthreads();
+    tile = next_tile;
   }
   // Completes the Q and dO copies when there was no key tile, before q_tile is reused.
   cp_async_wait<0>();
@@ -288,8 +298,8 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
   store_accumulator<T, kHeadDim, kHeadDim / 8>(q_tile, warp_row0, 0, dq, params.softmax_scale,
                                                params.softmax_scale);
   __syncthreads();
-  store_tile<kBlockM, kHeadDim, kThreads>(row_pointer(params.dq, batch, head, m0), params.dq.row_stride,
-                                          seqlen_q - m0, head_dim, q_tile, chunked);
+  store_tile<kBlockM, kHeadDim, kThreads>(row_pointer(params.dq, sequence.batch, head, sequence.q_row0 + m0),
+                                          params.dq.row_stride, seqlen_q - m0, head_dim, q_tile, chunked);
 }
 
 template <typename T, int kHeadDim>
@@ -312,7 +322,7 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
     auto kernel = attention_backward_dk_dv_kernel<T, kHeadDim>;
     cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
     if (error != cudaSuccess) return error;
-    const dim3 grid(ceil_div(params.seqlen_k, Tiles::kBlockN), params.heads, params.batch);
+    const dim3 grid(ceil_div(params.seqlen_k, Tiles::kBlockN), params.kv_heads, params.batch);
     error = launch_kernel(kernel, grid, Tiles::kThreads, Tiles::kSmemBytes, stream, params, chunked);
     if (error != cudaSuccess) return error;
   }

@@ -1,8 +1,9 @@
 // FlashAttention-2 forward: O = softmax(scale * Q K^T, masked) V and the logsumexp of each row.
 //
-// One thread block per (64-query tile, head, batch); each of its 4 warps owns 16 query rows. K and
-// V tiles stream through shared memory, double-buffered with cp.async, while the warps keep
-// their rows' running max, running sum and output accumulator in registers (online softmax).
+// One thread block per (64-query tile, query head, batch element); each of its 4 warps owns 16
+// query rows. The K and V tiles of the head's key/value head stream through shared memory,
+// double-buffered with cp.async, skipping tiles of padding alone, while the warps keep their
+// rows' running max, running sum and output accumulator in registers (online softmax).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -75,21 +76,24 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
 
   const int m0 = blockIdx.x * kBlockM;
   const int head = blockIdx.y;
-  const int batch = blockIdx.z;
+  const Sequence sequence = sequence_of(params, blockIdx.z);
+  const ScoreMask& mask = sequence.mask;
+  const int seqlen_q = mask.seqlen_q;
+  const int seqlen_k = mask.seqlen_k;
+  // Varlen: the grid covers the longest sequence; the shorter ones' extra tiles have no rows.
+  if (m0 >= seqlen_q) return;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int warp_row0 = 16 * warp;  // first row of this warp inside the block
-  const int seqlen_q = params.seqlen_q;
-  const int seqlen_k = params.seqlen_k;
   const int head_dim = params.head_dim;
-  const ScoreMask mask{seqlen_q, seqlen_k, params.causal};
 
   // Causal: the block's last query sees keys up to m0 + kBlockM - 1 + seqlen_k - seqlen_q.
   const int key_end = params.causal ? max(0, min(seqlen_k, m0 + kBlockM + seqlen_k - seqlen_q)) : seqlen_k;
   const int key_tiles = ceil_div(key_end, kBlockN);
 
-  const uint16_t* const k_rows = row_pointer(params.k, batch, head, 0);
-  const uint16_t* const v_rows = row_pointer(params.v, batch, head, 0);
+  const int kv_head = kv_head_of(params, head);
+  const uint16_t* const k_rows = row_pointer(params.k, sequence.batch, kv_head, sequence.k_row0);
+  const uint16_t* const v_rows = row_pointer(params.v, sequence.batch, kv_head, sequence.k_row0);
   auto load_kv_stage = [&](int tile, int stage) {
     const int n0 = tile * kBlockN;
     load_tile<kBlockN, kHeadDim, kThreads>(k_tiles + stage * kBlockN * kHeadDim, k_rows + n0 * params.k.row_stride,
@@ -98,9 +102,10 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
                                            params.v.row_stride, seqlen_k - n0, head_dim, chunked);
   };
 
-  load_tile<kBlockM, kHeadDim, kThreads>(q_tile, row_pointer(params.q, batch, head, m0), params.q.row_stride,
-                                         seqlen_q - m0, head_dim, chunked);
-  if (key_tiles > 0) load_kv_stage(0, 0);
+  load_tile<kBlockM, kHeadDim, kThreads>(q_tile, row_pointer(params.q, sequence.batch, head, sequence.q_row0 + m0),
+                                         params.q.row_stride, seqlen_q - m0, head_dim, chunked);
+  int tile = mask.next_key_tile<kBlockN>(0, key_tiles);
+  if (tile < key_tiles) load_kv_stage(tile, 0);
   cp_async_commit();
 
   const float scale_log2 = params.softmax_scale * kLog2e;
@@ -108,12 +113,12 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
 
-  for (int tile = 0; tile < key_tiles; ++tile) {
-    const int stage = tile % 2;
+  for (int stage = 0; tile < key_tiles; stage ^= 1) {
     const int n0 = tile * kBlockN;
     // Prefetch the next stage while this one is computed; the trailing __syncthreads of the
     // previous iteration guarantees nobody still reads the stage being overwritten.
-    if (tile + 1 < key_tiles) load_kv_stage(tile + 1, stage ^ 1);
+    const int next_tile = mask.next_key_tile<kBlockN>(tile + 1, key_tiles);
+    if (next_tile < key_tiles) load_kv_stage(next_tile, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -128,8 +133,9 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
 #pragma unroll
       for (int i = 0; i < 4; ++i) scores[n][i] *= scale_log2;
     }
-    if (mask.block_needs_mask(m0, kBlockM, n0, kBlockN)) {
-      hide_masked_scores<false>(scores, m0 + warp_row0, n0, mask);
+    const KeyTile keys = mask.key_tile<kBlockN>(n0);
+    if (mask.block_needs_mask<kBlockN>(m0, kBlockM, keys)) {
+      hide_masked_scores<false>(scores, m0 + warp_row0, n0, mask, keys);
     }
     online_softmax_step(scores, row_max, row_sum, output);
 
@@ -137,6 +143,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
     accumulator_to_a_fragments<T, kBlockN>(probabilities, scores);
     warp_gemm_registers_by_tile<T, kHeadDim, kBlockN, kHeadDim>(output, probabilities, v_tile, 0, 0);
     __syncthreads();
+    tile = next_tile;
   }
   // Completes the Q copy when there was no key tile, before q_tile is reused for the output.
   cp_async_wait<0>();
@@ -157,7 +164,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
 
   store_accumulator<T, kHeadDim, kHeadDim / 8>(q_tile, warp_row0, 0, output, inverse_sum[0], inverse_sum[1]);
   if (lane % 4 == 0) {
-    float* const lse_rows = params.lse + (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
+    float* const lse_rows = params.lse + row_values_offset(params, sequence, head);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = m0 + warp_row0 + lane / 4 + 8 * half;
@@ -165,7 +172,8 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
     }
   }
   __syncthreads();
-  store_tile<kBlockM, kHeadDim, kThreads>(row_pointer(params.o, batch, head, m0), params.o.row_stride,
+  store_tile<kBlockM, kHeadDim, kThreads>(row_pointer(params.o, sequence.batch, head, sequence.q_row0 + m0),
+                                          params.o.row_stride,
                                           seqlen_q - m0, head_dim, q_tile, chunked);
 }
 

@@ -17,25 +17,40 @@ struct StridedTensor {
   int64_t row_stride;
 };
 
+// Two modes. Dense: q (batch, heads, seqlen_q, D), k and v (batch, kv_heads, seqlen_k, D).
+// Varlen (cu_seqlens_q set): every tensor has batch size 1 and holds the sequences one after
+// another along its rows; sequence b is query rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 and
+// key rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1, and `batch` counts sequences.
 struct AttentionParams {
   StridedTensor q, k, v;  // read
   StridedTensor o;        // written by the forward, read by the backward
-  // Natural-log logsumexp of the scaled scores, float32, contiguous (batch, heads, seqlen_q).
-  // -inf marks a query row with no visible key. Written by the forward, read by the backward.
+  // Natural-log logsumexp of the scaled scores, float32, contiguous (q's batch, heads, q's rows),
+  // lse_head_stride elements per head. -inf marks a query row with no visible key. Written by the
+  // forward, read by the backward.
   float* lse;
+  int64_t lse_head_stride;  // seqlen_q when dense, the total of query rows when varlen
 
   // Backward only.
   StridedTensor dout;            // read
-  StridedTensor dq, dk, dv;      // written
-  float* delta;                  // workspace, float32 contiguous (batch, heads, seqlen_q)
+  StridedTensor dq, dk, dv;      // written; dk and dv have k's shape
+  float* delta;                  // workspace, laid out like lse
+
+  // Dense only, optional: bool (batch, seqlen_k), true where the key is real; a false key is
+  // hidden from every query and head of its batch element.
+  const bool* key_padding_mask;
+  int64_t key_padding_mask_batch_stride;
+  // Varlen only: int32 (batch + 1,) row offsets of the sequences in q and in k.
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
 
   int batch;
-  int heads;
-  int seqlen_q;
-  int seqlen_k;
+  int heads;     // query heads
+  int kv_heads;  // divides heads: query head h reads key/value head h / (heads / kv_heads)
+  int seqlen_q;  // varlen: an upper bound on the sequences' query lengths (sizes the grid)
+  int seqlen_k;  // varlen: an upper bound on the sequences' key lengths
   int head_dim;  // real head dim; kernels pad it up to 64, 128 or 256
   float softmax_scale;
-  // Bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+  // Bottom-right aligned within each sequence: query i sees key j iff j <= i + len_k - len_q.
   bool causal;
   ElementType element_type;
 };

@@ -2,7 +2,7 @@
 //
 // A launch runs the grid's blocks one after another; each block runs on one OS thread per CUDA
 // thread, with its dynamic shared memory poisoned (every byte 0xFF, a NaN in fp16 and bf16) before
-// it starts. __syncthreads is a barrier of the block's threads; warp collectives (shuffles,
+// it starts. __syncthreads is a barrier of the block's threads; warp collectives (shuffles, votes,
 // mma.sync, ldmatrix) are barriers of the warp's 32 threads at which the last lane to arrive
 // computes every lane's result from every lane's operands, lane by lane as the PTX ISA defines
 // the fragments (instructions.cpp). cp.async copies are deferred until the cp.async.wait_group
@@ -50,6 +50,8 @@ unsigned char* block_shared_memory();
 size_t shared_address(const void* pointer);
 void syncthreads();
 float shfl_xor(unsigned int member_mask, float value, int lane_mask);
+// __ballot_sync: bit l set where lane l's predicate holds.
+unsigned int ballot(unsigned int member_mask, bool predicate);
 cudaError_t set_function_attribute(const void* kernel, cudaFuncAttribute attribute, int value);
 cudaError_t take_last_error();
 

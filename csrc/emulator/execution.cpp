@@ -243,6 +243,19 @@ float shfl_xor(unsigned int member_mask, float value, int lane_mask) {
   return result;
 }
 
+unsigned int ballot(unsigned int member_mask, bool predicate) {
+  if (member_mask != 0xffffffffu) fault(cudaErrorLaunchFailure, "warp vote: only full-warp masks are emulated");
+  WarpSlots& warp = this_warp();
+  const int lane = threadIdx.x % 32;
+  warp.in[lane][0] = predicate ? 1u : 0u;
+  warp_collective(WarpOp::kVote, [](WarpSlots& w) {
+    uint32_t bits = 0;
+    for (int l = 0; l < 32; ++l) bits |= w.in[l][0] << l;
+    for (int l = 0; l < 32; ++l) w.out[l][0] = bits;
+  });
+  return warp.out[lane][0];
+}
+
 cudaError_t set_function_attribute(const void* kernel, cudaFuncAttribute attribute, int value) {
   if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize) {
     return launch_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: attribute not emulated");

@@ -25,7 +25,7 @@ class Barrier {
   std::atomic<uint32_t> generation_{0};
 };
 
-enum class WarpOp : int { kNone, kShuffle, kMma, kLdmatrix };
+enum class WarpOp : int { kNone, kShuffle, kVote, kMma, kLdmatrix };
 
 // A warp's meeting point for collectives: each lane leaves its operands in `in` and finds its
 // results in `out` after the barrier.

@@ -64,6 +64,10 @@ inline float __shfl_xor_sync(unsigned int member_mask, float value, int lane_mas
   return emulator::shfl_xor(member_mask, value, lane_mask);
 }
 
+inline unsigned int __ballot_sync(unsigned int member_mask, int predicate) {
+  return emulator::ballot(member_mask, predicate != 0);
+}
+
 inline size_t __cvta_generic_to_shared(const void* pointer) { return emulator::shared_address(pointer); }
 
 template <typename Kernel>
