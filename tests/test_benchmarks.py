@@ -18,7 +18,8 @@ from benchmarks.flops import attention_flops, tflops_per_second
 from benchmarks.profile import sweep
 from benchmarks.providers import Provider, select_providers
 from benchmarks.report import RUNS_DIR, default_out_dir, format_table, held_fixed
-from benchmarks.run import Config, add_comparisons, busy_warning, cpu_peak, measure
+from benchmarks.cases import Config
+from benchmarks.run import add_comparisons, busy_warning, cpu_peak, measure
 from benchmarks.scaling import fit_exponent
 from benchmarks.timing import peak_memory_bytes, summarize, times_ms
 
