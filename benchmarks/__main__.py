@@ -44,11 +44,11 @@ DEFAULTS = {
     ("grid", "cpu", True): Sizes([64, 128], [32], ["fp32"], 256, 64),
     ("gqa", "cuda", False): Sizes([1024, 2048, 4096, 8192], [128], ["bf16"], 16384, (32, 8), ("fwd", "fwd+bwd"), "yes"),
     ("gqa", "cuda", True): Sizes([1024], [128], ["fp16"], 4096, (32, 8), ("fwd", "fwd+bwd"), "yes"),
-    ("gqa", "cpu", False): Sizes([512], [64], ["fp32"], 512, (32, 8), ("fwd", "fwd+bwd"), "yes"),
+    ("gqa", "cpu", False): Sizes([256], [64], ["fp32"], 256, (32, 8), ("fwd", "fwd+bwd"), "yes"),
     ("gqa", "cpu", True): Sizes([64], [32], ["fp32"], 64, (8, 2), ("fwd", "fwd+bwd"), "yes"),
     ("varlen", "cuda", False): Sizes([1024, 2048, 4096, 8192], [128], ["bf16"], 16384, 2048, ("fwd", "fwd+bwd")),
     ("varlen", "cuda", True): Sizes([1024], [128], ["fp16"], 4096, 2048, ("fwd", "fwd+bwd")),
-    ("varlen", "cpu", False): Sizes([512], [64], ["fp32"], 2048, 512, ("fwd", "fwd+bwd")),
+    ("varlen", "cpu", False): Sizes([256], [64], ["fp32"], 1024, 512, ("fwd", "fwd+bwd")),
     ("varlen", "cpu", True): Sizes([64], [32], ["fp32"], 256, 64, ("fwd", "fwd+bwd")),
 }
 

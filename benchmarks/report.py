@@ -73,7 +73,7 @@ def format_table(rows):
     giga = bool(ok) and max(r["tflops"] for r in ok) < 1.0  # CPU figures read better in GFLOP/s
     with_peak = any(math.isfinite(r.get("peak_gflops") or math.nan) for r in ok)
     columns = ["N", "B", "H", "provider", "ms", "±", "GFLOP/s" if giga else "TFLOP/s"]
-    widths = [7, 4, 6, 15, 11, 6, 10]
+    widths = [7, 4, 6, 19, 11, 6, 10]
     if with_peak:
         columns, widths = columns + ["% peak"], widths + [8]
     columns += ["peak MiB"] + [f"x {other}" for _, other in comparisons]
@@ -252,11 +252,13 @@ def plot_metric(rows, metric, ylabel, title, path, log_y=False, scale=1.0, sprea
 def plot_results(rows, out_dir):
     """TFLOP/s (GFLOP/s on a CPU; error bars: the timing's spread) vs N and peak memory vs N (log-log),
     one pair of PNGs per case and dtype (named ``<metric>_<dtype>.png`` for the grid,
-    ``<metric>_<dtype>_<case>.png`` for the others); returns the paths."""
+    ``<metric>_<dtype>_<case>.png`` for the others) that has more than one N; returns the paths."""
     device_name = rows[0]["device_name"] if rows else ""
     paths = []
     for case, dtype in sorted({(r.get("case", "grid"), r["dtype"]) for r in rows}, key=lambda c: (_case_order(c[0]), c[1])):
         subset = [r for r in rows if (r.get("case", "grid"), r["dtype"]) == (case, dtype)]
+        if len({r["seqlen"] for r in subset}) < 2:  # one point per line: the table says it all (a CPU's one size)
+            continue
         fixed = held_fixed(subset)
         what, suffix = ("", "") if case == "grid" else (f"{case}, ", f"_{case}")
         giga = max((r["tflops"] for r in subset if r["status"] == "ok"), default=0.0) < 1.0
