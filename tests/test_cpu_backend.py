@@ -2,8 +2,11 @@
 
 Held against a plain-torch float64 reference written here (the public API goes through the shared grid):
 odd lengths, Nq != Nk both ways, bottom-right causal masks, head dims up to 256, fp32 / bf16 / fp16,
-strided and NaN-padded inputs, rows that see no key, determinism, and the C++ input checks.
+strided and NaN-padded inputs, rows that see no key, determinism, and the C++ input checks; and the
+options of issue 10: grouped-query heads, key padding masks and packed variable-length batches.
 """
+import functools
+import itertools
 import math
 
 import pytest
@@ -43,36 +46,47 @@ SHAPES = [
 ]
 
 
-def random_inputs(shape, dtype, seed=0):
-    """q, k, v and an output gradient dout, drawn in float32 then rounded to dtype."""
+def random_inputs(shape, dtype, seed=0, kv_heads=None):
+    """q, k, v and an output gradient dout, drawn in float32 then rounded to dtype; k and v with kv_heads heads
+    (default: as many as q)."""
     batch, heads, n_q, n_k, head_dim = shape
     gen = torch.Generator().manual_seed(seed)
-    sizes = [n_q, n_k, n_k, n_q]
-    return [torch.randn(batch, heads, n, head_dim, generator=gen).to(dtype) for n in sizes]
+    sizes = [(heads, n_q), (kv_heads or heads, n_k), (kv_heads or heads, n_k), (heads, n_q)]
+    return [torch.randn(batch, h, n, head_dim, generator=gen).to(dtype) for h, n in sizes]
 
 
-def naive(q, k, v, dout, causal, scale, dtype):
-    """o, lse, dq, dk, dv of softmax(scale q k^T) v computed in dtype, masked bottom-right when causal."""
+def naive(q, k, v, dout, causal, scale, dtype, key_padding_mask=None):
+    """o, lse, dq, dk, dv of softmax(scale q k^T) v computed in dtype, with each KV head repeated over its group of
+    query heads, keys masked bottom-right when causal and where key_padding_mask (B, Nk) is False."""
     q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
-    scores = (q @ k.transpose(-2, -1)) * scale
+    group = q.shape[1] // k.shape[1]
+    k_per_query_head, v_per_query_head = (x.repeat_interleave(group, dim=1) for x in (k, v))
+    scores = (q @ k_per_query_head.transpose(-2, -1)) * scale
     n_q, n_k = scores.shape[-2:]
     hidden = torch.zeros(n_q, n_k, dtype=torch.bool)
     if causal:
         hidden = torch.arange(n_k)[None, :] > torch.arange(n_q)[:, None] + (n_k - n_q)
+    if key_padding_mask is not None:
+        hidden = hidden | ~key_padding_mask[:, None, None, :]
     # A row that sees no key would softmax to NaN: give it finite scores, then zero its weights.
     no_key = hidden.all(-1, keepdim=True)
     scores = scores.masked_fill(hidden & ~no_key, -math.inf).masked_fill(no_key, 0.0)
     p = torch.softmax(scores, dim=-1).masked_fill(no_key, 0.0)
-    o = p @ v
+    o = p @ v_per_query_head
     lse = torch.logsumexp(scores.double(), dim=-1).masked_fill(no_key.squeeze(-1), -math.inf)
     o.backward(dout.to(dtype))
     return o.detach(), lse, q.grad, k.grad, v.grad
 
 
-def assert_close_to_reference(q, k, v, dout, causal, scale, o, lse, grads):
-    """The tolerance rule: max|ours - ref| <= 2 x (3 x for gradients) max|same math in q's dtype - ref| + 1e-5."""
-    ref = naive(q, k, v, dout, causal, scale, torch.float64)
-    low = naive(q, k, v, dout, causal, scale, q.dtype)
+def assert_close_to_reference(q, k, v, dout, causal, scale, o, lse, grads, key_padding_mask=None):
+    assert_matches(lambda dtype: naive(q, k, v, dout, causal, scale, dtype, key_padding_mask), q.dtype, o, lse, grads)
+
+
+def assert_matches(reference, dtype, o, lse, grads):
+    """The tolerance rule: max|ours - ref| <= 2 x (3 x for gradients) max|same math in dtype - ref| + 1e-5, where
+    reference(dtype) gives (o, lse, dq, dk, dv)."""
+    ref = reference(torch.float64)
+    low = reference(dtype)
     names = ["o", "dq", "dk", "dv"]
     for name, ours, r, lo, factor in zip(names, [o, *grads], ref[:1] + ref[2:], low[:1] + low[2:], [2, 3, 3, 3]):
         assert torch.isfinite(ours).all(), f"{name} has NaN or inf"
@@ -201,13 +215,14 @@ def run_with_threads(threads, q, k, v, dout, causal, scale):
         torch.set_num_threads(saved)
 
 
-def test_repeatable_bit_for_bit():
+@pytest.mark.parametrize("heads, kv_heads", [(1, 1), (2, 1)], ids=["mha", "gqa"])
+def test_repeatable_bit_for_bit(heads, kv_heads):
     """Every result is the same from run to run at a given thread count; o, lse, dk and dv at any thread count.
 
-    dq is summed from per-thread buffers, so its rounding depends on how many threads share a head's key tiles:
-    one head here, so that they do.
+    dq is summed from per-thread buffers, so its rounding depends on how many threads share a KV head's key
+    tiles: one KV head here, so that they do. With grouped heads, dk and dv sum over the group.
     """
-    q, k, v, dout = random_inputs((1, 1, 300, 280, 64), torch.float32)
+    q, k, v, dout = random_inputs((1, heads, 300, 280, 64), torch.float32, kv_heads=kv_heads)
     first = {}
     for threads in (1, 2, 3, 2):
         results = run_with_threads(threads, q, k, v, dout, True, 0.125)
@@ -217,6 +232,157 @@ def test_repeatable_bit_for_bit():
         o1, lse1, dq1, dk1, dv1 = first[1]
         assert torch.equal(o, o1) and torch.equal(lse, lse1) and torch.equal(dk, dk1) and torch.equal(dv, dv1)
         torch.testing.assert_close(dq, dq1, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped-query heads, key padding, packed variable-length batches (issue 10)
+
+# (query heads, KV heads): groups of 1, 2 and 4 query heads per KV head, and multi-query (one KV head).
+GROUPS = [(2, 2), (4, 2), (8, 2), (3, 1)]
+
+
+@pytest.mark.parametrize("heads, kv_heads", GROUPS, ids=lambda x: str(x))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_grouped_query_heads(dtype, causal, heads, kv_heads):
+    q, k, v, dout = random_inputs((2, heads, 70, 90, 24), dtype, kv_heads=kv_heads)
+    o, lse = fwd(q, k, v, causal, 0.2)
+    dq, dk, dv = bwd(dout, q, k, v, o, lse, causal, 0.2)
+    assert dk.shape == k.shape and dv.shape == v.shape and dk.is_contiguous() and dv.is_contiguous()
+    assert_close_to_reference(q, k, v, dout, causal, 0.2, o, lse, (dq, dk, dv))
+    # Each query head reads its KV head in place: the same numbers as with K and V expanded in memory.
+    group = heads // kv_heads
+    o_expanded, lse_expanded = fwd(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), causal, 0.2)
+    assert torch.equal(o, o_expanded) and torch.equal(lse, lse_expanded)
+
+
+def test_grouped_heads_read_strided_kv():
+    """k and v as views into one packed (B, N, 2, Hkv, D) buffer, as a fused KV projection leaves them."""
+    q, k, v, dout = random_inputs((2, 4, 33, 47, 16), torch.float32, kv_heads=2)
+    kv = torch.stack([k, v], dim=2).permute(0, 3, 2, 1, 4).contiguous()  # (B, N, 2, Hkv, D)
+    k_view, v_view = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    assert not k_view.is_contiguous() and torch.equal(k_view, k)
+    o, lse = fwd(q, k_view, v_view, True, 0.3)
+    grads = bwd(dout, q, k_view, v_view, o, lse, True, 0.3)
+    assert_close_to_reference(q, k, v, dout, True, 0.3, o, lse, grads)
+
+
+def padding_masks(n_k):
+    """A (4, n_k) key padding mask, one pattern per batch element: left padding over more than a whole key tile,
+    right padding, random holes, and every key hidden."""
+    mask = torch.ones(4, n_k, dtype=torch.bool)
+    mask[0, :70] = False
+    mask[1, 40:] = False
+    mask[2] = torch.rand(n_k, generator=torch.Generator().manual_seed(1)) < 0.5
+    mask[3] = False
+    return mask
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "gqa"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_key_padding(dtype, causal, kv_heads):
+    q, k, v, dout = random_inputs((4, 2, 65, 150, 32), dtype, kv_heads=kv_heads)
+    mask = padding_masks(150)
+    o, lse = fwd(q, k, v, causal, 0.2, mask)
+    dq, dk, dv = bwd(dout, q, k, v, o, lse, causal, 0.2, mask)
+    assert_close_to_reference(q, k, v, dout, causal, 0.2, o, lse, (dq, dk, dv), key_padding_mask=mask)
+    # The batch element whose keys are all padding: no query sees a key.
+    assert torch.equal(o[3], torch.zeros_like(o[3])) and (lse[3] == -math.inf).all()
+    assert not dq[3].any() and not dk[3].any() and not dv[3].any()
+    # A hidden key gets no gradient.
+    hidden = ~mask[:, None, :, None]
+    assert not dk.masked_select(hidden).any() and not dv.masked_select(hidden).any()
+
+
+def test_padding_key_tiles_are_skipped():
+    """The key tiles that are all padding are never read: NaN there leaves every result finite."""
+    q, k, v, dout = random_inputs((2, 2, 40, 200, 16), torch.float32, kv_heads=1)
+    mask = torch.ones(2, 200, dtype=torch.bool)
+    mask[0, :128] = False  # key tiles 0 and 1 of batch element 0 (tiles of 64 keys)
+    mask[1, 192:] = False  # tile 3 of batch element 1
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for x in (poisoned_k, poisoned_v):
+        x[0, :, :128] = math.nan
+        x[1, :, 192:] = math.nan
+    for causal in (False, True):
+        o, lse = fwd(q, poisoned_k, poisoned_v, causal, 0.25, mask)
+        dq, dk, dv = bwd(dout, q, poisoned_k, poisoned_v, o, lse, causal, 0.25, mask)
+        assert all(torch.isfinite(x).all() for x in (o, dq, dk, dv))
+        assert_close_to_reference(q, k, v, dout, causal, 0.25, o, lse, (dq, dk, dv), key_padding_mask=mask)
+
+
+def test_padding_mask_of_all_real_keys_changes_nothing():
+    q, k, v, dout = random_inputs((2, 2, 70, 90, 16), torch.float32)
+    o, lse = fwd(q, k, v, True, 0.3)
+    grads = bwd(dout, q, k, v, o, lse, True, 0.3)
+    mask = torch.ones(2, 90, dtype=torch.bool)
+    o_masked, lse_masked = fwd(q, k, v, True, 0.3, mask)
+    assert torch.equal(o_masked, o) and torch.equal(lse_masked, lse)
+    assert all(torch.equal(a, b) for a, b in zip(bwd(dout, q, k, v, o, lse, True, 0.3, mask), grads))
+
+
+# Per-sequence (query, key) lengths of one packed batch: lengths 0, 1, 17, 64 and 113 mixed, Nq != Nk both ways,
+# a sequence with no queries, one with no keys (its queries see nothing), and one with neither.
+VARLEN_LENGTHS = [(17, 64), (0, 17), (64, 64), (1, 113), (113, 17), (17, 0), (0, 0), (64, 1)]
+
+
+def packed(lengths, heads, head_dim, dtype, seed):
+    """A flash-attn packed tensor (total, heads, head_dim) seen as (1, heads, total, head_dim), as the ops take it."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(sum(lengths), heads, head_dim, generator=gen).to(dtype).transpose(0, 1).unsqueeze(0)
+
+
+def cu_seqlens(lengths):
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+
+
+def naive_varlen(q, k, v, dout, cu_q, cu_k, causal, scale, dtype):
+    """naive over each packed sequence on its own, the results joined back along the rows."""
+    parts = []
+    for (q0, q1), (k0, k1) in zip(itertools.pairwise(cu_q.tolist()), itertools.pairwise(cu_k.tolist())):
+        rows, keys = slice(q0, q1), slice(k0, k1)
+        parts.append(naive(q[:, :, rows], k[:, :, keys], v[:, :, keys], dout[:, :, rows], causal, scale, dtype))
+    return tuple(torch.cat(part, dim=2) for part in zip(*parts))
+
+
+def assert_packed_layout(x):
+    """x is the (1, H, total, D) view of a contiguous (total, H, D) tensor."""
+    assert x.shape[0] == 1 and x[0].transpose(0, 1).is_contiguous()
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(2, 2), (4, 2), (3, 1)], ids=lambda x: str(x))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_varlen(dtype, causal, heads, kv_heads):
+    lengths_q, lengths_k = zip(*VARLEN_LENGTHS)
+    q, dout = (packed(lengths_q, heads, 24, dtype, seed) for seed in (0, 1))
+    k, v = (packed(lengths_k, kv_heads, 24, dtype, seed) for seed in (2, 3))
+    cu_q, cu_k = cu_seqlens(lengths_q), cu_seqlens(lengths_k)
+    varlen = (cu_q, cu_k, max(lengths_q), max(lengths_k))
+    o, lse = fwd(q, k, v, causal, 0.2, None, *varlen)
+    dq, dk, dv = bwd(dout, q, k, v, o, lse, causal, 0.2, None, *varlen)
+    for x, like in ((o, q), (dq, q), (dk, k), (dv, v)):
+        assert x.shape == like.shape and x.dtype == dtype
+        assert_packed_layout(x)
+    assert lse.shape == (1, heads, sum(lengths_q)) and lse.dtype == torch.float32 and lse.is_contiguous()
+    reference = functools.partial(naive_varlen, q, k, v, dout, cu_q, cu_k, causal, 0.2)
+    assert_matches(reference, dtype, o, lse, (dq, dk, dv))
+
+
+def test_varlen_sequence_matches_dense():
+    """A packed sequence gives the numbers of the same attention run alone as a dense batch of one."""
+    lengths_q, lengths_k = (40, 70, 9), (90, 33, 9)
+    q, dout = (packed(lengths_q, 2, 16, torch.float32, seed) for seed in (0, 1))
+    k, v = (packed(lengths_k, 2, 16, torch.float32, seed) for seed in (2, 3))
+    varlen = (cu_seqlens(lengths_q), cu_seqlens(lengths_k), 70, 90)
+    o, lse = fwd(q, k, v, True, 0.3, None, *varlen)
+    dq, dk, dv = bwd(dout, q, k, v, o, lse, True, 0.3, None, *varlen)
+    rows, keys = slice(40, 110), slice(90, 123)
+    o1, lse1 = fwd(q[:, :, rows], k[:, :, keys], v[:, :, keys], True, 0.3)
+    dq1, dk1, dv1 = bwd(dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], o1, lse1, True, 0.3)
+    assert torch.equal(o[:, :, rows], o1) and torch.equal(lse[:, :, rows], lse1)
+    assert torch.equal(dq[:, :, rows], dq1) and torch.equal(dk[:, :, keys], dk1) and torch.equal(dv[:, :, keys], dv1)
 
 
 def _inputs(**changes):
@@ -287,3 +453,60 @@ BAD_BACKWARD_INPUTS = [
 def test_backward_checks_name_the_argument(inputs, message):
     with pytest.raises(RuntimeError, match=message):
         bwd(*inputs, False, 0.25)
+
+
+def _varlen_inputs(batch=1, **changes):
+    """Valid varlen (q, k, v) and options: two packed sequences, (2, 3) query and (3, 4) key rows."""
+    q, k, v = torch.randn(batch, 3, 5, 16), torch.randn(batch, 3, 7, 16), torch.randn(batch, 3, 7, 16)
+    options = {"cu_seqlens_q": torch.tensor([0, 2, 5], dtype=torch.int32),
+               "cu_seqlens_k": torch.tensor([0, 3, 7], dtype=torch.int32), "max_seqlen_q": 3, "max_seqlen_k": 4}
+    options.update(changes)
+    return (q, k, v), options
+
+
+def _padded(**changes):
+    """Valid dense (q, k, v) with a key_padding_mask, replaced by changes."""
+    return _inputs(), {"key_padding_mask": torch.ones(2, 7, dtype=torch.bool), **changes}
+
+
+BAD_OPTIONS = [
+    pytest.param(_padded(key_padding_mask=torch.ones(2, 7)), r"key_padding_mask must be bool \(got Float\)",
+                 id="mask-dtype"),
+    pytest.param(_padded(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)),
+                 r"key_padding_mask must have shape \(batch, seq_len_k\) \(2, 7\) \(got \[2, 6\]\)", id="mask-shape"),
+    pytest.param(_padded(key_padding_mask=torch.ones(7, 2, dtype=torch.bool).t()),
+                 "key_padding_mask must be contiguous", id="mask-strided"),
+    pytest.param((_inputs(), {"cu_seqlens_q": torch.tensor([0, 5], dtype=torch.int32)}),
+                 r"cu_seqlens_q and cu_seqlens_k must be given together \(got only cu_seqlens_q\)", id="cu-alone"),
+    pytest.param(_varlen_inputs(cu_seqlens_k=torch.tensor([0, 3, 7])), r"cu_seqlens_k must be int32 \(got Long\)",
+                 id="cu-dtype"),
+    pytest.param(_varlen_inputs(cu_seqlens_q=torch.tensor([[0, 2, 5]], dtype=torch.int32)), "cu_seqlens_q must be 1-D",
+                 id="cu-rank"),
+    pytest.param(_varlen_inputs(cu_seqlens_q=torch.tensor([0, 9, 2, 9, 5], dtype=torch.int32)[::2]),
+                 "cu_seqlens_q must be contiguous", id="cu-strided"),
+    pytest.param(_varlen_inputs(cu_seqlens_k=torch.tensor([0, 7], dtype=torch.int32)),
+                 r"cu_seqlens_k must have as many entries as cu_seqlens_q \(got 2 vs 3\)", id="cu-entries"),
+    pytest.param(_varlen_inputs(batch=2), r"q must have batch size 1 with cu_seqlens", id="cu-batch"),
+    pytest.param(_varlen_inputs(key_padding_mask=torch.ones(1, 7, dtype=torch.bool)),
+                 "key_padding_mask cannot be combined with cu_seqlens_q / cu_seqlens_k", id="cu-and-mask"),
+    # The values of cu_seqlens, which the CPU kernels read anyway
+    pytest.param(_varlen_inputs(cu_seqlens_q=torch.tensor([1, 2, 5], dtype=torch.int32)),
+                 "cu_seqlens_q must start at 0", id="cu-start"),
+    pytest.param(_varlen_inputs(cu_seqlens_k=torch.tensor([0, 3, 6], dtype=torch.int32)),
+                 r"cu_seqlens_k must end at the total number of rows 7 \(got 6\)", id="cu-end"),
+    pytest.param(_varlen_inputs(cu_seqlens_q=torch.tensor([0, 3, 2, 5], dtype=torch.int32),
+                                cu_seqlens_k=torch.tensor([0, 3, 5, 7], dtype=torch.int32)),
+                 r"cu_seqlens_q must be non-decreasing \(entry 2 is 2 after 3\)", id="cu-decreasing"),
+    pytest.param(_varlen_inputs(max_seqlen_q=2),
+                 r"max_seqlen_q \(2\) is shorter than sequence 1 of cu_seqlens_q \(3 rows\)", id="max-seqlen"),
+]
+
+
+@pytest.mark.parametrize("inputs, message", BAD_OPTIONS)
+def test_option_checks_name_the_argument(inputs, message):
+    (q, k, v), options = inputs
+    with pytest.raises(RuntimeError, match=message):
+        fwd(q, k, v, False, 0.25, **options)
+    dout, o, lse = torch.randn_like(q), torch.randn_like(q), torch.randn(q.shape[:3])
+    with pytest.raises(RuntimeError, match=message):
+        bwd(dout, q, k, v, o, lse, False, 0.25, **options)

@@ -1,14 +1,19 @@
 // The C++ CPU attention kernels: FlashAttention-2's tiled online softmax in plain C++.
 //
-// Each (batch, head, tile) is one work item of at::parallel_for. A work item converts the tiles it
-// needs into float scratch buffers (inputs may be fp16/bf16 and strided), does all math in float
-// there, and writes only its own output rows: no atomics. o, lse, dK and dV do not depend on the
-// number of threads; dQ, summed from per-thread buffers, is the same from run to run at a given one.
+// A call is a list of sequences: the batch elements of dense 4-D tensors, or the packed sequences
+// that cu_seqlens cut out of batch 0 (varlen). Each (sequence, head, tile) is one work item of
+// at::parallel_for. A work item converts the tiles it needs into float scratch buffers (inputs may
+// be fp16/bf16 and strided), does all math in float there, and writes only its own output rows: no
+// atomics. o, lse, dK and dV do not depend on the number of threads; dQ, summed from per-thread
+// buffers, is the same from run to run at a given one.
 // - forward, per query tile: running max, running sum and a float accumulator over the key tiles;
 // - backward: delta = rowsum(dO * O) first, then one pass per key tile recomputing P from q, k and
 //   the forward's lse, accumulating dK and dV, and dQ in per-thread buffers summed in a fixed order.
 // Scores are kept in log2 units (softmax_scale * log2(e) is folded into q) so exp is one exp2.
-// Causal masks are bottom-right aligned: query i sees keys j <= i + Nk - Nq.
+// Causal masks are bottom-right aligned per sequence: query i sees keys j <= i + Nk - Nq.
+// Grouped-query heads: query head h reads KV head h / (Hq / Hkv) in place; the backward's work item
+// for a KV head's key tile loops over the group's query heads, so dK and dV sum over the group in a
+// fixed order. Key padding hides keys of a batch element; key tiles that are all padding are skipped.
 #include "attention_cpu.h"
 
 #include <ATen/ATen.h>
@@ -183,15 +188,28 @@ __attribute__((target("default"))) void gemm(FA_GEMM_ARGS) { gemm_blocks<PlainBl
 void gemm(FA_GEMM_ARGS) { gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL); }
 #endif
 
-// Which keys of a tile a query sees, as a run of columns [begin, end) per row of a score tile,
-// varying by at most one column per row: begin(r) = clamp(begin0 + r * begin_step, 0, cols) and
-// likewise end(r). Causal masks are bottom-right aligned, so in (query, key) layout a row sees a
-// prefix of the tile's keys, and in (key, query) layout a suffix of its queries.
+// Which keys of a tile a query sees. The causal rule, as a run of columns [begin, end) per row of a
+// score tile, varying by at most one column per row: begin(r) = clamp(begin0 + r * begin_step, 0,
+// cols) and likewise end(r). Causal masks are bottom-right aligned, so in (query, key) layout a row
+// sees a prefix of the tile's keys, and in (key, query) layout a suffix of its queries.
+// Key padding, in a tile that holds both real and padding keys: per key of the tile, 0 for a real
+// key and -inf for padding, as column_bias in (query, key) layout (added to the run's scores) or as
+// row_bias in (key, query) layout (a padding key's row sees nothing). Both are null otherwise, so a
+// call without padding runs the loops it ran before padding existed.
 struct VisibleColumns {
   int64_t begin0, begin_step, end0, end_step;
+  const float* column_bias = nullptr;
+  const float* row_bias = nullptr;
 
   std::pair<int64_t, int64_t> of_row(int64_t r, int64_t cols) const {
+    if (row_bias != nullptr && row_bias[r] != 0.0f) return {0, 0};
     return {std::clamp(begin0 + r * begin_step, int64_t{0}, cols), std::clamp(end0 + r * end_step, int64_t{0}, cols)};
+  }
+
+  // Sends the scores of padding keys among columns [begin, end) of a (query, key) row to -inf.
+  void hide_padding(float* row, int64_t begin, int64_t end) const {
+    if (column_bias == nullptr) return;
+    for (int64_t n = begin; n < end; ++n) row[n] += column_bias[n];
   }
 };
 
@@ -204,6 +222,7 @@ FA_MULTIVERSIONED void online_softmax_step(float* s, int64_t lds, int64_t rows, 
   for (int64_t m = 0; m < rows; ++m) {
     float* s_row = s + m * lds;
     const auto [begin, end] = visible.of_row(m, cols);
+    visible.hide_padding(s_row, begin, end);
     float tile_max = -kInf;
 #pragma omp simd reduction(max : tile_max)  // a max reduction over floats needs it to vectorize
     for (int64_t n = begin; n < end; ++n) tile_max = s_row[n] > tile_max ? s_row[n] : tile_max;
@@ -268,6 +287,20 @@ StridedRows<T> strided_rows(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// The same for an output: dense outputs are contiguous, varlen ones (total, H, D) seen as (1, H, total, D).
+template <typename T>
+struct OutputRows {
+  T* data;
+  int64_t stride_b, stride_h, stride_n;
+
+  T* rows(int64_t b, int64_t h, int64_t n) const { return data + b * stride_b + h * stride_h + n * stride_n; }
+};
+
+template <typename T>
+OutputRows<T> output_rows(at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
 // The float value of an input element. c10's own fp16 conversion branches, which keeps GCC from
 // vectorizing the tile loads; this one is branch-free, and exact for every fp16 value: normals and
 // subnormals by rescaling the exponent from fp16's bias to float's, inf and NaN by filling it.
@@ -301,24 +334,35 @@ void load_tile_transposed(float* dst, int64_t ld, const scalar_t* src, int64_t s
   }
 }
 
-// dst[r][c] = multiplier * src[r][c] into contiguous rows of cols elements.
+// dst[r][c] = multiplier * src[r][c] into rows of cols contiguous elements, dst_row_stride apart.
 template <typename scalar_t>
-void store_tile(scalar_t* dst, const float* src, int64_t ld, int64_t rows, int64_t cols, float multiplier) {
+void store_tile(scalar_t* dst, int64_t dst_row_stride, const float* src, int64_t ld, int64_t rows, int64_t cols,
+                float multiplier) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = static_cast<scalar_t>(multiplier * src[r * ld + c]);
+    for (int64_t c = 0; c < cols; ++c) {
+      dst[r * dst_row_stride + c] = static_cast<scalar_t>(multiplier * src[r * ld + c]);
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The tiled passes
 
-struct Shape {
-  int64_t batch, heads, n_q, n_k, head_dim;
+// What a key tile of a batch element holds, for key padding.
+enum class KeyTile : uint8_t { kReal, kMixed, kPadding };
+
+// One attention problem of the call: query rows q_offset .. q_offset + n_q - 1 and key rows
+// k_offset .. k_offset + n_k - 1 of batch element `batch` of the 4-D tensors. Dense: batch element
+// b whole. Varlen: one packed sequence of batch element 0.
+struct Sequence {
+  int64_t batch, q_offset, k_offset, n_q, n_k;
   bool causal;
+  // Key padding: per key, 0 for a real key and -inf for padding; per key tile, its KeyTile. Null
+  // without a key_padding_mask.
+  const float* key_bias;
+  const KeyTile* key_tiles;
 
   int64_t diagonal() const { return n_k - n_q; }  // causal: query i sees keys j <= i + diagonal()
-  // Row index of (b, h, i) in the contiguous (B, H, N) layout of lse and delta, or of o's rows.
-  int64_t row_index(int64_t b, int64_t h, int64_t i, int64_t n) const { return (b * heads + h) * n + i; }
 
   // The keys [0, end) that some query of [0, query_end) sees.
   int64_t key_end(int64_t query_end) const {
@@ -326,62 +370,113 @@ struct Shape {
   }
   // The first query that sees key j.
   int64_t first_query(int64_t key) const { return causal ? std::clamp(key - diagonal(), int64_t{0}, n_q) : 0; }
+  // Whether every key of the tile starting at key0 is padding: no query sees it, so it is skipped.
+  bool key_tile_hidden(int64_t key0) const {
+    return key_tiles != nullptr && key_tiles[key0 / kBlock] == KeyTile::kPadding;
+  }
 
   // The keys of the tile starting at key0 that each query of the tile starting at query0 sees,
   // in (query, key) layout, and in (key, query) layout.
   VisibleColumns keys_seen(int64_t query0, int64_t key0) const {
-    return causal ? VisibleColumns{0, 0, query0 + diagonal() + 1 - key0, 1} : VisibleColumns{0, 0, kBlock, 0};
+    VisibleColumns visible = causal ? VisibleColumns{0, 0, query0 + diagonal() + 1 - key0, 1} : VisibleColumns{0, 0, kBlock, 0};
+    visible.column_bias = padding_of_tile(key0);
+    return visible;
   }
   VisibleColumns queries_seeing(int64_t key0, int64_t query0) const {
-    return causal ? VisibleColumns{key0 - diagonal() - query0, 1, kBlock, 0} : VisibleColumns{0, 0, kBlock, 0};
+    VisibleColumns visible = causal ? VisibleColumns{key0 - diagonal() - query0, 1, kBlock, 0} : VisibleColumns{0, 0, kBlock, 0};
+    visible.row_bias = padding_of_tile(key0);
+    return visible;
+  }
+
+ private:
+  const float* padding_of_tile(int64_t key0) const {
+    return key_tiles != nullptr && key_tiles[key0 / kBlock] == KeyTile::kMixed ? key_bias + key0 : nullptr;
   }
 };
 
-// Work item -> (batch * heads + head, tile). Tiles are visited 0, last, 1, last - 1, ... so that
-// the contiguous item ranges at::parallel_for gives each thread mix cheap and costly causal tiles.
-std::pair<int64_t, int64_t> split_work_item(int64_t item, int64_t tiles_per_head) {
-  const int64_t t = item % tiles_per_head;
-  return {item / tiles_per_head, t % 2 == 0 ? t / 2 : tiles_per_head - 1 - t / 2};
-}
+struct Shape {
+  int64_t heads_q, heads_kv, head_dim;
+  int64_t q_rows;  // q.size(2): Nq (dense) or total_q (varlen)
+  std::vector<Sequence> sequences;
+
+  int64_t group() const { return heads_q / heads_kv; }  // query heads per KV head
+  // Index of query row i of a sequence's head h in the contiguous (B, Hq, q_rows) layout of lse and delta.
+  int64_t row_index(const Sequence& seq, int64_t h, int64_t i) const {
+    return (seq.batch * heads_q + h) * q_rows + seq.q_offset + i;
+  }
+};
+
+// Work items over units (a sequence and a head) of varying numbers of tiles, numbered unit after
+// unit: item -> (unit, tile). Within a unit, tiles are visited 0, last, 1, last - 1, ... so that the
+// contiguous item ranges at::parallel_for gives each thread mix cheap and costly causal tiles.
+class TiledWork {
+ public:
+  template <typename TilesOf>
+  TiledWork(int64_t units, const TilesOf& tiles_of) : first_item_(units + 1, 0) {
+    for (int64_t unit = 0; unit < units; ++unit) first_item_[unit + 1] = first_item_[unit] + tiles_of(unit);
+  }
+
+  int64_t items() const { return first_item_.back(); }
+  int64_t first_item(int64_t unit) const { return first_item_[unit]; }
+  int64_t end_item(int64_t unit) const { return first_item_[unit + 1]; }
+  // The unit of an item (units without tiles hold no item).
+  int64_t unit_of(int64_t item) const {
+    return std::upper_bound(first_item_.begin(), first_item_.end(), item) - first_item_.begin() - 1;
+  }
+  std::pair<int64_t, int64_t> split(int64_t item) const {
+    const int64_t unit = unit_of(item);
+    const int64_t tiles = end_item(unit) - first_item(unit), t = item - first_item(unit);
+    return {unit, t % 2 == 0 ? t / 2 : tiles - 1 - t / 2};
+  }
+
+ private:
+  std::vector<int64_t> first_item_;  // per unit, and the item count last
+};
 
 // Head-dim-wide scratch tiles are padded to ld_d columns, so gemm over them needs no edge case.
 int64_t padded_head_dim(int64_t head_dim) { return round_up(head_dim, kMicroCols); }
 
 template <typename scalar_t>
 void forward_pass(const Shape& shape, float scale_log2, StridedRows<scalar_t> q, StridedRows<scalar_t> k,
-                  StridedRows<scalar_t> v, scalar_t* o, float* lse) {
+                  StridedRows<scalar_t> v, OutputRows<scalar_t> o, float* lse) {
   const int64_t d = shape.head_dim;
   const int64_t ld_d = padded_head_dim(d);
-  const int64_t query_tiles = ceil_div(shape.n_q, kBlock);
-  at::parallel_for(0, shape.batch * shape.heads * query_tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t heads = shape.heads_q;
+  const TiledWork work(static_cast<int64_t>(shape.sequences.size()) * heads,
+                       [&](int64_t unit) { return ceil_div(shape.sequences[unit / heads].n_q, kBlock); });
+  at::parallel_for(0, work.items(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q_tile(kBlock * ld_d), k_tile_t(d * kBlock), v_tile(kBlock * ld_d);
     std::vector<float> scores(kBlock * kBlock), acc(kBlock * ld_d), row_max(kBlock), row_sum(kBlock);
     for (int64_t item = begin; item < end; ++item) {
-      const auto [bh, tile] = split_work_item(item, query_tiles);
-      const int64_t b = bh / shape.heads, h = bh % shape.heads;
+      const auto [unit, tile] = work.split(item);
+      const Sequence& seq = shape.sequences[unit / heads];
+      const int64_t b = seq.batch, h = unit % heads, h_kv = h / shape.group();
       const int64_t q0 = tile * kBlock;
-      const int64_t rows = std::min(kBlock, shape.n_q - q0);
+      const int64_t rows = std::min(kBlock, seq.n_q - q0);
       const int64_t padded_rows = round_up(rows, kMicroRows);
-      load_tile(q_tile.data(), ld_d, q.rows(b, h, q0), q.stride_n, rows, d, scale_log2);
+      load_tile(q_tile.data(), ld_d, q.rows(b, h, seq.q_offset + q0), q.stride_n, rows, d, scale_log2);
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(row_max.begin(), row_max.end(), -kInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.0f);
 
-      for (int64_t k0 = 0; k0 < shape.key_end(q0 + rows); k0 += kBlock) {
-        const int64_t cols = std::min(kBlock, shape.n_k - k0);
-        load_tile_transposed(k_tile_t.data(), kBlock, k.rows(b, h, k0), k.stride_n, cols, d, 1.0f);
-        load_tile(v_tile.data(), ld_d, v.rows(b, h, k0), v.stride_n, cols, d, 1.0f);
+      for (int64_t k0 = 0; k0 < seq.key_end(q0 + rows); k0 += kBlock) {
+        if (seq.key_tile_hidden(k0)) continue;
+        const int64_t cols = std::min(kBlock, seq.n_k - k0);
+        const int64_t key_row = seq.k_offset + k0;
+        load_tile_transposed(k_tile_t.data(), kBlock, k.rows(b, h_kv, key_row), k.stride_n, cols, d, 1.0f);
+        load_tile(v_tile.data(), ld_d, v.rows(b, h_kv, key_row), v.stride_n, cols, d, 1.0f);
         gemm(false, padded_rows, round_up(cols, kMicroCols), d, q_tile.data(), ld_d, 1, k_tile_t.data(), kBlock,
              scores.data(), kBlock);
-        online_softmax_step(scores.data(), kBlock, rows, cols, shape.keys_seen(q0, k0), row_max.data(),
-                            row_sum.data(), acc.data(), ld_d, d);
+        online_softmax_step(scores.data(), kBlock, rows, cols, seq.keys_seen(q0, k0), row_max.data(), row_sum.data(),
+                            acc.data(), ld_d, d);
         gemm(true, padded_rows, ld_d, cols, scores.data(), kBlock, 1, v_tile.data(), ld_d, acc.data(), ld_d);
       }
 
-      const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
+      const int64_t first_row = shape.row_index(seq, h, q0);
       for (int64_t m = 0; m < rows; ++m) {
         const bool sees_a_key = row_sum[m] > 0.0f;
-        store_tile(o + (first_row + m) * d, acc.data() + m * ld_d, ld_d, 1, d, sees_a_key ? 1.0f / row_sum[m] : 0.0f);
+        store_tile(o.rows(b, h, seq.q_offset + q0 + m), o.stride_n, acc.data() + m * ld_d, ld_d, 1, d,
+                   sees_a_key ? 1.0f / row_sum[m] : 0.0f);
         lse[first_row + m] = sees_a_key ? row_max[m] * kLn2 + std::log(row_sum[m]) : -kInf;
       }
     }
@@ -391,17 +486,18 @@ void forward_pass(const Shape& shape, float scale_log2, StridedRows<scalar_t> q,
 template <typename scalar_t>
 struct BackwardInputs {
   StridedRows<scalar_t> dout, q, k, v, o;
-  const float* lse;  // contiguous (B, H, Nq)
+  const float* lse;  // contiguous (B, Hq, q_rows)
 };
 
-// delta = rowsum(dO * O) and lse2 = lse * log2(e), both contiguous (B, H, Nq). (The -inf lse of a
-// row that sees no key is never used: the passes compute P only where a key is visible.)
+// delta = rowsum(dO * O) and lse2 = lse * log2(e), both contiguous (B, Hq, q_rows). (The -inf lse
+// of a row that sees no key is never used: the passes compute P only where a key is visible.)
 template <typename scalar_t>
-void row_statistics_pass(const Shape& shape, const BackwardInputs<scalar_t>& in, float* delta, float* lse2) {
-  const int64_t n_q = shape.n_q;
-  at::parallel_for(0, shape.batch * shape.heads * n_q, kBlock, [&](int64_t begin, int64_t end) {
+void row_statistics_pass(const Shape& shape, int64_t batch, const BackwardInputs<scalar_t>& in, float* delta,
+                         float* lse2) {
+  const int64_t n_q = shape.q_rows;
+  at::parallel_for(0, batch * shape.heads_q * n_q, kBlock, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t i = row % n_q, b = row / n_q / shape.heads, h = row / n_q % shape.heads;
+      const int64_t i = row % n_q, b = row / n_q / shape.heads_q, h = row / n_q % shape.heads_q;
       const scalar_t* dout_row = in.dout.rows(b, h, i);
       const scalar_t* o_row = in.o.rows(b, h, i);
       float sum = 0.0f;
@@ -427,89 +523,116 @@ struct Chunks {
 };
 
 // dK, dV and dQ in one pass over the key tiles (five tile products per (key tile, query tile) pair:
-// S^T, dP^T, dV += P^T dO, dK += dS^T Q, dQ += dS K). One key tile per work item; dK and dV are
-// accumulated over the query tiles that see it, as in the forward. dQ sums over key tiles, which
-// other work items hold: each chunk of work items (one per thread) adds into a float dQ buffer of
-// its own, covering the heads its items belong to, and the buffers are summed afterwards in chunk
+// S^T, dP^T, dV += P^T dO, dK += dS^T Q, dQ += dS K). One key tile of one KV head per work item; dK
+// and dV are accumulated over the group's query heads in order, and over the query tiles that see
+// the key tile, as in the forward. dQ sums over key tiles, which other work items hold: each chunk
+// of work items (one per thread) adds into a float dQ buffer of its own, covering the query heads of
+// the units (sequence, KV head) its items belong to, and the buffers are summed afterwards in chunk
 // order. The chunks are fixed by the item count and the thread count alone, so dQ is bit-for-bit
 // the same from run to run at a given thread count (dK, dV: at any thread count).
 template <typename scalar_t>
 void grad_pass(const Shape& shape, float scale, float scale_log2, const BackwardInputs<scalar_t>& in,
-               const float* delta, const float* lse2, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+               const float* delta, const float* lse2, OutputRows<scalar_t> dq, OutputRows<scalar_t> dk,
+               OutputRows<scalar_t> dv) {
   const int64_t d = shape.head_dim;
   const int64_t ld_d = padded_head_dim(d);
-  const int64_t key_tiles = ceil_div(shape.n_k, kBlock);
-  const int64_t query_tiles = ceil_div(shape.n_q, kBlock);
-  // Rows of one head in a dQ buffer: whole tiles, since gemm writes up to kMicroRows-padded tile rows.
-  const int64_t head_rows = query_tiles * kBlock;
-  const Chunks chunks(shape.batch * shape.heads * key_tiles, at::get_num_threads());
+  const int64_t heads_kv = shape.heads_kv, group = shape.group();
+  const int64_t units = static_cast<int64_t>(shape.sequences.size()) * heads_kv;
+  auto sequence_of = [&](int64_t unit) -> const Sequence& { return shape.sequences[unit / heads_kv]; };
+  const TiledWork work(units, [&](int64_t unit) { return ceil_div(sequence_of(unit).n_k, kBlock); });
+  // Rows of one query head in a dQ buffer: whole tiles, since gemm writes up to kMicroRows-padded
+  // tile rows. A unit holds `group` query heads; dq_first_row[u] is where unit u starts in a buffer
+  // holding every unit (a chunk's buffer holds its units' rows, from its first unit's).
+  auto head_rows = [&](const Sequence& seq) { return round_up(seq.n_q, kBlock); };
+  std::vector<int64_t> dq_first_row(units + 1, 0);
+  for (int64_t unit = 0; unit < units; ++unit) {
+    dq_first_row[unit + 1] = dq_first_row[unit] + group * head_rows(sequence_of(unit));
+  }
+  const Chunks chunks(work.items(), at::get_num_threads());
   std::vector<std::vector<float>> dq_buffers(chunks.count());
-  auto first_head = [&](int64_t chunk) { return chunks.begin(chunk) / key_tiles; };
+  auto first_unit = [&](int64_t chunk) { return work.unit_of(chunks.begin(chunk)); };
 
   at::parallel_for(0, chunks.count(), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<float> k_tile(kBlock * ld_d), v_tile(kBlock * ld_d), q_tile(kBlock * ld_d), q_tile_t(d * kBlock);
     std::vector<float> dout_tile(kBlock * ld_d), dout_tile_t(d * kBlock), p_t(kBlock * kBlock), dp_t(kBlock * kBlock);
     std::vector<float> dk_acc(kBlock * ld_d), dv_acc(kBlock * ld_d);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t heads_in_chunk = (chunks.end(chunk) - 1) / key_tiles - first_head(chunk) + 1;
+      const int64_t buffer_first_row = dq_first_row[first_unit(chunk)];
       std::vector<float>& dq_buffer = dq_buffers[chunk];
-      dq_buffer.assign(heads_in_chunk * head_rows * ld_d, 0.0f);
+      dq_buffer.assign((dq_first_row[work.unit_of(chunks.end(chunk) - 1) + 1] - buffer_first_row) * ld_d, 0.0f);
       for (int64_t item = chunks.begin(chunk); item < chunks.end(chunk); ++item) {
-        const auto [bh, tile] = split_work_item(item, key_tiles);
-        const int64_t b = bh / shape.heads, h = bh % shape.heads;
+        const auto [unit, tile] = work.split(item);
+        const Sequence& seq = sequence_of(unit);
+        const int64_t b = seq.batch, h_kv = unit % heads_kv;
         const int64_t k0 = tile * kBlock;
-        const int64_t keys = std::min(kBlock, shape.n_k - k0);
+        const int64_t keys = std::min(kBlock, seq.n_k - k0);
         const int64_t padded_keys = round_up(keys, kMicroRows);
-        float* dq_head = dq_buffer.data() + (bh - first_head(chunk)) * head_rows * ld_d;
-        load_tile(k_tile.data(), ld_d, in.k.rows(b, h, k0), in.k.stride_n, keys, d, 1.0f);
-        load_tile(v_tile.data(), ld_d, in.v.rows(b, h, k0), in.v.stride_n, keys, d, 1.0f);
+        const int64_t key_row = seq.k_offset + k0;
         std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
         std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
-
-        for (int64_t q0 = shape.first_query(k0) / kBlock * kBlock; q0 < shape.n_q; q0 += kBlock) {
-          const int64_t queries = std::min(kBlock, shape.n_q - q0);
-          const int64_t padded_queries = round_up(queries, kMicroCols);
-          const int64_t first_row = shape.row_index(b, h, q0, shape.n_q);
-          load_tile_transposed(q_tile_t.data(), kBlock, in.q.rows(b, h, q0), in.q.stride_n, queries, d, scale_log2);
-          load_tile(q_tile.data(), ld_d, in.q.rows(b, h, q0), in.q.stride_n, queries, d, 1.0f);
-          load_tile_transposed(dout_tile_t.data(), kBlock, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d,
-                               1.0f);
-          load_tile(dout_tile.data(), ld_d, in.dout.rows(b, h, q0), in.dout.stride_n, queries, d, 1.0f);
-          gemm(false, padded_keys, padded_queries, d, k_tile.data(), ld_d, 1, q_tile_t.data(), kBlock, p_t.data(),
-               kBlock);
-          gemm(false, padded_keys, padded_queries, d, v_tile.data(), ld_d, 1, dout_tile_t.data(), kBlock,
-               dp_t.data(), kBlock);
-          softmax_grad_key_rows(p_t.data(), dp_t.data(), kBlock, keys, queries, shape.queries_seeing(k0, q0),
-                                lse2 + first_row, delta + first_row);
-          gemm(true, padded_keys, ld_d, queries, p_t.data(), kBlock, 1, dout_tile.data(), ld_d, dv_acc.data(), ld_d);
-          gemm(true, padded_keys, ld_d, queries, dp_t.data(), kBlock, 1, q_tile.data(), ld_d, dk_acc.data(), ld_d);
-          // dS is dp_t read transposed: row m of dS is column m of dp_t.
-          gemm(true, round_up(queries, kMicroRows), ld_d, keys, dp_t.data(), 1, kBlock, k_tile.data(), ld_d,
-               dq_head + q0 * ld_d, ld_d);
+        // A key tile that is all padding is seen by no query: its dK and dV stay 0.
+        if (!seq.key_tile_hidden(k0)) {
+          load_tile(k_tile.data(), ld_d, in.k.rows(b, h_kv, key_row), in.k.stride_n, keys, d, 1.0f);
+          load_tile(v_tile.data(), ld_d, in.v.rows(b, h_kv, key_row), in.v.stride_n, keys, d, 1.0f);
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = h_kv * group + g;
+            float* dq_head = dq_buffer.data() + (dq_first_row[unit] - buffer_first_row + g * head_rows(seq)) * ld_d;
+            for (int64_t q0 = seq.first_query(k0) / kBlock * kBlock; q0 < seq.n_q; q0 += kBlock) {
+              const int64_t queries = std::min(kBlock, seq.n_q - q0);
+              const int64_t padded_queries = round_up(queries, kMicroCols);
+              const int64_t first_row = shape.row_index(seq, h, q0);
+              const scalar_t* q_rows = in.q.rows(b, h, seq.q_offset + q0);
+              const scalar_t* dout_rows = in.dout.rows(b, h, seq.q_offset + q0);
+              load_tile_transposed(q_tile_t.data(), kBlock, q_rows, in.q.stride_n, queries, d, scale_log2);
+              load_tile(q_tile.data(), ld_d, q_rows, in.q.stride_n, queries, d, 1.0f);
+              load_tile_transposed(dout_tile_t.data(), kBlock, dout_rows, in.dout.stride_n, queries, d, 1.0f);
+              load_tile(dout_tile.data(), ld_d, dout_rows, in.dout.stride_n, queries, d, 1.0f);
+              gemm(false, padded_keys, padded_queries, d, k_tile.data(), ld_d, 1, q_tile_t.data(), kBlock, p_t.data(),
+                   kBlock);
+              gemm(false, padded_keys, padded_queries, d, v_tile.data(), ld_d, 1, dout_tile_t.data(), kBlock,
+                   dp_t.data(), kBlock);
+              softmax_grad_key_rows(p_t.data(), dp_t.data(), kBlock, keys, queries, seq.queries_seeing(k0, q0),
+                                    lse2 + first_row, delta + first_row);
+              gemm(true, padded_keys, ld_d, queries, p_t.data(), kBlock, 1, dout_tile.data(), ld_d, dv_acc.data(), ld_d);
+              gemm(true, padded_keys, ld_d, queries, dp_t.data(), kBlock, 1, q_tile.data(), ld_d, dk_acc.data(), ld_d);
+              // dS is dp_t read transposed: row m of dS is column m of dp_t.
+              gemm(true, round_up(queries, kMicroRows), ld_d, keys, dp_t.data(), 1, kBlock, k_tile.data(), ld_d,
+                   dq_head + q0 * ld_d, ld_d);
+            }
+          }
         }
 
-        const int64_t first_key_row = shape.row_index(b, h, k0, shape.n_k);
-        store_tile(dk + first_key_row * d, dk_acc.data(), ld_d, keys, d, scale);
-        store_tile(dv + first_key_row * d, dv_acc.data(), ld_d, keys, d, 1.0f);
+        store_tile(dk.rows(b, h_kv, key_row), dk.stride_n, dk_acc.data(), ld_d, keys, d, scale);
+        store_tile(dv.rows(b, h_kv, key_row), dv.stride_n, dv_acc.data(), ld_d, keys, d, 1.0f);
       }
     }
   });
 
-  // dQ = the sum of the chunks' buffers that hold the head, in chunk order; one query tile per item.
-  at::parallel_for(0, shape.batch * shape.heads * query_tiles, 1, [&](int64_t begin, int64_t end) {
+  // dQ = the sum of the chunks' buffers that hold the query head, in chunk order; one query tile per
+  // item. A unit without key tiles (no keys) holds no item and leaves its dQ zero.
+  const int64_t heads_q = shape.heads_q;
+  const TiledWork query_work(static_cast<int64_t>(shape.sequences.size()) * heads_q,
+                             [&](int64_t unit) { return ceil_div(shape.sequences[unit / heads_q].n_q, kBlock); });
+  at::parallel_for(0, query_work.items(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sum(kBlock * ld_d);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / query_tiles, q0 = item % query_tiles * kBlock;
-      const int64_t rows = std::min(kBlock, shape.n_q - q0);
+      const auto [query_unit, tile] = query_work.split(item);
+      const int64_t sequence = query_unit / heads_q, h = query_unit % heads_q;
+      const Sequence& seq = shape.sequences[sequence];
+      const int64_t unit = sequence * heads_kv + h / group;
+      const int64_t q0 = tile * kBlock;
+      const int64_t rows = std::min(kBlock, seq.n_q - q0);
+      const int64_t row_in_unit = h % group * head_rows(seq) + q0;
       std::fill(sum.begin(), sum.end(), 0.0f);
-      if (key_tiles > 0) {
-        for (int64_t chunk = chunks.of_item(bh * key_tiles); chunk <= chunks.of_item((bh + 1) * key_tiles - 1);
+      if (work.end_item(unit) > work.first_item(unit)) {
+        for (int64_t chunk = chunks.of_item(work.first_item(unit)); chunk <= chunks.of_item(work.end_item(unit) - 1);
              ++chunk) {
-          const float* part = dq_buffers[chunk].data() + ((bh - first_head(chunk)) * head_rows + q0) * ld_d;
+          const float* part =
+              dq_buffers[chunk].data() + (dq_first_row[unit] - dq_first_row[first_unit(chunk)] + row_in_unit) * ld_d;
           for (int64_t i = 0; i < rows * ld_d; ++i) sum[i] += part[i];
         }
       }
-      store_tile(dq + (bh * shape.n_q + q0) * d, sum.data(), ld_d, rows, d, scale);
+      store_tile(dq.rows(seq.batch, h, seq.q_offset + q0), dq.stride_n, sum.data(), ld_d, rows, d, scale);
     }
   });
 }
@@ -520,8 +643,80 @@ void grad_pass(const Shape& shape, float scale, float scale_log2, const Backward
 // The kernels read each row of head_dim elements in place, whatever the other strides.
 at::Tensor with_contiguous_rows(const at::Tensor& t) { return t.size(3) == 1 || t.stride(3) == 1 ? t : t.contiguous(); }
 
-Shape make_shape(const at::Tensor& q, const at::Tensor& k, bool causal) {
-  return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), causal};
+// A key_padding_mask (B, Nk) as the kernels read it: per key a score bias, per key tile its KeyTile.
+struct KeyPadding {
+  std::vector<float> bias;       // (B, Nk): 0 for a real key, -inf for padding
+  std::vector<KeyTile> tiles;    // (B, key tiles)
+  int64_t keys, tiles_per_row;
+};
+
+KeyPadding read_key_padding(const at::Tensor& mask) {
+  const int64_t batch = mask.size(0), keys = mask.size(1), tiles_per_row = ceil_div(keys, kBlock);
+  KeyPadding padding{std::vector<float>(batch * keys), std::vector<KeyTile>(batch * tiles_per_row), keys,
+                     tiles_per_row};
+  const bool* is_real = mask.const_data_ptr<bool>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t tile = 0; tile < tiles_per_row; ++tile) {
+      int64_t real = 0;
+      const int64_t k0 = tile * kBlock, k_end = std::min(keys, k0 + kBlock);
+      for (int64_t j = b * keys + k0; j < b * keys + k_end; ++j) {
+        padding.bias[j] = is_real[j] ? 0.0f : -kInf;
+        real += is_real[j];
+      }
+      padding.tiles[b * tiles_per_row + tile] =
+          real == k_end - k0 ? KeyTile::kReal : (real == 0 ? KeyTile::kPadding : KeyTile::kMixed);
+    }
+  }
+  return padding;
+}
+
+// The per-sequence lengths of cu_seqlens (B + 1,). The shared checks saw its dtype and shape only;
+// here, on the CPU, the values are at hand, so a bad one is an error rather than an out-of-bounds read.
+std::vector<int64_t> read_cu_seqlens(const char* name, const at::Tensor& cu_seqlens, int64_t total, int64_t max_seqlen,
+                                     const char* max_name) {
+  const int32_t* cu = cu_seqlens.const_data_ptr<int32_t>();
+  const int64_t entries = cu_seqlens.numel();
+  TORCH_CHECK(entries >= 1 && cu[0] == 0, "fused_attention: ", name, " must start at 0");
+  TORCH_CHECK(cu[entries - 1] == total, "fused_attention: ", name, " must end at the total number of rows ", total,
+              " (got ", cu[entries - 1], ")");
+  std::vector<int64_t> offsets(cu, cu + entries);
+  for (int64_t b = 0; b + 1 < entries; ++b) {
+    TORCH_CHECK(offsets[b + 1] >= offsets[b], "fused_attention: ", name, " must be non-decreasing (entry ", b + 1,
+                " is ", offsets[b + 1], " after ", offsets[b], ")");
+    TORCH_CHECK(offsets[b + 1] - offsets[b] <= max_seqlen, "fused_attention: ", max_name, " (", max_seqlen,
+                ") is shorter than sequence ", b, " of ", name, " (", offsets[b + 1] - offsets[b], " rows)");
+  }
+  return offsets;
+}
+
+// The call's sequences: q's batch elements, or the sequences cu_seqlens cut out of batch element 0.
+// key_padding (dense only) must outlive the shape, whose sequences point into it.
+Shape make_shape(const at::Tensor& q, const at::Tensor& k, bool causal, const KeyPadding* key_padding,
+                 const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                 int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  Shape shape{q.size(1), k.size(1), q.size(3), q.size(2), {}};
+  if (cu_seqlens_q.has_value()) {
+    const auto starts_q = read_cu_seqlens("cu_seqlens_q", *cu_seqlens_q, q.size(2), max_seqlen_q, "max_seqlen_q");
+    const auto starts_k = read_cu_seqlens("cu_seqlens_k", *cu_seqlens_k, k.size(2), max_seqlen_k, "max_seqlen_k");
+    for (size_t b = 0; b + 1 < starts_q.size(); ++b) {
+      shape.sequences.push_back({0, starts_q[b], starts_k[b], starts_q[b + 1] - starts_q[b],
+                                 starts_k[b + 1] - starts_k[b], causal, nullptr, nullptr});
+    }
+    return shape;
+  }
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    const float* bias = key_padding ? key_padding->bias.data() + b * key_padding->keys : nullptr;
+    const KeyTile* tiles = key_padding ? key_padding->tiles.data() + b * key_padding->tiles_per_row : nullptr;
+    shape.sequences.push_back({b, 0, 0, q.size(2), k.size(2), causal, bias, tiles});
+  }
+  return shape;
+}
+
+// A fresh output for the rows of t (B, H, N, D): contiguous (dense), or the (1, H, N, D) view of a
+// contiguous (N, H, D) tensor (varlen), flash-attn's packed layout.
+at::Tensor empty_output_like(const at::Tensor& t, bool varlen, at::ScalarType dtype) {
+  if (!varlen) return at::empty(t.sizes(), t.options().dtype(dtype));
+  return at::empty({t.size(2), t.size(1), t.size(3)}, t.options().dtype(dtype)).transpose(0, 1).unsqueeze(0);
 }
 
 // Calls body with a value of the C++ element type of dtype (one of the three checks.h admits).
@@ -542,18 +737,19 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
                                                          const std::optional<at::Tensor>& key_padding_mask,
                                                          const std::optional<at::Tensor>& cu_seqlens_q,
                                                          const std::optional<at::Tensor>& cu_seqlens_k,
-                                                         int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/) {
+                                                         int64_t max_seqlen_q, int64_t max_seqlen_k) {
   check_attention_inputs(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
-  TORCH_CHECK(q_in.size(1) == k_in.size(1) && !key_padding_mask.has_value() && !cu_seqlens_q.has_value(),
-              "cpu backend: grouped-query heads, key_padding_mask and cu_seqlens are not implemented yet");
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
-  const Shape shape = make_shape(q, k, causal);
-  at::Tensor o = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({shape.batch, shape.heads, shape.n_q}, q.options().dtype(at::kFloat));
+  const std::optional<KeyPadding> key_padding =
+      key_padding_mask.has_value() ? std::optional(read_key_padding(*key_padding_mask)) : std::nullopt;
+  const Shape shape = make_shape(q, k, causal, key_padding ? &*key_padding : nullptr, cu_seqlens_q, cu_seqlens_k,
+                                 max_seqlen_q, max_seqlen_k);
+  at::Tensor o = empty_output_like(q, cu_seqlens_q.has_value(), q.scalar_type());
+  at::Tensor lse = at::empty({q.size(0), shape.heads_q, shape.q_rows}, q.options().dtype(at::kFloat));
   dispatch_dtype(q.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
     forward_pass<scalar_t>(shape, static_cast<float>(softmax_scale * kLog2e), strided_rows<scalar_t>(q),
-                           strided_rows<scalar_t>(k), strided_rows<scalar_t>(v), o.data_ptr<scalar_t>(),
+                           strided_rows<scalar_t>(k), strided_rows<scalar_t>(v), output_rows<scalar_t>(o),
                            lse.data_ptr<float>());
   });
   return {o, lse};
@@ -563,18 +759,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& o_in, const at::Tensor& lse_in, bool causal, double softmax_scale,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/) {
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
   check_backward_inputs(dout_in, q_in, k_in, v_in, o_in, lse_in, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
-  TORCH_CHECK(q_in.size(1) == k_in.size(1) && !key_padding_mask.has_value() && !cu_seqlens_q.has_value(),
-              "cpu backend: grouped-query heads, key_padding_mask and cu_seqlens are not implemented yet");
   const at::Tensor dout = with_contiguous_rows(dout_in), q = with_contiguous_rows(q_in);
   const at::Tensor k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in), o = with_contiguous_rows(o_in);
   const at::Tensor lse = lse_in.contiguous();
-  const Shape shape = make_shape(q, k, causal);
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  std::vector<float> delta(shape.batch * shape.heads * shape.n_q), lse2(delta.size());
+  const std::optional<KeyPadding> key_padding =
+      key_padding_mask.has_value() ? std::optional(read_key_padding(*key_padding_mask)) : std::nullopt;
+  const Shape shape = make_shape(q, k, causal, key_padding ? &*key_padding : nullptr, cu_seqlens_q, cu_seqlens_k,
+                                 max_seqlen_q, max_seqlen_k);
+  const bool varlen = cu_seqlens_q.has_value();
+  at::Tensor dq = empty_output_like(q, varlen, q.scalar_type());
+  at::Tensor dk = empty_output_like(k, varlen, k.scalar_type());
+  at::Tensor dv = empty_output_like(v, varlen, v.scalar_type());
+  std::vector<float> delta(q.size(0) * shape.heads_q * shape.q_rows), lse2(delta.size());
   const float scale = static_cast<float>(softmax_scale);
   const float scale_log2 = static_cast<float>(softmax_scale * kLog2e);
   dispatch_dtype(q.scalar_type(), [&](auto element) {
@@ -582,9 +780,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const BackwardInputs<scalar_t> in{strided_rows<scalar_t>(dout), strided_rows<scalar_t>(q),
                                       strided_rows<scalar_t>(k),    strided_rows<scalar_t>(v),
                                       strided_rows<scalar_t>(o),    lse.const_data_ptr<float>()};
-    row_statistics_pass(shape, in, delta.data(), lse2.data());
-    grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), dq.data_ptr<scalar_t>(),
-              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+    row_statistics_pass(shape, q.size(0), in, delta.data(), lse2.data());
+    grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), output_rows<scalar_t>(dq),
+              output_rows<scalar_t>(dk), output_rows<scalar_t>(dv));
   });
   return {dq, dk, dv};
 }
