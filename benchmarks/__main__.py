@@ -64,10 +64,10 @@ Flags left out take each case's own defaults; flags given apply to every case ru
 
 
 def _default(case, field):
-    gpu, cpu = DEFAULTS[case, "cuda", False], DEFAULTS[case, "cpu", False]
-    value = lambda sizes: getattr(sizes, field) if field != "heads" or case != "gqa" else "/".join(map(str, sizes.heads))
-    as_text = lambda v: comma(v) if isinstance(v, (list, tuple)) else v
-    return f"GPU {as_text(value(gpu))}, CPU {as_text(value(cpu))}"
+    """A case's default of ``field`` on a GPU and on a CPU, for --help."""
+    text = lambda value: comma(value) if isinstance(value, (list, tuple)) else value
+    gpu, cpu = (getattr(DEFAULTS[case, device, False], field) for device in ("cuda", "cpu"))
+    return f"GPU {text(gpu)}, CPU {text(cpu)}"
 
 
 def parse_args(argv=None):
@@ -90,7 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, help=f"heads * d, kept constant across d, grid and varlen (default: "
                    f"{_default('grid', 'heads')})")
     p.add_argument("--gqa-heads", type=int_list, help=f"query heads,KV heads of the gqa case (default: "
-                   f"{_default('gqa', 'heads').replace('/', ',')})")
+                   f"{_default('gqa', 'heads')})")
     p.add_argument("--providers", type=name_list, help="comma list of provider names (default: all); in gqa and "
                    "varlen a name selects its variants too: cpu selects cpu-varlen, sdpa-flash sdpa-flash-gqa")
     p.add_argument("--cpu-min-time", type=float, default=None,

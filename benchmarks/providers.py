@@ -62,10 +62,10 @@ def _ours_why_not(backend, case):
     def why_not(device, dtype, head_dim, causal, mode):
         if backend == "triton" and device.type == "cpu":
             return "Triton runs CPU tensors only in its interpreter, whose speed means nothing"
-        # explain takes dense calls: a varlen call is probed as its padded twin, which has the same
-        # device, dtype and build limits (the only reasons a backend gives).
-        config = probe_config("grid" if case == "varlen" else case, DTYPE_NAMES[dtype], head_dim, causal)
-        q, k, v, extra = case_inputs(config, "dense", device, requires_grad=False)
+        # explain takes dense calls: a varlen call is probed as its padded twin, which meets the same
+        # device, dtype and build limits (the reasons a backend gives).
+        config = probe_config(case, DTYPE_NAMES[dtype], head_dim, causal)
+        q, k, v, extra = case_inputs(config, "padded" if case == "varlen" else "dense", device, requires_grad=False)
         try:
             choice = attention.explain(q, k, v, causal=causal, backend=backend, **extra)
         except (TypeError, ValueError) as exc:
@@ -248,4 +248,4 @@ def select_providers(names=None, case="grid"):
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown provider(s) {unknown}; choose from {sorted(known)}")
-    return [p for p in providers if p.name in names or (case != "grid" and p.family in names)]
+    return [p for p in providers if p.name in names or p.family in names]
