@@ -378,12 +378,14 @@ struct Sequence {
   // The keys of the tile starting at key0 that each query of the tile starting at query0 sees,
   // in (query, key) layout, and in (key, query) layout.
   VisibleColumns keys_seen(int64_t query0, int64_t key0) const {
-    VisibleColumns visible = causal ? VisibleColumns{0, 0, query0 + diagonal() + 1 - key0, 1} : VisibleColumns{0, 0, kBlock, 0};
+    VisibleColumns visible =
+        causal ? VisibleColumns{0, 0, query0 + diagonal() + 1 - key0, 1} : VisibleColumns{0, 0, kBlock, 0};
     visible.column_bias = padding_of_tile(key0);
     return visible;
   }
   VisibleColumns queries_seeing(int64_t key0, int64_t query0) const {
-    VisibleColumns visible = causal ? VisibleColumns{key0 - diagonal() - query0, 1, kBlock, 0} : VisibleColumns{0, 0, kBlock, 0};
+    VisibleColumns visible =
+        causal ? VisibleColumns{key0 - diagonal() - query0, 1, kBlock, 0} : VisibleColumns{0, 0, kBlock, 0};
     visible.row_bias = padding_of_tile(key0);
     return visible;
   }
@@ -556,6 +558,29 @@ void grad_pass(const Shape& shape, float scale, float scale_log2, const Backward
     std::vector<float> k_tile(kBlock * ld_d), v_tile(kBlock * ld_d), q_tile(kBlock * ld_d), q_tile_t(d * kBlock);
     std::vector<float> dout_tile(kBlock * ld_d), dout_tile_t(d * kBlock), p_t(kBlock * kBlock), dp_t(kBlock * kBlock);
     std::vector<float> dk_acc(kBlock * ld_d), dv_acc(kBlock * ld_d);
+    // One (key tile, query tile) pair of query head h: adds into dk_acc, dv_acc and the head's dQ rows.
+    auto add_query_tile = [&](const Sequence& seq, int64_t h, int64_t k0, int64_t keys, int64_t q0, float* dq_head) {
+      const int64_t queries = std::min(kBlock, seq.n_q - q0);
+      const int64_t padded_keys = round_up(keys, kMicroRows), padded_queries = round_up(queries, kMicroCols);
+      const int64_t first_row = shape.row_index(seq, h, q0);
+      const scalar_t* q_rows = in.q.rows(seq.batch, h, seq.q_offset + q0);
+      const scalar_t* dout_rows = in.dout.rows(seq.batch, h, seq.q_offset + q0);
+      load_tile_transposed(q_tile_t.data(), kBlock, q_rows, in.q.stride_n, queries, d, scale_log2);
+      load_tile(q_tile.data(), ld_d, q_rows, in.q.stride_n, queries, d, 1.0f);
+      load_tile_transposed(dout_tile_t.data(), kBlock, dout_rows, in.dout.stride_n, queries, d, 1.0f);
+      load_tile(dout_tile.data(), ld_d, dout_rows, in.dout.stride_n, queries, d, 1.0f);
+      gemm(false, padded_keys, padded_queries, d, k_tile.data(), ld_d, 1, q_tile_t.data(), kBlock, p_t.data(), kBlock);
+      gemm(false, padded_keys, padded_queries, d, v_tile.data(), ld_d, 1, dout_tile_t.data(), kBlock, dp_t.data(),
+           kBlock);
+      softmax_grad_key_rows(p_t.data(), dp_t.data(), kBlock, keys, queries, seq.queries_seeing(k0, q0),
+                            lse2 + first_row, delta + first_row);
+      gemm(true, padded_keys, ld_d, queries, p_t.data(), kBlock, 1, dout_tile.data(), ld_d, dv_acc.data(), ld_d);
+      gemm(true, padded_keys, ld_d, queries, dp_t.data(), kBlock, 1, q_tile.data(), ld_d, dk_acc.data(), ld_d);
+      // dS is dp_t read transposed: row m of dS is column m of dp_t.
+      gemm(true, round_up(queries, kMicroRows), ld_d, keys, dp_t.data(), 1, kBlock, k_tile.data(), ld_d,
+           dq_head + q0 * ld_d, ld_d);
+    };
+
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       const int64_t buffer_first_row = dq_first_row[first_unit(chunk)];
       std::vector<float>& dq_buffer = dq_buffers[chunk];
@@ -566,7 +591,6 @@ void grad_pass(const Shape& shape, float scale, float scale_log2, const Backward
         const int64_t b = seq.batch, h_kv = unit % heads_kv;
         const int64_t k0 = tile * kBlock;
         const int64_t keys = std::min(kBlock, seq.n_k - k0);
-        const int64_t padded_keys = round_up(keys, kMicroRows);
         const int64_t key_row = seq.k_offset + k0;
         std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
         std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
@@ -575,29 +599,9 @@ void grad_pass(const Shape& shape, float scale, float scale_log2, const Backward
           load_tile(k_tile.data(), ld_d, in.k.rows(b, h_kv, key_row), in.k.stride_n, keys, d, 1.0f);
           load_tile(v_tile.data(), ld_d, in.v.rows(b, h_kv, key_row), in.v.stride_n, keys, d, 1.0f);
           for (int64_t g = 0; g < group; ++g) {
-            const int64_t h = h_kv * group + g;
             float* dq_head = dq_buffer.data() + (dq_first_row[unit] - buffer_first_row + g * head_rows(seq)) * ld_d;
             for (int64_t q0 = seq.first_query(k0) / kBlock * kBlock; q0 < seq.n_q; q0 += kBlock) {
-              const int64_t queries = std::min(kBlock, seq.n_q - q0);
-              const int64_t padded_queries = round_up(queries, kMicroCols);
-              const int64_t first_row = shape.row_index(seq, h, q0);
-              const scalar_t* q_rows = in.q.rows(b, h, seq.q_offset + q0);
-              const scalar_t* dout_rows = in.dout.rows(b, h, seq.q_offset + q0);
-              load_tile_transposed(q_tile_t.data(), kBlock, q_rows, in.q.stride_n, queries, d, scale_log2);
-              load_tile(q_tile.data(), ld_d, q_rows, in.q.stride_n, queries, d, 1.0f);
-              load_tile_transposed(dout_tile_t.data(), kBlock, dout_rows, in.dout.stride_n, queries, d, 1.0f);
-              load_tile(dout_tile.data(), ld_d, dout_rows, in.dout.stride_n, queries, d, 1.0f);
-              gemm(false, padded_keys, padded_queries, d, k_tile.data(), ld_d, 1, q_tile_t.data(), kBlock, p_t.data(),
-                   kBlock);
-              gemm(false, padded_keys, padded_queries, d, v_tile.data(), ld_d, 1, dout_tile_t.data(), kBlock,
-                   dp_t.data(), kBlock);
-              softmax_grad_key_rows(p_t.data(), dp_t.data(), kBlock, keys, queries, seq.queries_seeing(k0, q0),
-                                    lse2 + first_row, delta + first_row);
-              gemm(true, padded_keys, ld_d, queries, p_t.data(), kBlock, 1, dout_tile.data(), ld_d, dv_acc.data(), ld_d);
-              gemm(true, padded_keys, ld_d, queries, dp_t.data(), kBlock, 1, q_tile.data(), ld_d, dk_acc.data(), ld_d);
-              // dS is dp_t read transposed: row m of dS is column m of dp_t.
-              gemm(true, round_up(queries, kMicroRows), ld_d, keys, dp_t.data(), 1, kBlock, k_tile.data(), ld_d,
-                   dq_head + q0 * ld_d, ld_d);
+              add_query_tile(seq, h_kv * group + g, k0, keys, q0, dq_head);
             }
           }
         }
