@@ -52,6 +52,6 @@ def check_providers_and_modes(p, args):
         p.error(f"--providers: {exc}")
     if isinstance(args.modes, str):  # the default, unparsed
         args.modes = name_list(args.modes)
-    for mode in args.modes:
+    for mode in args.modes or []:  # None: the command's per-case defaults
         if mode not in MODES:
             p.error(f"--modes: {mode!r} is not one of {comma(MODES)}")

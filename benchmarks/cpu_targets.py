@@ -15,10 +15,11 @@ import sys
 
 import torch
 
+from .cases import DTYPES, Config
 from .cli import comma, int_list, name_list, parser
 from .providers import select_providers
 from .report import write_json
-from .run import DTYPES, Config, busy_warning, cpu_peak, environment, measure_all, result_row
+from .run import busy_warning, cpu_peak, environment, measure_all, result_row
 
 TARGETS = {"fwd": 1.5, "fwd+bwd": 1.3}
 

@@ -12,9 +12,10 @@
 #   3. runs compute-sanitizer memcheck and racecheck over small odd shapes of the triton and cuda
 #      backends, forward and backward, with torch's caching allocator off so that an
 #      out-of-bounds access leaves its allocation,
-#   4. runs the benchmark suite (python -m benchmarks, bf16) and the long-context profiler,
+#   4. runs the benchmark suite (python -m benchmarks, bf16: the main grid, then issue 10's
+#      grouped-query and varlen cases into gqa-varlen/) and the long-context profiler,
 # and writes every log, table, JSON and plot under benchmarks/results/<gpu-name-slug>/, ending with
-# gpu-check-summary.txt. Each step has a time cap (they add up to 25 minutes); a failed or
+# gpu-check-summary.txt. Each step has a time cap (they add up to 28 minutes); a failed or
 # timed-out step is recorded and the next one still runs; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,7 +99,9 @@ for tool in memcheck racecheck; do
     "$SANITIZER" --tool "$tool" --error-exitcode 1 --target-processes all "$PYTHON" "$driver"
 done
 
-step benchmarks 330 "$PYTHON" -m benchmarks --dtypes bf16 --no-progress --out "$out"
+step benchmarks 330 "$PYTHON" -m benchmarks --cases grid --dtypes bf16 --no-progress --out "$out"
+# A step of their own, so that a timeout here cannot cost the grid's results (written at the end).
+step gqa-varlen 180 "$PYTHON" -m benchmarks --cases gqa,varlen --dtypes bf16 --no-progress --out "$out/gqa-varlen"
 step profile 210 "$PYTHON" -m benchmarks.profile --time-limit 5 --ours-time-limit 15 --no-progress --out "$out"
 
 echo "gpu-check: results in $out; summary:"

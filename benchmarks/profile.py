@@ -23,10 +23,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from .cases import DTYPES, Config, make_inputs  # noqa: E402
 from .cli import check_providers_and_modes, name_list, parser  # noqa: E402
 from .providers import needs_grad, select_providers  # noqa: E402
 from .report import default_out_dir, log_y_axis, seqlen_axis, write_json  # noqa: E402
-from .run import DTYPES, Config, describe, device_slug, environment, make_inputs, measure, result_row  # noqa: E402
+from .run import describe, device_slug, environment, measure, result_row  # noqa: E402
 from .scaling import fit_exponent  # noqa: E402
 
 # At fixed batch and heads attention's work grows as N^2: doubling N quadruples the next call.

@@ -1,9 +1,11 @@
 """The attention implementations a benchmark compares, each with a "why not" check.
 
-A provider is a forward function ``(q, k, v, causal) -> o`` on (B, H, N, D) tensors with Nq == Nk
-(so SDPA's top-left causal mask and our bottom-right one agree), plus ``why_not``, which names the
-reason it cannot run a (device, dtype, head_dim, causal, mode) family, or returns None. Every mode's
-timed step (forward, backward, both) is built from the forward the same way for all providers.
+A provider is a forward function ``(q, k, v, causal, **extra) -> o`` on the inputs of one case in
+one form (cases.py: (B, H, N, D) tensors with Nq == Nk, so SDPA's top-left causal mask and our
+bottom-right one agree; or packed sequences; ``extra`` holds masks and offsets), plus ``why_not``,
+which names the reason it cannot run a (device, dtype, head_dim, causal, mode) family of its case,
+or returns None. Every mode's timed step (forward, backward, both) is built from the forward the same
+way for all providers. Each case has its own list of providers (``case_providers``).
 """
 import functools
 import warnings
@@ -16,6 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attention
 
+from .cases import CASES, DTYPE_NAMES, case_inputs, probe_config
+
 OUR_BACKENDS = ("triton", "cuda", "cpu")
 
 
@@ -23,24 +27,26 @@ OUR_BACKENDS = ("triton", "cuda", "cpu")
 class Provider:
     name: str
     description: str
-    forward: Callable  # (q, k, v, causal) -> o
+    forward: Callable  # (q, k, v, causal, **extra) -> o
     why_not: Callable  # (device, dtype, head_dim, causal, mode) -> str | None
+    form: str = "dense"  # the form of its case's inputs it takes (cases.FORMS)
+    family: str = ""  # the main grid's provider it is a variant of ("sdpa-flash" for "sdpa-flash-gqa")
 
     @property
     def is_ours(self):
-        return self.name in OUR_BACKENDS
+        return (self.family or self.name) in OUR_BACKENDS
 
-    def step(self, mode, q, k, v, causal):
+    def step(self, mode, q, k, v, causal, **extra):
         """A zero-argument call doing ``mode`` once; q, k, v must require grad for "bwd" and "fwd+bwd"."""
         if mode == "fwd":
-            return lambda: self.forward(q, k, v, causal)
+            return lambda: self.forward(q, k, v, causal, **extra)
         inputs = (q, k, v)
         dout = torch.randn_like(q)
         if mode == "bwd":
-            out = self.forward(q, k, v, causal)
+            out = self.forward(q, k, v, causal, **extra)
             return lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)
         if mode == "fwd+bwd":
-            return lambda: torch.autograd.grad(self.forward(q, k, v, causal), inputs, dout)
+            return lambda: torch.autograd.grad(self.forward(q, k, v, causal, **extra), inputs, dout)
         raise ValueError(f"mode must be 'fwd', 'bwd' or 'fwd+bwd', got {mode!r}")
 
 
@@ -48,34 +54,50 @@ def needs_grad(mode):
     return mode != "fwd"
 
 
-def _probe_inputs(device, dtype, head_dim, mode):
-    return [
-        torch.randn(1, 2, 16, head_dim, device=device, dtype=dtype, requires_grad=needs_grad(mode))
-        for _ in range(3)
-    ]
-
-
 # ---- our backends -------------------------------------------------------------------------------
 
 
-def _ours(backend):
-    def forward(q, k, v, causal):
-        return attention.flash_attention(q, k, v, causal=causal, backend=backend)
-
+def _ours_why_not(backend, case):
     @functools.lru_cache(maxsize=None)
     def why_not(device, dtype, head_dim, causal, mode):
         if backend == "triton" and device.type == "cpu":
             return "Triton runs CPU tensors only in its interpreter, whose speed means nothing"
-        q, k, v = _probe_inputs(device, dtype, head_dim, "fwd")
+        # explain takes dense calls: a varlen call is probed as its padded twin, which meets the same
+        # device, dtype and build limits (the reasons a backend gives).
+        config = probe_config(case, DTYPE_NAMES[dtype], head_dim, causal)
+        q, k, v, extra = case_inputs(config, "padded" if case == "varlen" else "dense", device, requires_grad=False)
         try:
-            choice = attention.explain(q, k, v, causal=causal, backend=backend)
+            choice = attention.explain(q, k, v, causal=causal, backend=backend, **extra)
         except (TypeError, ValueError) as exc:
             return str(exc)
         if choice.backend is None:
             return "; ".join(choice.passed_over.get(backend, ["cannot run this call"]))
         return None
 
-    return Provider(backend, f"attention.flash_attention(backend={backend!r})", forward, why_not)
+    return why_not
+
+
+def _ours(backend, case="grid"):
+    """flash_attention: the grid's q, k, v; k and v of fewer heads (gqa); a padded batch with its
+    key_padding_mask (varlen, the dense path)."""
+
+    def forward(q, k, v, causal, key_padding_mask=None):
+        return attention.flash_attention(q, k, v, causal=causal, backend=backend, key_padding_mask=key_padding_mask)
+
+    form = "padded" if case == "varlen" else "dense"
+    described = f"attention.flash_attention(backend={backend!r})" + (", key_padding_mask" if case == "varlen" else "")
+    return Provider(backend, described, forward, _ours_why_not(backend, case), form, backend)
+
+
+def _ours_varlen(backend):
+    """flash_attention_varlen on the packed sequences: no padding at all."""
+
+    def forward(q, k, v, causal, cu_seqlens, max_seqlen):
+        return attention.flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
+                                                backend=backend)
+
+    return Provider(f"{backend}-varlen", f"attention.flash_attention_varlen(backend={backend!r}), packed", forward,
+                    _ours_why_not(backend, "varlen"), "packed", backend)
 
 
 # ---- torch SDPA with one backend forced ---------------------------------------------------------
@@ -89,23 +111,29 @@ _SDPA_BACKENDS = {
 _CUDA_ONLY_SDPA = ("sdpa-cudnn", "sdpa-efficient")
 
 
-def _sdpa(name):
+def _sdpa(name, case="grid", gqa=False):
+    """SDPA on the grid's q, k, v; for gqa on k, v expanded to q's heads, or with ``gqa`` on the
+    grouped k, v with enable_gqa=True; for varlen on the padded batch with a boolean attn_mask."""
     backend = _SDPA_BACKENDS[name]
+    form = {"grid": "dense", "gqa": "dense" if gqa else "expanded", "varlen": "sdpa-mask"}[case]
 
-    def forward(q, k, v, causal):
+    def forward(q, k, v, causal, attn_mask=None):
+        # A varlen case's attn_mask has the causal triangle in it already: SDPA takes a mask or is_causal.
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
+                                                  enable_gqa=gqa)
 
     @functools.lru_cache(maxsize=None)
     def why_not(device, dtype, head_dim, causal, mode):
         if name in _CUDA_ONLY_SDPA and device.type != "cuda":
             return f"torch has this SDPA backend for CUDA tensors only, got {device.type}"
         # SDPA says why a forced backend cannot run only in warnings, then raises a generic error.
-        q, k, v = _probe_inputs(device, dtype, head_dim, mode)
+        config = probe_config(case, DTYPE_NAMES[dtype], head_dim, causal)
+        q, k, v, extra = case_inputs(config, form, device, needs_grad(mode))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                out = forward(q, k, v, causal)
+                out = forward(q, k, v, causal, **extra)
                 if needs_grad(mode):
                     out.sum().backward()
             except RuntimeError as exc:
@@ -113,7 +141,10 @@ def _sdpa(name):
                 return "; ".join(details) if details else str(exc).splitlines()[0]
         return None
 
-    return Provider(name, f"torch SDPA forced to {backend.name}", forward, why_not)
+    described = {"dense": "", "expanded": ", k and v expanded to q's heads", "sdpa-mask": ", padded, boolean attn_mask"}
+    return Provider(f"{name}-gqa" if gqa else name,
+                    f"torch SDPA forced to {backend.name}" + (", enable_gqa=True" if gqa else described[form]),
+                    forward, why_not, form, name)
 
 
 # ---- FlexAttention, compiled --------------------------------------------------------------------
@@ -162,28 +193,59 @@ def _flex_why_not(device, dtype, head_dim, causal, mode):
 # ---- the plain O(N^2) baseline ------------------------------------------------------------------
 
 
-def _naive_forward(q, k, v, causal):
-    return attention.naive_attention(q, k, v, causal=causal)
+def _naive_forward(q, k, v, causal, key_padding_mask=None):
+    return attention.naive_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+
+
+def _naive(case="grid"):
+    """Grouped k, v are expanded inside (timed); a varlen batch is run padded, with its key_padding_mask."""
+    return Provider("naive", "attention.naive_attention in the input dtype", _naive_forward, lambda *_: None,
+                    "padded" if case == "varlen" else "dense", "naive")
 
 
 def all_providers():
-    """Every provider, ours first, the naive baseline last."""
-    return [
-        *(_ours(name) for name in OUR_BACKENDS),
-        *(_sdpa(name) for name in ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient")),
-        Provider("flex", "FlexAttention, torch.compile(dynamic=False)", _flex_forward, _flex_why_not),
-        _sdpa("sdpa-math"),
-        Provider("naive", "attention.naive_attention in the input dtype", _naive_forward, lambda *_: None),
-    ]
+    """Every provider of the main grid, ours first, the naive baseline last."""
+    return case_providers("grid")
 
 
-def select_providers(names=None):
-    """The providers named (all when ``names`` is None), in the order of ``all_providers``."""
-    providers = all_providers()
+def case_providers(case):
+    """The providers of one case (cases.CASES), ours first, the naive baseline last.
+
+    gqa: ours and naive read the grouped k, v; SDPA gets them expanded to q's heads (the copy made
+    before timing), and as "<sdpa>-gqa" grouped, with enable_gqa=True. varlen: ours packed
+    ("<backend>-varlen") and dense with a key_padding_mask; SDPA and naive get the padded batch.
+    FlexAttention is in the grid only: on a CPU its compile alone would take this case's time budget.
+    """
+    sdpa = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
+    if case == "grid":
+        return [
+            *(_ours(name) for name in OUR_BACKENDS),
+            *(_sdpa(name) for name in sdpa[:3]),
+            Provider("flex", "FlexAttention, torch.compile(dynamic=False)", _flex_forward, _flex_why_not),
+            _sdpa("sdpa-math"),
+            _naive(),
+        ]
+    if case == "gqa":
+        return [*(_ours(name, case) for name in OUR_BACKENDS),
+                *(provider for name in sdpa for provider in (_sdpa(name, case), _sdpa(name, case, gqa=True))),
+                _naive(case)]
+    if case == "varlen":
+        return [*(_ours_varlen(name) for name in OUR_BACKENDS), *(_ours(name, case) for name in OUR_BACKENDS),
+                *(_sdpa(name, case) for name in sdpa), _naive(case)]
+    raise ValueError(f"case must be one of {CASES}, got {case!r}")
+
+
+def select_providers(names=None, case="grid"):
+    """The providers of ``case`` named (all when ``names`` is None), in the order of ``case_providers``.
+
+    A name selects the provider of that name and, in the gqa and varlen cases, its variants: "cpu"
+    selects "cpu-varlen" too, "sdpa-flash" "sdpa-flash-gqa". Names of any case are accepted.
+    """
+    providers = case_providers(case)
     if names is None:
         return providers
-    known = {p.name for p in providers}
+    known = {p.name for c in CASES for p in case_providers(c)}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown provider(s) {unknown}; choose from {sorted(known)}")
-    return [p for p in providers if p.name in names]
+    return [p for p in providers if p.name in names or p.family in names]

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import matplotlib.ticker  # noqa: E402
 
+from .cases import CASES  # noqa: E402
 from .flops import MODES  # noqa: E402
 from .providers import OUR_BACKENDS  # noqa: E402
 from .run import COMPARISONS  # noqa: E402
@@ -18,7 +19,16 @@ from .run import COMPARISONS  # noqa: E402
 # Where a run writes by default, a new folder each time (git-ignored); benchmarks/results/ holds the
 # committed results, written only when --out names them.
 RUNS_DIR = pathlib.Path(__file__).resolve().parent / "runs"
-GROUP_KEYS = ("mode", "dtype", "causal", "head_dim")
+GROUP_KEYS = ("case", "mode", "dtype", "causal", "head_dim")
+
+# What a reader of the gqa and varlen sections must know to compare their rows.
+CASE_NOTES = {
+    "gqa": "gqa: ours and naive read k, v with the KV heads; sdpa-* get them expanded to the query heads "
+           "(repeat_interleave, copied before timing), sdpa-*-gqa grouped with enable_gqa=True",
+    "varlen": "varlen: a batch of B sequences of mixed lengths (listed), the longest N; <ours>-varlen packed, "
+              "<ours> dense with key_padding_mask, sdpa-* and naive on the padded batch with a mask; "
+              "FLOP/s count the real tokens only, the same work for every provider",
+}
 
 
 def _fmt(value, spec):
@@ -29,8 +39,15 @@ def _percent(fraction):
     return f"{min(100 * fraction, 999):.0f}%"
 
 
-def _group_title(mode, dtype, causal, head_dim):
-    return f"{mode} | {dtype} | {'causal' if causal else 'non-causal'} | d={head_dim}"
+def _group_title(case, mode, dtype, causal, head_dim):
+    title = f"{mode} | {dtype} | {'causal' if causal else 'non-causal'} | d={head_dim}"
+    return title if case == "grid" else f"{case} | {title}"
+
+
+def _heads(row):
+    """"32" or, with grouped-query heads, "32/8" (query / KV heads)."""
+    kv_heads = row.get("kv_heads") or row["heads"]
+    return f"{row['heads']}/{kv_heads}" if kv_heads != row["heads"] else str(row["heads"])
 
 
 def default_out_dir(name, runs_dir=RUNS_DIR):
@@ -56,7 +73,7 @@ def format_table(rows):
     giga = bool(ok) and max(r["tflops"] for r in ok) < 1.0  # CPU figures read better in GFLOP/s
     with_peak = any(math.isfinite(r.get("peak_gflops") or math.nan) for r in ok)
     columns = ["N", "B", "H", "provider", "ms", "±", "GFLOP/s" if giga else "TFLOP/s"]
-    widths = [7, 4, 4, 15, 11, 6, 10]
+    widths = [7, 4, 6, 19, 11, 6, 10]
     if with_peak:
         columns, widths = columns + ["% peak"], widths + [8]
     columns += ["peak MiB"] + [f"x {other}" for _, other in comparisons]
@@ -68,13 +85,15 @@ def format_table(rows):
         if row["status"] == "skipped":
             not_run[row["provider"]].add(row["reason"])
         else:
-            groups[tuple(row[k] for k in GROUP_KEYS)].append(row)
+            groups[tuple(row.get(k, "grid") if k == "case" else row[k] for k in GROUP_KEYS)].append(row)
     lines = []
     if comparisons:
         lines.append("x <provider>: that provider's time / this one's (above 1: this one is faster)")
     if with_peak:
         lines.append(f"% peak: of {next(r['peak_how'] for r in ok if r.get('peak_how'))}")
-    for key in sorted(groups, key=lambda k: (MODES.index(k[0]), k[1], k[2], k[3])):
+    cases = sorted({key[0] for key in groups}, key=_case_order)
+    lines += [CASE_NOTES[case] for case in cases if case in CASE_NOTES]
+    for key in sorted(groups, key=lambda k: (_case_order(k[0]), MODES.index(k[1]), *k[2:])):
         lines += ["", f"== {_group_title(*key)} ==", header]
         for row in sorted(groups[key], key=lambda r: r["seqlen"]):
             if row["status"] == "ok":
@@ -86,15 +105,27 @@ def format_table(rows):
                 cells += [_fmt(row[column], ".2f") for column, _ in comparisons]
             else:  # "OOM" or "error": no numbers, the status in the time column
                 cells = [row["status"]] + [""] * (len(columns) - 5)
-            values = (row["seqlen"], row["batch"], row["heads"], row["provider"], *cells)
+            values = (row["seqlen"], row["batch"], _heads(row), row["provider"], *cells)
             lines.append("".join(f"{v:>{w}}" for v, w in zip(values, widths)))
+        lengths = {r["seqlen"]: r["lengths"] for r in groups[key] if r.get("lengths")}
+        lines += [f"  lengths at N={n}: {', '.join(map(str, lengths[n]))}" for n in sorted(lengths)]
     if not_run:
         lines += ["", "not run:"]
         lines += [f"  {name}: {' | '.join(sorted(reasons))}" for name, reasons in not_run.items()]
-    errors = sorted({f"  {r['provider']} {r['mode']} N={r['seqlen']}: {r['reason']}" for r in rows if r["status"] == "error"})
+    errors = sorted({f"  {r['provider']} {r['mode']} {_case_prefix(r)}N={r['seqlen']}: {r['reason']}"
+                     for r in rows if r["status"] == "error"})
     if errors:
         lines += ["", "errors:", *errors]
     return "\n".join(lines)
+
+
+def _case_order(case):
+    return CASES.index(case) if case in CASES else len(CASES)
+
+
+def _case_prefix(row):
+    case = row.get("case", "grid")
+    return "" if case == "grid" else f"{case} "
 
 
 def _json_safe(value):
@@ -144,7 +175,7 @@ def _style(provider, providers):
     i = sorted(providers).index(provider)
     color = plt.get_cmap("tab10")(i % 10)
     common = dict(color=color, marker=MARKERS[i % len(MARKERS)], markersize=5, alpha=0.85)
-    if provider in OUR_BACKENDS:
+    if provider.split("-")[0] in OUR_BACKENDS:  # "cpu-varlen" is ours too
         return dict(common, linestyle="-", linewidth=2.4, zorder=3)
     return dict(common, linestyle=(0, DASHES[i % len(DASHES)]), linewidth=1.4, markerfacecolor="none", zorder=2)
 
@@ -159,7 +190,7 @@ def held_fixed(rows):
     elif len(batches) == 1:
         parts.append(f"B = {batches.pop()}")
     hidden = {r["heads"] * r["head_dim"] for r in rows}
-    heads = {r["heads"] for r in rows}
+    heads = {_heads(r) for r in rows}
     if len(heads) == 1:
         parts.append(f"H = {heads.pop()}")
     elif len(hidden) == 1:
@@ -220,19 +251,24 @@ def plot_metric(rows, metric, ylabel, title, path, log_y=False, scale=1.0, sprea
 
 def plot_results(rows, out_dir):
     """TFLOP/s (GFLOP/s on a CPU; error bars: the timing's spread) vs N and peak memory vs N (log-log),
-    one pair of PNGs per dtype; returns the paths."""
+    one pair of PNGs per case and dtype (named ``<metric>_<dtype>.png`` for the grid,
+    ``<metric>_<dtype>_<case>.png`` for the others) that has more than one N; returns the paths."""
     device_name = rows[0]["device_name"] if rows else ""
     paths = []
-    for dtype in sorted({r["dtype"] for r in rows}):
-        subset = [r for r in rows if r["dtype"] == dtype]
+    for case, dtype in sorted({(r.get("case", "grid"), r["dtype"]) for r in rows}, key=lambda c: (_case_order(c[0]), c[1])):
+        subset = [r for r in rows if (r.get("case", "grid"), r["dtype"]) == (case, dtype)]
+        if len({r["seqlen"] for r in subset}) < 2:  # one point per line: the table says it all (a CPU's one size)
+            continue
         fixed = held_fixed(subset)
+        what, suffix = ("", "") if case == "grid" else (f"{case}, ", f"_{case}")
         giga = max((r["tflops"] for r in subset if r["status"] == "ok"), default=0.0) < 1.0
         paths.append(plot_metric(
-            subset, "tflops", "GFLOP/s" if giga else "TFLOP/s", f"attention throughput, {dtype}, {fixed}\n{device_name}",
-            out_dir / f"{'gflops' if giga else 'tflops'}_{dtype}.png", scale=1e3 if giga else 1.0, spread=True,
+            subset, "tflops", "GFLOP/s" if giga else "TFLOP/s",
+            f"attention throughput, {what}{dtype}, {fixed}\n{device_name}",
+            out_dir / f"{'gflops' if giga else 'tflops'}_{dtype}{suffix}.png", scale=1e3 if giga else 1.0, spread=True,
         ))
         paths.append(plot_metric(
-            subset, "peak_memory_mib", "peak memory (MiB)", f"attention peak memory, {dtype}, {fixed}\n{device_name}",
-            out_dir / f"memory_{dtype}.png", log_y=True,
+            subset, "peak_memory_mib", "peak memory (MiB)", f"attention peak memory, {what}{dtype}, {fixed}\n{device_name}",
+            out_dir / f"memory_{dtype}{suffix}.png", log_y=True,
         ))
     return [p for p in paths if p is not None]

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from .flops import attention_flops, tflops_per_second
+from .cases import DTYPES, case_inputs
+from .flops import tflops_per_second
 from .providers import needs_grad
 from .timing import (
     BUSY_SPREAD,
@@ -22,37 +23,8 @@ from .timing import (
     times_ms,
 )
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
 # Columns comparing a row with another provider's time on the same config and mode.
 COMPARISONS = {"speedup_vs_naive": "naive", "ratio_vs_sdpa_flash": "sdpa-flash", "ratio_vs_sdpa_cudnn": "sdpa-cudnn"}
-
-
-@dataclass(frozen=True)
-class Config:
-    """One attention shape: (batch, heads, seqlen, head_dim) for q, k and v alike."""
-
-    batch: int
-    heads: int
-    seqlen: int
-    head_dim: int
-    causal: bool
-    dtype: str  # a key of DTYPES
-
-    def flops(self, mode):
-        return attention_flops(self.batch, self.heads, self.seqlen, self.seqlen, self.head_dim, self.causal, mode)
-
-
-def token_budget_grid(seqlens, head_dims, dtypes, causals, tokens, hidden):
-    """The FlashAttention paper's sweep: batch * seqlen = ``tokens``, heads * head_dim = ``hidden``."""
-    return [
-        Config(max(1, tokens // n), max(1, hidden // d), n, d, causal, dtype)
-        for dtype in dtypes
-        for causal in causals
-        for d in head_dims
-        for n in seqlens
-    ]
 
 
 @dataclass
@@ -65,14 +37,6 @@ class Measurement:
     repeats: int = 0
     peak_bytes: float = float("nan")
     reason: str = ""
-
-
-def make_inputs(config, device, requires_grad):
-    shape = (config.batch, config.heads, config.seqlen, config.head_dim)
-    return [
-        torch.randn(shape, device=device, dtype=DTYPES[config.dtype], requires_grad=requires_grad)
-        for _ in range(3)
-    ]
 
 
 def describe(exc):
@@ -110,7 +74,8 @@ def measure_all(providers, config, mode, device, cpu_min_time_s=0.2, min_rounds=
             results[i] = Measurement("skipped", reason=reason)
             continue
         try:
-            step = provider.step(mode, *make_inputs(config, device, needs_grad(mode)), config.causal)
+            q, k, v, extra = case_inputs(config, provider.form, device, needs_grad(mode))
+            step = provider.step(mode, q, k, v, config.causal, **extra)
             step()  # compilation and autotuning happen here, outside what is measured
             synchronize(device)
             results[i] = Measurement("ok", peak_bytes=peak_memory_bytes(step, device) if memory else float("nan"))
@@ -143,6 +108,7 @@ def result_row(provider, config, mode, measurement, env):
     return {
         "provider": provider.name,
         "mode": mode,
+        "case": config.case,
         **asdict(config),
         "status": measurement.status,
         "reason": measurement.reason,
@@ -165,12 +131,13 @@ def _case_line(config, mode, rows):
         for r in rows
         if r["status"] != "skipped"
     ]
-    shape = f"B={config.batch} H={config.heads} N={config.seqlen} d={config.head_dim}"
-    return f"{mode} {config.dtype} {'causal' if config.causal else 'non-causal'} {shape}: {'; '.join(cells)}"
+    case = "" if config.case == "grid" else f"{config.case} "
+    return f"{mode} {config.dtype} {'causal' if config.causal else 'non-causal'} {case}{config.shape()}: {'; '.join(cells)}"
 
 
-def run_benchmarks(providers, configs, modes, device, cpu_min_time_s=0.2, progress=None):
-    """Every provider on every config and mode; returns JSON-ready rows with comparisons filled in.
+def run_benchmarks(providers, cases, device, cpu_min_time_s=0.2, progress=None):
+    """Each (config, mode) of ``cases`` timed with the providers of its case (``providers``: case name ->
+    list); returns JSON-ready rows with comparisons filled in.
 
     ``progress``: a progress bar (True), one line per case on stderr (None: the bar on a terminal,
     lines otherwise, as in a log or CI), or nothing (False).
@@ -178,13 +145,13 @@ def run_benchmarks(providers, configs, modes, device, cpu_min_time_s=0.2, progre
     env = environment(device)
     if progress is None:
         progress = True if sys.stderr.isatty() else "lines"
-    cases = [(config, mode) for config in configs for mode in modes]
     rows = []
     bar = tqdm(cases, disable=progress is not True, unit="case", file=sys.stderr)
     for config, mode in bar:
-        bar.set_description(f"{mode:>7} {config.dtype} N={config.seqlen} d={config.head_dim}")
-        measurements = measure_all(providers, config, mode, device, cpu_min_time_s)
-        case_rows = [result_row(p, config, mode, m, env) for p, m in zip(providers, measurements)]
+        bar.set_description(f"{mode:>7} {config.case} {config.dtype} N={config.seqlen} d={config.head_dim}")
+        case_providers = providers[config.case]
+        measurements = measure_all(case_providers, config, mode, device, cpu_min_time_s)
+        case_rows = [result_row(p, config, mode, m, env) for p, m in zip(case_providers, measurements)]
         if progress == "lines":
             print(_case_line(config, mode, case_rows), file=sys.stderr, flush=True)
         rows += case_rows
@@ -207,7 +174,8 @@ def busy_warning(rows):
 
 
 def _config_key(row):
-    return tuple(row[key] for key in ("mode", "batch", "heads", "seqlen", "head_dim", "causal", "dtype"))
+    keys = ("case", "mode", "batch", "heads", "kv_heads", "seqlen", "head_dim", "causal", "dtype", "lengths")
+    return tuple(tuple(row.get(key) or ()) if key == "lengths" else row.get(key) for key in keys)
 
 
 def add_comparisons(rows):

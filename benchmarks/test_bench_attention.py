@@ -15,7 +15,7 @@ import torch
 import attention
 from benchmarks.flops import MODES, tflops_per_second
 from benchmarks.providers import all_providers, needs_grad
-from benchmarks.run import DTYPES, Config, make_inputs
+from benchmarks.cases import DTYPES, Config, make_inputs
 from benchmarks.timing import synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

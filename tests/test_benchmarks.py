@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import attention
+from attention.reference import naive_attention_varlen
 from benchmarks import __main__ as benchmark_cli
 from benchmarks import callgrind as callgrind_cli
 from benchmarks import cpu_targets as targets_cli
@@ -16,9 +18,10 @@ from benchmarks import profile as profile_cli
 from benchmarks.callgrind import instruction_count as callgrind_instructions
 from benchmarks.flops import attention_flops, tflops_per_second
 from benchmarks.profile import sweep
-from benchmarks.providers import Provider, select_providers
-from benchmarks.report import RUNS_DIR, default_out_dir, format_table, held_fixed
-from benchmarks.run import Config, add_comparisons, busy_warning, cpu_peak, measure
+from benchmarks.providers import Provider, case_providers, select_providers
+from benchmarks.report import RUNS_DIR, default_out_dir, format_table, held_fixed, plot_results
+from benchmarks.cases import Config, case_inputs, key_padding_mask, varlen_lengths
+from benchmarks.run import add_comparisons, busy_warning, cpu_peak, measure
 from benchmarks.scaling import fit_exponent
 from benchmarks.timing import peak_memory_bytes, summarize, times_ms
 
@@ -26,7 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = {
-    "provider", "mode", "batch", "heads", "seqlen", "head_dim", "causal", "dtype", "status", "reason", "ms",
+    "provider", "mode", "case", "kv_heads", "lengths", "batch", "heads", "seqlen", "head_dim", "causal", "dtype", "status", "reason", "ms",
     "spread", "cpu_ms", "cpu_spread", "repeats", "tflops", "peak_memory_mib", "flops", "speedup_vs_naive",
     "ratio_vs_sdpa_flash", "ratio_vs_sdpa_cudnn", "device", "device_name", "peak_gflops", "peak_how", "torch_version",
     "triton_version", "cuda_version", "memory_method", "timestamp",
@@ -62,6 +65,23 @@ def test_flops_formula():
     assert math.isnan(tflops_per_second(1e12, float("nan")))
     with pytest.raises(ValueError, match="mode"):
         attention_flops(1, 1, 1, 1, 1, causal=False, mode="forward")
+
+
+def test_varlen_flops_count_each_sequence_at_its_own_length():
+    config = Config(3, 2, 16, 8, True, "fp32", lengths=(16, 5, 9))
+    assert config.case == "varlen"
+    per_sequence = [attention_flops(1, 2, n, n, 8, causal=True, mode="fwd+bwd") for n in (16, 5, 9)]
+    assert config.flops("fwd+bwd") == sum(per_sequence) == 3.5 * 4 * 2 * 8 * (16**2 + 5**2 + 9**2) / 2
+    # grouped-query heads do the work of the query heads: k and v are read, not computed, per group
+    gqa = Config(2, 8, 16, 8, False, "fp32", kv_heads=2)
+    assert gqa.case == "gqa" and gqa.flops("fwd") == attention_flops(2, 8, 16, 16, 8, causal=False, mode="fwd")
+    assert Config(2, 8, 16, 8, False, "fp32").kv_heads == 8
+
+
+def test_varlen_lengths_are_mixed_fixed_and_as_long_as_n_at_most():
+    lengths = varlen_lengths(16, 512)
+    assert lengths == varlen_lengths(16, 512) and len(lengths) == 16
+    assert max(lengths) == 512 and min(lengths) >= 64 and len(set(lengths)) > 8
 
 
 def test_fit_exponent_recovers_the_power_of_the_upper_points():
@@ -126,6 +146,68 @@ def test_a_failing_provider_is_recorded_not_raised():
     assert (result.status, result.reason) == ("error", "RuntimeError: kernel exploded")
 
 
+def test_an_error_in_a_varlen_case_becomes_a_row_status():
+    def forward(q, k, v, causal, cu_seqlens, max_seqlen):
+        assert q.shape == (5 + 16, 2, 8) and cu_seqlens.tolist() == [0, 5, 21] and max_seqlen == 16
+        raise RuntimeError("cpu backend: cu_seqlens are not implemented yet")
+
+    broken = Provider("broken-varlen", "packed, always fails", forward, lambda *_: None, "packed")
+    result = measure(broken, Config(2, 2, 16, 8, True, "fp32", lengths=(5, 16)), "fwd+bwd", CPU)
+    assert (result.status, result.reason) == ("error", "RuntimeError: cpu backend: cu_seqlens are not implemented yet")
+
+
+def _real_rows(out, lengths):
+    """The rows of a padded (B, H, N, D) output that belong to a sequence, packed as (total, H, D)."""
+    return torch.cat([out[b, :, :n].transpose(0, 1) for b, n in enumerate(lengths)])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_every_provider_of_a_case_computes_the_same_attention(causal):
+    """The expanded k, v, the packed and padded batches and SDPA's masks mean what the case says: same
+    draws (same seed), same attention, for the SDPA and naive providers that time them."""
+    gqa = Config(2, 4, 16, 8, causal, "fp32", kv_heads=2)
+    torch.manual_seed(0)
+    q, k, v, _ = case_inputs(gqa, "dense", CPU, requires_grad=False)
+    expected = attention.naive_attention(q.double(), k.double(), v.double(), causal=causal)
+    checked = set()
+    for provider in case_providers("gqa"):
+        if provider.why_not(CPU, torch.float32, 8, causal, "fwd") or provider.name in ("cpu", "cuda", "triton"):
+            continue  # our backends are tested against the reference in tests/test_attention.py
+        torch.manual_seed(0)
+        *inputs, extra = case_inputs(gqa, provider.form, CPU, requires_grad=False)
+        torch.testing.assert_close(provider.forward(*inputs, causal, **extra).double(), expected, atol=1e-5, rtol=1e-5)
+        checked.add(provider.name)
+    assert checked == {"sdpa-flash", "sdpa-flash-gqa", "sdpa-math", "sdpa-math-gqa", "naive"}
+
+    lengths = (5, 16, 1)
+    varlen = Config(3, 2, 16, 8, causal, "fp32", lengths=lengths)
+    torch.manual_seed(0)
+    q, k, v, extra = case_inputs(varlen, "packed", CPU, requires_grad=False)
+    expected = naive_attention_varlen(q.double(), k.double(), v.double(), extra["cu_seqlens"], extra["cu_seqlens"],
+                                      causal=causal)
+    checked = set()
+    for provider in case_providers("varlen"):
+        if provider.why_not(CPU, torch.float32, 8, causal, "fwd") or provider.family in ("cpu", "cuda", "triton"):
+            continue
+        torch.manual_seed(0)
+        *inputs, extra = case_inputs(varlen, provider.form, CPU, requires_grad=False)
+        out = provider.forward(*inputs, causal, **extra)
+        torch.testing.assert_close(_real_rows(out, lengths).double(), expected, atol=1e-5, rtol=1e-5)
+        checked.add(provider.name)
+    assert checked == {"sdpa-flash", "sdpa-math", "naive"}
+    mask = key_padding_mask(lengths, 16, CPU)
+    assert mask.sum(1).tolist() == list(lengths) and mask[:, 0].all()
+
+
+def test_a_provider_name_selects_its_variants_in_the_option_cases():
+    assert [p.name for p in select_providers(["cpu", "sdpa-flash"], "varlen")] == ["cpu-varlen", "cpu", "sdpa-flash"]
+    assert [p.name for p in select_providers(["cpu", "sdpa-flash"], "gqa")] == ["cpu", "sdpa-flash", "sdpa-flash-gqa"]
+    assert [p.name for p in select_providers(["cpu-varlen"], "grid")] == []
+    assert [p.form for p in select_providers(["naive"], "varlen")] == ["padded"]
+    with pytest.raises(ValueError, match="unknown provider"):
+        select_providers(["sdpa-flash-varlen"], "varlen")
+
+
 def test_comparisons_divide_the_other_providers_time_by_this_one():
     def row(provider, ms):
         return dict(provider=provider, ms=ms, mode="fwd", batch=1, heads=1, seqlen=8, head_dim=8, causal=False,
@@ -147,6 +229,8 @@ def test_comparisons_divide_the_other_providers_time_by_this_one():
         (benchmark_cli.main, ["--device", "cpu", "--providers", "fast"], "--providers: unknown provider(s) ['fast']"),
         (benchmark_cli.main, ["--seqlens", "1k"], "argument --seqlens: expected a comma list of integers, got '1k'"),
         (benchmark_cli.main, ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (benchmark_cli.main, ["--cases", "grid,mqa"], "--cases: 'mqa' is not one of grid,gqa,varlen"),
+        (benchmark_cli.main, ["--gqa-heads", "8,3"], "--gqa-heads: want query heads,KV heads with the first a multiple"),
         (profile_cli.main, ["--fit-points", "1"], "--fit-points must be at least 2"),
         (profile_cli.main, ["--heads", "0"], "--heads must be positive, got 0"),
         (profile_cli.main, ["--modes", "fwd,back"], "--modes: 'back' is not one of fwd,bwd,fwd+bwd"),
@@ -165,7 +249,7 @@ def test_bad_arguments_are_refused_in_one_line(main, argv, message, capsys):
 
 
 @pytest.mark.parametrize("module, default", [
-    ("benchmarks", "(default: fwd,bwd,fwd+bwd)"),
+    ("benchmarks", "(default: grid fwd,bwd,fwd+bwd, gqa and varlen fwd,fwd+bwd)"),
     ("benchmarks.profile", "(default: GPU 16, CPU 4)"),
     ("benchmarks.cpu_targets", "(default: 1,2)"),
     ("benchmarks.callgrind", "(default: 512)"),
@@ -221,6 +305,21 @@ def test_table_has_no_column_for_a_provider_that_did_not_run():
     assert "       1" in next(line for line in table.splitlines() if " cpu " in line)  # 1 GFLOP/s is 1% of 100
 
 
+def test_each_case_with_more_than_one_n_gets_plots_of_its_own(tmp_path):
+    def row(case, provider, seqlen, ms):
+        return dict(case=case, provider=provider, status="ok", ms=ms, spread=0.05, tflops=1e-3 / ms,
+                    peak_memory_mib=seqlen / 64, mode="fwd", batch=1, heads=8, kv_heads=2 if case == "gqa" else 8,
+                    seqlen=seqlen, head_dim=16, causal=True, dtype="fp32", device_name="test CPU")
+
+    rows = [row("gqa", p, n, n / 64) for p in ("cpu", "sdpa-flash-gqa") for n in (64, 128)]
+    rows += [row("varlen", "cpu-varlen", 64, 1.0)]
+    paths = plot_results(rows, tmp_path)
+    assert paths == [tmp_path / "gflops_fp32_gqa.png", tmp_path / "memory_fp32_gqa.png"]
+    for path in paths:
+        assert_png(path)
+    assert held_fixed(rows[:4]) == "B = 1, H = 8/2"
+
+
 def test_plot_title_says_what_is_held_fixed():
     def row(batch, seqlen, heads, head_dim):
         return dict(batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim)
@@ -257,16 +356,20 @@ def test_benchmark_cli_quick_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr
     stdout = done.stdout
     assert "No GPU in use" in stdout
-    # not a terminal: one progress line per case (2 seqlens x 2 masks x 3 modes), no bar
+    # not a terminal: one progress line per case (grid: 2 seqlens x 2 masks x 3 modes; gqa: causal only x
+    # fwd, fwd+bwd; varlen: 2 masks x fwd, fwd+bwd), no bar
     progress = [line for line in done.stderr.splitlines() if line.startswith(("fwd ", "bwd ", "fwd+bwd "))]
-    assert len(progress) == 12 and "\r" not in done.stderr
+    assert len(progress) == 12 + 2 + 4 and "\r" not in done.stderr
     assert "cpu " in progress[0] and " ms ±" in progress[0]
+    assert sum(" gqa B=1 H=8/2 N=64 d=32" in line for line in progress) == 2
     wrote = [line.removeprefix("wrote ") for line in stdout.splitlines() if line.startswith("wrote ")]
     assert {pathlib.Path(p) for p in wrote} == {tmp_path.resolve() / name for name in (
-        "benchmark.json", "table.txt", "gflops_fp32.png", "memory_fp32.png")}
-    rows = json.loads((tmp_path / "benchmark.json").read_text())
-    assert len(rows) == 7 * 2 * 2 * 3  # providers x seqlens x causal x modes
-    assert all(set(row) == ROW_KEYS for row in rows)
+        "benchmark.json", "table.txt", "gflops_fp32.png", "memory_fp32.png")}  # gqa, varlen: one N, no plot
+    all_rows = json.loads((tmp_path / "benchmark.json").read_text())
+    assert all(set(row) == ROW_KEYS for row in all_rows)
+    # each case: its providers (the named ones and their variants) x its cases
+    assert [sum(r["case"] == case for r in all_rows) for case in ("grid", "gqa", "varlen")] == [7 * 12, 10 * 2, 10 * 4]
+    rows = [r for r in all_rows if r["case"] == "grid"]
     by_name = {}
     for row in rows:
         by_name.setdefault(row["provider"], set()).add(row["status"])
@@ -280,6 +383,28 @@ def test_benchmark_cli_quick_on_cpu(tmp_path):
     table = (tmp_path / "table.txt").read_text()
     assert "== fwd | fp32 | causal | d=32 ==" in table
     assert "x sdpa-cudnn" not in table and "x sdpa-flash" in table  # no column of a provider that cannot run here
+
+    # issue 10's cases: the rows say their shape, the baselines ran, and FLOPs count real tokens only
+    gqa = [r for r in all_rows if r["case"] == "gqa"]
+    assert {(r["heads"], r["kv_heads"], r["lengths"], r["causal"]) for r in gqa} == {(8, 2, None, True)}
+    varlen = [r for r in all_rows if r["case"] == "varlen"]
+    lengths = varlen[0]["lengths"]
+    assert {tuple(r["lengths"]) for r in varlen} == {tuple(lengths)} and max(lengths) == 64 and len(lengths) == 4
+    for row in varlen:
+        real = sum(attention_flops(1, row["heads"], n, n, 32, row["causal"], row["mode"]) for n in lengths)
+        assert row["flops"] == real < attention_flops(4, row["heads"], 64, 64, 32, row["causal"], row["mode"])
+    for case_rows, names in ((gqa, ("sdpa-flash", "sdpa-flash-gqa", "sdpa-math", "naive")),
+                             (varlen, ("sdpa-flash", "sdpa-math", "naive"))):
+        ran = {r["provider"] for r in case_rows if r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0}
+        assert ran >= set(names)
+        assert {r["status"] for r in case_rows if r["provider"].startswith("triton")} == {"skipped"}
+        assert all(r["status"] in ("ok", "error") for r in case_rows if r["provider"].startswith("cpu"))
+    naive_varlen = next(r for r in varlen if r["provider"] == "naive" and r["mode"] == "fwd" and not r["causal"])
+    flash_varlen = next(r for r in varlen if r["provider"] == "sdpa-flash" and r["mode"] == "fwd" and not r["causal"])
+    assert naive_varlen["ratio_vs_sdpa_flash"] == pytest.approx(flash_varlen["ms"] / naive_varlen["ms"])
+    assert "== gqa | fwd | fp32 | causal | d=32 ==" in table and "== varlen | fwd+bwd | fp32 | non-causal | d=32 ==" in table
+    assert f"lengths at N=64: {', '.join(map(str, lengths))}" in table and "FLOP/s count the real tokens only" in table
+    assert any(line.split()[2:4] == ["8/2", "sdpa-flash-gqa"] for line in table.splitlines())
 
 
 def test_profiler_on_cpu_tiny_sizes(tmp_path):
