@@ -164,23 +164,21 @@ def _dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     masked_start, unmasked_start = query_range(start_n, n_q, n_k, any_key(real), BLOCK_M, BLOCK_N, CAUSAL, PADDED)
-    # The query heads that read this K/V head, one after the other into the same accumulators: the sum
-    # over the group, in a fixed order, with no atomics.
-    for head in range(kv_head * group, kv_head * group + group):
-        q_base = Q + batch * stride_qb + head * stride_qh + q_first * stride_qn
-        do_base = DO + batch * stride_dob + head * stride_doh + q_first * stride_don
-        row_offset = batch * stride_lseb + head * stride_lseh + q_first
-        # Query rows past n_q need no mask in either loop: their q and dO load as zeros (see _load_row_stats).
-        dk, dv = _accumulate_dkdv(
-            dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n,
-            offs_d, real, n_q, n_k, scale_log2, masked_start, unmasked_start,
-            True, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
-        )
-        dk, dv = _accumulate_dkdv(
-            dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n,
-            offs_d, real, n_q, n_k, scale_log2, unmasked_start, n_q,
-            False, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
-        )
+    # Query rows past n_q need no mask in either loop: their q and dO load as zeros (see _load_row_stats).
+    q_base = Q + batch * stride_qb + q_first * stride_qn
+    do_base = DO + batch * stride_dob + q_first * stride_don
+    row_offset = batch * stride_lseb + q_first
+    first_head = kv_head * group
+    dk, dv = _accumulate_dkdv(
+        dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
+        stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, real, n_q, n_k, scale_log2,
+        masked_start, unmasked_start, True, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
+    )
+    dk, dv = _accumulate_dkdv(
+        dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
+        stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, real, n_q, n_k, scale_log2,
+        unmasked_start, n_q, False, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
+    )
 
     dk_base = DK + batch * stride_dkb + kv_head * stride_dkh + k_first * stride_dkn
     dv_base = DV + batch * stride_dvb + kv_head * stride_dvh + k_first * stride_dvn
@@ -190,8 +188,8 @@ def _dkdv_kernel(
 
 @triton.jit
 def _accumulate_dkdv(
-    dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n, offs_d,
-    real, n_q, n_k, scale_log2, start, end,
+    dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
+    stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, real, n_q, n_k, scale_log2, start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -199,20 +197,27 @@ def _accumulate_dkdv(
     FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Add query tiles [start, end) to dK (unscaled) and dV; mask (causal, padding: `visible` of the keys
-    `real`) only when MASKED. With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM,
-    atomically.
+    """Add query tiles [start, end) of query heads first_head .. first_head + group - 1 (those that read this
+    K/V head) to dK (unscaled) and dV; mask (causal, padding: `visible` of the keys `real`) only when MASKED.
+    With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM, atomically.
+
+    The group's heads are summed one after the other into the same accumulators: in a fixed order, with no
+    atomics. One loop runs over (head, query tile) pairs: a loop over heads around the loop over tiles
+    costs dK/dV at head dim 128 register spills on sm_90.
 
     The scores are kept transposed, keys by queries: sT = k.qT, dpT = v.dOT, dV += pT.dO, dK += dsT.q.
     Every computed tile is then already the left operand its next product needs, where q.kT would need pT
     and dsT transposed in registers (a round trip through shared memory each). The transposes left, of
     q and dO, are of tiles loaded into shared memory for the dots: a change of view, not a copy.
     """
-    for start_m in range(start, end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
-        do = load_rows(do_base, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
-        lse, delta = _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q)
+    n_tiles = tl.cdiv(end - start, BLOCK_M)
+    for index in range(0, group * n_tiles):
+        head = first_head + index // n_tiles
+        offs_m = start + (index % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = load_rows(q_base + head * stride_qh, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
+        do = load_rows(do_base + head * stride_doh, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
+        head_rows = row_offset + head * stride_lseh
+        lse, delta = _load_row_stats(LSE, DELTA, head_rows, offs_m, n_q)
 
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
@@ -230,7 +235,7 @@ def _accumulate_dkdv(
             # dQ = ds.k needs the queries as rows.
             ds_t = tl.where(offs_n[:, None] < n_k, ds_t, 0.0)
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
-            rows = row_offset + offs_m.to(tl.int64)
+            rows = head_rows + offs_m.to(tl.int64)
             mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
             tl.atomic_add(DQ_ACCUM + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=mask)
     return dk, dv
