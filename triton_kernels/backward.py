@@ -28,6 +28,7 @@ from .common import (
     program_grid,
     program_tile,
     query_range,
+    real_key_bounds,
     real_keys,
     sequence,
     store_rows,
@@ -250,6 +251,7 @@ def _accumulate_dkdv(
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     KEY_MASK,  # PADDED: the bool (B, n_k) key padding mask, True for a real key
+    KEY_BOUNDS,  # PADDED: int32 (B, 2), each batch element's first real key and last real key + 1
     CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: int32 (B + 1,) first rows of the sequences in the packed tensors
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -281,8 +283,10 @@ def _dq_kernel(
     v_base = V + batch * stride_vb + kv_head * stride_vh + k_first * stride_vn
     if PADDED:
         key_mask_row = KEY_MASK + batch * n_k
-    else:
-        key_mask_row = KEY_MASK  # None: unused
+        key_bounds = KEY_BOUNDS + 2 * batch
+    else:  # None: unused
+        key_mask_row = KEY_MASK
+        key_bounds = KEY_BOUNDS
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -295,10 +299,10 @@ def _dq_kernel(
 
     # Same key ranges as the forward. Keys past n_k must be masked here: with zero k their P would be
     # exp2(-lse), which overflows to inf for very negative lse and turns into NaN against k = 0.
-    unmasked_end, visible_end = key_range(start_m, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL, PADDED)
+    start_n, unmasked_end, visible_end = key_range(start_m, n_q, n_k, key_bounds, BLOCK_M, BLOCK_N, CAUSAL, PADDED)
     dq = _accumulate_dq(
         dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
-        scale_log2, 0, unmasked_end, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        scale_log2, start_n, unmasked_end, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
     )
     dq = _accumulate_dq(
         dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
@@ -320,40 +324,21 @@ def _accumulate_dq(
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Add key tiles [start, end) to dQ (unscaled); mask keys (bounds, causal, padding) only when MASKED.
-    With PADDED (every tile MASKED), a tile with no real key is skipped, as in the forward."""
+    """Add key tiles [start, end) to dQ (unscaled); mask keys (bounds, causal, padding) only when MASKED."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
         v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
-        real = real_keys(key_mask_row, offs_n, n_k, PADDED)
-        if PADDED:
-            if any_key(real):
-                dq = _add_key_tile_to_dq(
-                    dq, q, do, lse, delta, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2,
-                    MASKED, CAUSAL, DOT_PRECISION,
-                )
-        else:
-            dq = _add_key_tile_to_dq(
-                dq, q, do, lse, delta, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2, MASKED, CAUSAL, DOT_PRECISION,
-            )
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * scale_log2 - lse[:, None])
+        if MASKED:
+            real = real_keys(key_mask_row, offs_n, n_k, PADDED)
+            p = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
-
-
-@triton.jit
-def _add_key_tile_to_dq(
-    dq, q, do, lse, delta, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.math.exp2(s * scale_log2 - lse[:, None])
-    if MASKED:
-        p = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, CAUSAL), p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
 def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, deterministic: bool = True,
@@ -378,6 +363,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
     else:
         batch, n_q, n_k = rows_batch, rows_q, rows_k
     padded = key_padding_mask is not None
+    key_bounds = real_key_bounds(key_padding_mask) if padded else None
     block_d = padded_head_dim(head_dim)
     precision = dot_precision(q.dtype)
     scale_log2 = softmax_scale * LOG2E.value
@@ -434,7 +420,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
 
     _dq_kernel[program_grid(n_q, heads, batch, "BLOCK_M")](
         q, k, v, do, lse, delta, dq,
-        key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+        key_padding_mask, key_bounds, cu_seqlens_q, cu_seqlens_k,
         batch_stride(q, varlen), q.stride(1), q.stride(2),
         batch_stride(k, varlen), k.stride(1), k.stride(2),
         batch_stride(v, varlen), v.stride(1), v.stride(2),

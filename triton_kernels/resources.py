@@ -48,11 +48,11 @@ KERNELS = {
     "dq": (backward._dq_kernel, backward.DQ_CONFIGS),
 }
 
-# Row statistics are float32, the key padding mask bool, cu_seqlens int32; every other tensor argument has
+# Row statistics are float32, the key padding mask bool, its key bounds and cu_seqlens int32; every other tensor argument has
 # the input dtype.
 POINTER_TYPES = {
-    "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACCUM": "*fp32", "KEY_MASK": "*i1", "CU_SEQLENS_Q": "*i32",
-    "CU_SEQLENS_K": "*i32",
+    "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACCUM": "*fp32", "KEY_MASK": "*i1", "KEY_BOUNDS": "*i32",
+    "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32",
 }
 
 
