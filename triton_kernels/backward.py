@@ -152,19 +152,23 @@ def _dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     # Keys past n_k load as zeros. Their dK/dV rows may come out inf (P = exp2(-lse) there) but are never
-    # stored, and no other row depends on them.
+    # stored, and no other row depends on them. Likewise padding keys' rows (unmasked, their P may be inf:
+    # lse leaves them out), which the kernel never stores: they stay the launcher's zeros.
     k = load_rows(K + batch * stride_kb + kv_head * stride_kh + k_first * stride_kn, offs_n, stride_kn, n_k, offs_d,
                   HEAD_DIM)
     v = load_rows(V + batch * stride_vb + kv_head * stride_vh + k_first * stride_vn, offs_n, stride_vn, n_k, offs_d,
                   HEAD_DIM)
     if PADDED:
-        real = real_keys(KEY_MASK + batch * n_k, offs_n, n_k, PADDED)
-    else:
-        real = real_keys(KEY_MASK, offs_n, n_k, PADDED)
+        key_mask_row = KEY_MASK + batch * n_k
+    else:  # None: unused
+        key_mask_row = KEY_MASK
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    masked_start, unmasked_start = query_range(start_n, n_q, n_k, any_key(real), BLOCK_M, BLOCK_N, CAUSAL, PADDED)
+    if PADDED:
+        if not any_key(real_keys(key_mask_row, offs_n, n_k, PADDED)):  # padding only: its rows stay zero
+            return
+    masked_start, unmasked_start = query_range(start_n, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL)
     # Query rows past n_q need no mask in either loop: their q and dO load as zeros (see _load_row_stats).
     q_base = Q + batch * stride_qb + q_first * stride_qn
     do_base = DO + batch * stride_dob + q_first * stride_don
@@ -172,34 +176,43 @@ def _dkdv_kernel(
     first_head = kv_head * group
     dk, dv = _accumulate_dkdv(
         dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
-        stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, real, n_q, n_k, scale_log2,
-        masked_start, unmasked_start, True, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
+        stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
+        masked_start, unmasked_start, True, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
     )
     dk, dv = _accumulate_dkdv(
         dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
-        stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, real, n_q, n_k, scale_log2,
-        unmasked_start, n_q, False, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
+        stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
+        unmasked_start, n_q, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
     )
 
     dk_base = DK + batch * stride_dkb + kv_head * stride_dkh + k_first * stride_dkn
     dv_base = DV + batch * stride_dvb + kv_head * stride_dvh + k_first * stride_dvn
-    store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, n_k, offs_d, HEAD_DIM)
-    store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, n_k, offs_d, HEAD_DIM)
+    if PADDED:
+        # Padding keys' rows are left alone: the launcher allocated DK and DV zeroed. (Zeroing them here, in
+        # registers, costs spills at head dim 128.)
+        real = real_keys(key_mask_row, offs_n, n_k, PADDED)
+        store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, n_k, offs_d, HEAD_DIM,
+                   real)
+        store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, n_k, offs_d, HEAD_DIM, real)
+    else:
+        store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, n_k, offs_d, HEAD_DIM)
+        store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, n_k, offs_d, HEAD_DIM)
 
 
 @triton.jit
 def _accumulate_dkdv(
     dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
-    stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, real, n_q, n_k, scale_log2, start, end,
+    stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2, start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """Add query tiles [start, end) of query heads first_head .. first_head + group - 1 (those that read this
-    K/V head) to dK (unscaled) and dV; mask (causal, padding: `visible` of the keys `real`) only when MASKED.
+    K/V head) to dK (unscaled) and dV; mask (bounds, causal) only when MASKED.
     With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM, atomically.
 
     The group's heads are summed one after the other into the same accumulators: in a fixed order, with no
@@ -223,18 +236,21 @@ def _accumulate_dkdv(
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
         if MASKED:
-            p_t = tl.where(visible(offs_m[None, :], offs_n[:, None], real[:, None], n_q, n_k, CAUSAL), p_t, 0.0)
+            # Key padding needs no mask here: a padding key's P and dS reach only its own dK/dV rows, which
+            # _dkdv_kernel zeroes. Masking them in this loop costs spills (sm_80, head dim 128).
+            in_bounds = offs_n[:, None] < n_k
+            p_t = tl.where(visible(offs_m[None, :], offs_n[:, None], in_bounds, n_q, n_k, CAUSAL), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
 
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
         if FUSED_DQ:
-            # Keys past n_k load as zeros but their ds may be inf (see _dkdv_kernel): drop them before
-            # they meet k. Every key tile's program adds to these rows, so the order of the float32
-            # additions, and the last bits of dQ, vary from run to run. ds is transposed here, once:
-            # dQ = ds.k needs the queries as rows.
-            ds_t = tl.where(offs_n[:, None] < n_k, ds_t, 0.0)
+            # Keys past n_k load as zeros but their ds may be inf (see _dkdv_kernel), and padding keys are
+            # unmasked: drop both before they meet k. Every key tile's program adds to these rows, so the
+            # order of the float32 additions, and the last bits of dQ, vary from run to run. ds is transposed
+            # here, once: dQ = ds.k needs the queries as rows.
+            ds_t = tl.where(real_keys(key_mask_row, offs_n, n_k, PADDED)[:, None], ds_t, 0.0)
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
             rows = head_rows + offs_m.to(tl.int64)
             mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
@@ -382,6 +398,9 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
 
     dk = new_rows(rows_batch, kv_heads, rows_k, head_dim, varlen, k)
     dv = new_rows(rows_batch, kv_heads, rows_k, head_dim, varlen, v)
+    if padded:  # the dK/dV kernel writes no row of a padding key
+        dk.zero_()
+        dv.zero_()
     dq = new_rows(rows_batch, heads, rows_q, head_dim, varlen, q)
     if batch * n_k == 0:  # no key rows: nothing reaches dq (CUDA refuses an empty grid)
         return dq.zero_(), dk, dv

@@ -138,8 +138,11 @@ def load_rows(base, rows, row_stride, n_rows, cols, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def store_rows(base, tile, rows, row_stride, n_rows, cols, HEAD_DIM: tl.constexpr):
+def store_rows(base, tile, rows, row_stride, n_rows, cols, HEAD_DIM: tl.constexpr, kept_rows=None):
+    """Store the rows of `tile` in bounds (and, if kept_rows is given, where it is True); the mirror of load_rows."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
+    if kept_rows is not None:
+        mask = mask & kept_rows[:, None]
     tl.store(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], tile, mask=mask)
 
 
@@ -217,14 +220,13 @@ def key_range(start_m, n_q, n_k, key_bounds, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
-def query_range(start_n, n_q, n_k, has_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, PADDED: tl.constexpr):
+def query_range(start_n, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Queries a key tile [start_n, start_n + BLOCK_N) works on, as (masked_start, unmasked_start), the
     mirror of key_range.
 
     Query tiles before masked_start see none of the tile's keys and are skipped; tiles in [masked_start,
-    unmasked_start) must be masked; tiles from unmasked_start on see every key of the tile. With PADDED
-    every tile is masked, and a key tile without a real key (has_key False) is skipped whole.
+    unmasked_start) must be masked; tiles from unmasked_start on see every key of the tile. Key padding
+    changes neither: the dK/dV kernel skips a key tile of padding only, and zeroes padding keys' rows.
     """
     if CAUSAL:
         # Query i sees key j when i >= j - (n_k - n_q): the first query tile that sees key start_n, and the
@@ -237,9 +239,6 @@ def query_range(start_n, n_q, n_k, has_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
     else:
         masked_start = 0
         unmasked_start = 0
-    if PADDED:
-        unmasked_start = n_q
-        masked_start = tl.where(has_key, masked_start, n_q)
     return masked_start, unmasked_start
 
 

@@ -9,7 +9,7 @@ the transposes (``tt.trans`` in TTGIR), those of matmul results costing a round 
     python -m attention.triton_kernels.resources --json FILE     # the same as JSON (the compile gate reads it)
 
 Each kernel is compiled at head dims 64, 128 and 256 with the configs it keeps for that head dim
-(KernelConfigs.for_head_dim). The compile gate (tests/test_triton_compile.py) checks the results; the
+(KernelConfigs.for_head_dim), and its key-padding and varlen variants at head dim 128 (VARIANTS). The compile gate (tests/test_triton_compile.py) checks the results; the
 config lists were chosen from this table. Must run without TRITON_INTERPRET=1 (under it, the kernels are
 the interpreter's and cannot be compiled).
 """
