@@ -1,13 +1,14 @@
 """The Triton compile gate: what every kept config compiles to on sm_80 and sm_90, checked without a GPU.
 
 Each kernel is compiled, at head dims 64, 128 and 256, with every fp16/bf16 config it keeps for that head
-dim (triton_kernels/resources.py, which also writes the committed table triton_kernels/RESOURCES.md):
+dim, and its key-padding and varlen variants at head dim 128 (triton_kernels/resources.py, VARIANTS; it also
+writes the committed table triton_kernels/RESOURCES.md):
 - no register spills, on either architecture;
 - sm_90: every tl.dot a warp-group MMA (wgmma), no mma.sync fallback;
 - sm_80: mma.sync, with cp.async loads;
 - no transposes of matmul results (a round trip through shared memory each);
 - the shared memory the autotuner's pruner estimates is what the build uses (sm_90, within 8 KiB), or more (sm_80).
-A failing case is named by kernel, architecture, head dim and config. Each compile runs ptxas (a few
+A failing case is named by kernel, variant, architecture, head dim and config. Each compile runs ptxas (a few
 seconds); select the gate alone with `pytest -m compile_gate`.
 """
 import json
@@ -29,7 +30,6 @@ pytestmark = pytest.mark.compile_gate
 KNOWN_SPILLS = {("dkdv", 90, 256): 600}
 
 CONFIGS = {"forward": forward.CONFIGS, "dkdv": backward.DKDV_CONFIGS, "dq": backward.DQ_CONFIGS}
-ARCHS = (80, 90)
 HEAD_DIMS = (64, 128, 256)
 
 
@@ -38,11 +38,11 @@ def _shape(config):
 
 
 CASES = [
-    pytest.param(name, arch, head_dim, config, id=f"{name}-sm{arch}-d{head_dim}-{_shape(config).replace(' ', '-')}")
-    for name, configs in CONFIGS.items()
-    for head_dim in HEAD_DIMS
-    for arch in ARCHS
-    for config in configs.for_head_dim(head_dim, arch)
+    pytest.param(
+        name, variant, arch, head_dim, config,
+        id=f"{name}-{variant}-sm{arch}-d{head_dim}-{_shape(config).replace(' ', '-')}",
+    )
+    for name, config, arch, head_dim, variant in resources.all_jobs()
 ]
 
 
@@ -63,18 +63,18 @@ def compiled(compiled_list):
     results = {}
     for entry in compiled_list:
         if isinstance(entry, dict):
-            key = (entry["kernel"], entry["arch"], entry["head_dim"],
+            key = (entry["kernel"], entry["variant"], entry["arch"], entry["head_dim"],
                    f"{entry['block_m']}x{entry['block_n']} w{entry['num_warps']} s{entry['num_stages']}")
             results[key] = entry
-        else:  # [kernel, config, arch, head_dim, error]
-            results[(entry[0], entry[2], entry[3], entry[1])] = entry[4]
+        else:  # [kernel, config, arch, head_dim, variant, error]
+            results[(entry[0], entry[4], entry[2], entry[3], entry[1])] = entry[5]
     return results
 
 
-@pytest.mark.parametrize("name, arch, head_dim, config", CASES)
-def test_kept_config_compiles_clean(compiled, name, arch, head_dim, config):
-    case = f"{name} sm_{arch} d{head_dim} {_shape(config)}"
-    r = compiled[(name, arch, head_dim, _shape(config))]
+@pytest.mark.parametrize("name, variant, arch, head_dim, config", CASES)
+def test_kept_config_compiles_clean(compiled, name, variant, arch, head_dim, config):
+    case = f"{name} {variant} sm_{arch} d{head_dim} {_shape(config)}"
+    r = compiled[(name, variant, arch, head_dim, _shape(config))]
     assert isinstance(r, dict), f"{case}: does not compile: {r}"
     allowed = KNOWN_SPILLS.get((name, arch, head_dim), 0)
     assert r["spill_bytes"] <= allowed, f"{case}: spills {r['spill_bytes']} bytes ({r['registers']} registers)"
@@ -98,7 +98,7 @@ def test_kept_config_compiles_clean(compiled, name, arch, head_dim, config):
 def test_some_config_fits_shared_memory(compiled, name, head_dim, arch, limit):
     """The pruner falls back to the smallest config when none fits, so at least one must (A100: 163 KiB,
     H100: 227 KiB of shared memory per block)."""
-    sizes = [compiled[(name, arch, head_dim, _shape(c))] for c in CONFIGS[name].for_head_dim(head_dim, arch)]
+    sizes = [compiled[(name, "plain", arch, head_dim, _shape(c))] for c in CONFIGS[name].for_head_dim(head_dim, arch)]
     assert any(isinstance(r, dict) and r["shared_bytes"] <= limit for r in sizes), (
         f"{name} sm_{arch} d{head_dim}: no kept config fits {limit} bytes of shared memory"
     )

@@ -457,14 +457,18 @@ def grouped_inputs(batch, heads, kv_heads, n_q, n_k, head_dim, dtype, seed):
     return randn(heads, n_q), randn(kv_heads, n_k), randn(kv_heads, n_k), randn(heads, n_q)
 
 
-# (heads, kv_heads, dtypes): group sizes 2 and 4 and multi-query; group 1 is every other test of this file.
-GROUPS = [(4, 2, DTYPES), (8, 2, [torch.float16]), (3, 1, [torch.bfloat16])]
-GROUP_CASES = [(heads, kv_heads, dtype) for heads, kv_heads, dtypes in GROUPS for dtype in dtypes]
+# (dtype, deterministic): every dtype through the default backward, the atomic dQ (deterministic=False,
+# the same arithmetic but for dQ's order of additions) in one; the interpreter is slow.
+BACKWARDS = [pytest.param(dtype, True, id=f"{dtype}-deterministic") for dtype in DTYPES] + [
+    pytest.param(torch.float16, False, id="torch.float16-atomic_dq")
+]
+# (heads, kv_heads): group sizes 2 and 4 and multi-query; group 1 is every other test of this file.
+GROUPS = [(4, 2), (8, 2), (3, 1)]
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("dtype, deterministic", BACKWARDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("heads, kv_heads, dtype", GROUP_CASES, ids=str)
+@pytest.mark.parametrize("heads, kv_heads", GROUPS, ids=str)
 def test_grouped_query_heads(heads, kv_heads, dtype, causal, deterministic):
     """Query head h reads K/V head h // (heads // kv_heads); dK, dV sum over the group. Nq > Nk and Nq < Nk."""
     for n_q, n_k in ((40, 17), (17, 45)):
@@ -491,8 +495,7 @@ def padding_patterns(n_k):
     return mask.to(DEVICE)
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype, deterministic", BACKWARDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("n_q, n_k", [(33, 70), (40, 17)], ids=str)
 def test_key_padding(n_q, n_k, causal, dtype, deterministic):
@@ -509,22 +512,22 @@ def test_key_padding(n_q, n_k, causal, dtype, deterministic):
 @pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_padding_tiles_are_skipped(causal, deterministic, monkeypatch):
-    """K and V are NaN in the key tiles that hold padding only: a tile that were not skipped would spread the
-    NaN (into dK/dV of its own rows, or through 0 * NaN in P.V and dS.K); skipped, every result is finite."""
+    """K and V are NaN in the key tiles of left and right padding, which every kernel skips (the dK/dV kernel
+    also skips padding-only tiles between real keys; the forward and dQ kernels mask those): a tile that were
+    not skipped would spread the NaN (into dK/dV of its own rows, or through 0 * NaN in P.V and dS.K)."""
     block_n = 32
     config = triton.Config({"BLOCK_M": 16, "BLOCK_N": block_n}, num_warps=4, num_stages=2)
     for kernel in (forward._forward_kernel, backward._dkdv_kernel, backward._dq_kernel):
         monkeypatch.setattr(kernel, "configs", [config])
-    n_q, n_k = 20, 4 * block_n + 5
-    mask = torch.ones(3, n_k, dtype=torch.bool, device=DEVICE)
-    mask[0, 2 * block_n :] = False  # right padding: the last three tiles, one of them partial
-    mask[1, : 2 * block_n] = False  # left padding: the first two tiles
-    mask[2, block_n : 3 * block_n] = False  # a hole of two tiles
-    q, k, v, do = grouped_inputs(3, 2, 1, n_q, n_k, 16, torch.float32, seed=8)
-    padded_tiles = ~mask.view(3, 1, -1, 1)[:, :, : 4 * block_n].unflatten(2, (4, block_n)).any(3, keepdim=True)
+    n_q, n_k = 20, 4 * block_n
+    mask = torch.ones(2, n_k, dtype=torch.bool, device=DEVICE)
+    mask[0, block_n + 5 :] = False  # right padding: the last two tiles whole, the second tile partly
+    mask[1, : 2 * block_n + 3] = False  # left padding: the first two tiles whole, the third partly
+    q, k, v, do = grouped_inputs(2, 2, 1, n_q, n_k, 16, torch.float32, seed=8)
+    padded_tiles = ~mask.view(2, 1, 4, block_n, 1).any(3, keepdim=True)
     nan_k, nan_v = (x.clone() for x in (k, v))
     for x in (nan_k, nan_v):
-        x[:, :, : 4 * block_n].unflatten(2, (4, block_n)).masked_fill_(padded_tiles, float("nan"))
+        x.view(2, 1, 4, block_n, 16).masked_fill_(padded_tiles, float("nan"))
     o, lse = attention_forward(q, nan_k, nan_v, causal, 0.3, mask)
     grads = attention_backward(do, q, nan_k, nan_v, o, lse, causal, 0.3, deterministic, mask)
     ref_o, ref_lse = attention_forward(q, k, v, causal, 0.3, mask)
@@ -560,8 +563,7 @@ def assert_packed_layout(x, total, heads, head_dim):
 VARLEN_CASES = [((17, 0, 1, 40, 5), (30, 9, 0, 40, 0)), ((1, 64, 0), (17, 33, 0))]
 
 
-@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype, deterministic", BACKWARDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("lengths", VARLEN_CASES, ids=str)
 def test_varlen(lengths, causal, dtype, deterministic):

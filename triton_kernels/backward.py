@@ -28,6 +28,7 @@ from .common import (
     program_grid,
     program_tile,
     query_range,
+    real_key_bounds,
     real_keys,
     sequence,
     store_rows,
@@ -151,86 +152,107 @@ def _dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     # Keys past n_k load as zeros. Their dK/dV rows may come out inf (P = exp2(-lse) there) but are never
-    # stored, and no other row depends on them.
+    # stored, and no other row depends on them. Likewise padding keys' rows (unmasked, their P may be inf:
+    # lse leaves them out), which the kernel never stores: they stay the launcher's zeros.
     k = load_rows(K + batch * stride_kb + kv_head * stride_kh + k_first * stride_kn, offs_n, stride_kn, n_k, offs_d,
                   HEAD_DIM)
     v = load_rows(V + batch * stride_vb + kv_head * stride_vh + k_first * stride_vn, offs_n, stride_vn, n_k, offs_d,
                   HEAD_DIM)
     if PADDED:
-        real = real_keys(KEY_MASK + batch * n_k, offs_n, n_k, PADDED)
-    else:
-        real = real_keys(KEY_MASK, offs_n, n_k, PADDED)
+        key_mask_row = KEY_MASK + batch * n_k
+    else:  # None: unused
+        key_mask_row = KEY_MASK
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    masked_start, unmasked_start = query_range(start_n, n_q, n_k, any_key(real), BLOCK_M, BLOCK_N, CAUSAL, PADDED)
-    # The query heads that read this K/V head, one after the other into the same accumulators: the sum
-    # over the group, in a fixed order, with no atomics.
-    for head in range(kv_head * group, kv_head * group + group):
-        q_base = Q + batch * stride_qb + head * stride_qh + q_first * stride_qn
-        do_base = DO + batch * stride_dob + head * stride_doh + q_first * stride_don
-        row_offset = batch * stride_lseb + head * stride_lseh + q_first
-        # Query rows past n_q need no mask in either loop: their q and dO load as zeros (see _load_row_stats).
-        dk, dv = _accumulate_dkdv(
-            dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n,
-            offs_d, real, n_q, n_k, scale_log2, masked_start, unmasked_start,
-            True, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
-        )
-        dk, dv = _accumulate_dkdv(
-            dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n,
-            offs_d, real, n_q, n_k, scale_log2, unmasked_start, n_q,
-            False, CAUSAL, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
-        )
+    if PADDED:
+        if not any_key(real_keys(key_mask_row, offs_n, n_k, PADDED)):  # padding only: its rows stay zero
+            return
+    masked_start, unmasked_start = query_range(start_n, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL)
+    # Query rows past n_q need no mask in either loop: their q and dO load as zeros (see _load_row_stats).
+    q_base = Q + batch * stride_qb + q_first * stride_qn
+    do_base = DO + batch * stride_dob + q_first * stride_don
+    row_offset = batch * stride_lseb + q_first
+    first_head = kv_head * group
+    dk, dv = _accumulate_dkdv(
+        dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
+        stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
+        masked_start, unmasked_start, True, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
+    )
+    dk, dv = _accumulate_dkdv(
+        dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
+        stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
+        unmasked_start, n_q, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
+    )
 
     dk_base = DK + batch * stride_dkb + kv_head * stride_dkh + k_first * stride_dkn
     dv_base = DV + batch * stride_dvb + kv_head * stride_dvh + k_first * stride_dvn
-    store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, n_k, offs_d, HEAD_DIM)
-    store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, n_k, offs_d, HEAD_DIM)
+    if PADDED:
+        # Padding keys' rows are left alone: the launcher allocated DK and DV zeroed. (Zeroing them here, in
+        # registers, costs spills at head dim 128.)
+        real = real_keys(key_mask_row, offs_n, n_k, PADDED)
+        store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, n_k, offs_d, HEAD_DIM,
+                   real)
+        store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, n_k, offs_d, HEAD_DIM, real)
+    else:
+        store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, n_k, offs_d, HEAD_DIM)
+        store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, n_k, offs_d, HEAD_DIM)
 
 
 @triton.jit
 def _accumulate_dkdv(
-    dk, dv, k, v, q_base, do_base, stride_qn, stride_don, LSE, DELTA, row_offset, DQ_ACCUM, offs_n, offs_d,
-    real, n_q, n_k, scale_log2, start, end,
+    dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
+    stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2, start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    PADDED: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Add query tiles [start, end) to dK (unscaled) and dV; mask (causal, padding: `visible` of the keys
-    `real`) only when MASKED. With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM,
-    atomically.
+    """Add query tiles [start, end) of query heads first_head .. first_head + group - 1 (those that read this
+    K/V head) to dK (unscaled) and dV; mask (bounds, causal) only when MASKED.
+    With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM, atomically.
+
+    The group's heads are summed one after the other into the same accumulators: in a fixed order, with no
+    atomics. One loop runs over (head, query tile) pairs: a loop over heads around the loop over tiles
+    costs dK/dV at head dim 128 register spills on sm_90.
 
     The scores are kept transposed, keys by queries: sT = k.qT, dpT = v.dOT, dV += pT.dO, dK += dsT.q.
     Every computed tile is then already the left operand its next product needs, where q.kT would need pT
     and dsT transposed in registers (a round trip through shared memory each). The transposes left, of
     q and dO, are of tiles loaded into shared memory for the dots: a change of view, not a copy.
     """
-    for start_m in range(start, end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
-        do = load_rows(do_base, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
-        lse, delta = _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q)
+    n_tiles = tl.cdiv(end - start, BLOCK_M)
+    for index in range(0, group * n_tiles):
+        head = first_head + index // n_tiles
+        offs_m = start + (index % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = load_rows(q_base + head * stride_qh, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
+        do = load_rows(do_base + head * stride_doh, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
+        head_rows = row_offset + head * stride_lseh
+        lse, delta = _load_row_stats(LSE, DELTA, head_rows, offs_m, n_q)
 
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
         if MASKED:
-            p_t = tl.where(visible(offs_m[None, :], offs_n[:, None], real[:, None], n_q, n_k, CAUSAL), p_t, 0.0)
+            # Key padding needs no mask here: a padding key's P and dS reach only its own dK/dV rows, which
+            # _dkdv_kernel zeroes. Masking them in this loop costs spills (sm_80, head dim 128).
+            in_bounds = offs_n[:, None] < n_k
+            p_t = tl.where(visible(offs_m[None, :], offs_n[:, None], in_bounds, n_q, n_k, CAUSAL), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
 
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
         if FUSED_DQ:
-            # Keys past n_k load as zeros but their ds may be inf (see _dkdv_kernel): drop them before
-            # they meet k. Every key tile's program adds to these rows, so the order of the float32
-            # additions, and the last bits of dQ, vary from run to run. ds is transposed here, once:
-            # dQ = ds.k needs the queries as rows.
-            ds_t = tl.where(offs_n[:, None] < n_k, ds_t, 0.0)
+            # Keys past n_k load as zeros but their ds may be inf (see _dkdv_kernel), and padding keys are
+            # unmasked: drop both before they meet k. Every key tile's program adds to these rows, so the
+            # order of the float32 additions, and the last bits of dQ, vary from run to run. ds is transposed
+            # here, once: dQ = ds.k needs the queries as rows.
+            ds_t = tl.where(real_keys(key_mask_row, offs_n, n_k, PADDED)[:, None], ds_t, 0.0)
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
-            rows = row_offset + offs_m.to(tl.int64)
+            rows = head_rows + offs_m.to(tl.int64)
             mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
             tl.atomic_add(DQ_ACCUM + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=mask)
     return dk, dv
@@ -245,6 +267,7 @@ def _accumulate_dkdv(
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     KEY_MASK,  # PADDED: the bool (B, n_k) key padding mask, True for a real key
+    KEY_BOUNDS,  # PADDED: int32 (B, 2), each batch element's first real key and last real key + 1
     CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: int32 (B + 1,) first rows of the sequences in the packed tensors
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -276,8 +299,10 @@ def _dq_kernel(
     v_base = V + batch * stride_vb + kv_head * stride_vh + k_first * stride_vn
     if PADDED:
         key_mask_row = KEY_MASK + batch * n_k
-    else:
-        key_mask_row = KEY_MASK  # None: unused
+        key_bounds = KEY_BOUNDS + 2 * batch
+    else:  # None: unused
+        key_mask_row = KEY_MASK
+        key_bounds = KEY_BOUNDS
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -290,10 +315,10 @@ def _dq_kernel(
 
     # Same key ranges as the forward. Keys past n_k must be masked here: with zero k their P would be
     # exp2(-lse), which overflows to inf for very negative lse and turns into NaN against k = 0.
-    unmasked_end, visible_end = key_range(start_m, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL, PADDED)
+    start_n, unmasked_end, visible_end = key_range(start_m, n_q, n_k, key_bounds, BLOCK_M, BLOCK_N, CAUSAL, PADDED)
     dq = _accumulate_dq(
         dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
-        scale_log2, 0, unmasked_end, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        scale_log2, start_n, unmasked_end, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
     )
     dq = _accumulate_dq(
         dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
@@ -315,40 +340,21 @@ def _accumulate_dq(
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Add key tiles [start, end) to dQ (unscaled); mask keys (bounds, causal, padding) only when MASKED.
-    With PADDED (every tile MASKED), a tile with no real key is skipped, as in the forward."""
+    """Add key tiles [start, end) to dQ (unscaled); mask keys (bounds, causal, padding) only when MASKED."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
         v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
-        real = real_keys(key_mask_row, offs_n, n_k, PADDED)
-        if PADDED:
-            if any_key(real):
-                dq = _add_key_tile_to_dq(
-                    dq, q, do, lse, delta, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2,
-                    MASKED, CAUSAL, DOT_PRECISION,
-                )
-        else:
-            dq = _add_key_tile_to_dq(
-                dq, q, do, lse, delta, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2, MASKED, CAUSAL, DOT_PRECISION,
-            )
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * scale_log2 - lse[:, None])
+        if MASKED:
+            real = real_keys(key_mask_row, offs_n, n_k, PADDED)
+            p = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, CAUSAL), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
-
-
-@triton.jit
-def _add_key_tile_to_dq(
-    dq, q, do, lse, delta, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    p = tl.math.exp2(s * scale_log2 - lse[:, None])
-    if MASKED:
-        p = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, CAUSAL), p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
 def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, deterministic: bool = True,
@@ -373,6 +379,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
     else:
         batch, n_q, n_k = rows_batch, rows_q, rows_k
     padded = key_padding_mask is not None
+    key_bounds = real_key_bounds(key_padding_mask) if padded else None
     block_d = padded_head_dim(head_dim)
     precision = dot_precision(q.dtype)
     scale_log2 = softmax_scale * LOG2E.value
@@ -391,6 +398,9 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
 
     dk = new_rows(rows_batch, kv_heads, rows_k, head_dim, varlen, k)
     dv = new_rows(rows_batch, kv_heads, rows_k, head_dim, varlen, v)
+    if padded:  # the dK/dV kernel writes no row of a padding key
+        dk.zero_()
+        dv.zero_()
     dq = new_rows(rows_batch, heads, rows_q, head_dim, varlen, q)
     if batch * n_k == 0:  # no key rows: nothing reaches dq (CUDA refuses an empty grid)
         return dq.zero_(), dk, dv
@@ -429,7 +439,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
 
     _dq_kernel[program_grid(n_q, heads, batch, "BLOCK_M")](
         q, k, v, do, lse, delta, dq,
-        key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+        key_padding_mask, key_bounds, cu_seqlens_q, cu_seqlens_k,
         batch_stride(q, varlen), q.stride(1), q.stride(2),
         batch_stride(k, varlen), k.stride(1), k.stride(2),
         batch_stride(v, varlen), v.stride(1), v.stride(2),

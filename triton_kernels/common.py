@@ -138,8 +138,11 @@ def load_rows(base, rows, row_stride, n_rows, cols, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def store_rows(base, tile, rows, row_stride, n_rows, cols, HEAD_DIM: tl.constexpr):
+def store_rows(base, tile, rows, row_stride, n_rows, cols, HEAD_DIM: tl.constexpr, kept_rows=None):
+    """Store the rows of `tile` in bounds (and, if kept_rows is given, where it is True); the mirror of load_rows."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
+    if kept_rows is not None:
+        mask = mask & kept_rows[:, None]
     tl.store(base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], tile, mask=mask)
 
 
@@ -168,21 +171,38 @@ def real_keys(key_mask_row, key, n_k, PADDED: tl.constexpr):
     return real
 
 
+def real_key_bounds(key_padding_mask):
+    """int32 (B, 2): each batch element's first real key and last real key + 1 ((Nk, 0) if it has none),
+    the key range the forward and dQ kernels loop over (`key_range`). Device-side: no host sync."""
+    batch, n_k = key_padding_mask.shape
+    # One padding key appended: the reductions then never run over zero keys (Nk = 0).
+    real = torch.cat((key_padding_mask, key_padding_mask.new_zeros(batch, 1)), 1)
+    positions = torch.arange(n_k + 1, device=real.device, dtype=torch.int32)
+    first = torch.where(real, positions, n_k).amin(1)
+    end = torch.where(real, positions + 1, 0).amax(1)
+    return torch.stack((first, end), 1).to(torch.int32)
+
+
 @triton.jit
 def any_key(real):
-    """Whether a tile's 1-D `real_keys` holds any real key; tiles without one are skipped, no dots computed."""
+    """Whether a key tile's 1-D `real_keys` holds any real key (the dK/dV kernel skips a tile without one)."""
     return tl.max(real.to(tl.int32), 0) > 0
 
 
 @triton.jit
-def key_range(start_m, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+def key_range(start_m, n_q, n_k, key_bounds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               PADDED: tl.constexpr):
-    """Keys a query tile [start_m, start_m + BLOCK_M) works on, as (unmasked_end, visible_end).
+    """Keys a query tile [start_m, start_m + BLOCK_M) works on, as (start, unmasked_end, visible_end).
 
-    Key tiles in [0, unmasked_end) are in bounds and visible to every query of the tile, so they need no
+    Key tiles in [start, unmasked_end) are in bounds and visible to every query of the tile, so they need no
     mask; tiles in [unmasked_end, visible_end) straddle the causal diagonal or the end of the keys, or may
-    hold padding (PADDED: every tile may), and must be masked; keys from visible_end on are hidden from every
-    query of the tile and are skipped. Causal is bottom-right aligned: query i sees key j when j <= i + n_k - n_q.
+    hold padding, and must be masked; keys before start or from visible_end on are hidden from every query
+    of the tile and are skipped. Causal is bottom-right aligned: query i sees key j when j <= i + n_k - n_q.
+    PADDED: key_bounds points to the batch element's (first real key, last real key + 1) (`real_key_bounds`):
+    the key tiles before and after them, left and right padding, are skipped; the others are all masked.
+    Padding tiles between real keys are masked, not skipped: a branch around a tile's dots in the loop stops
+    Triton's software pipelining of the K/V loads (no cp.async, sm_80 spills), a price every padded call
+    would pay for the rare batch with a hole of a whole tile.
     """
     if CAUSAL:
         shift = n_k - n_q
@@ -192,19 +212,21 @@ def key_range(start_m, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
         unmasked_end = n_k
         visible_end = n_k
     if PADDED:
-        unmasked_end = 0
-    return (unmasked_end // BLOCK_N) * BLOCK_N, visible_end
+        start = (tl.load(key_bounds) // BLOCK_N) * BLOCK_N
+        visible_end = tl.minimum(visible_end, tl.load(key_bounds + 1))
+        return start, start, visible_end
+    else:
+        return 0, (unmasked_end // BLOCK_N) * BLOCK_N, visible_end
 
 
 @triton.jit
-def query_range(start_n, n_q, n_k, has_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, PADDED: tl.constexpr):
+def query_range(start_n, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Queries a key tile [start_n, start_n + BLOCK_N) works on, as (masked_start, unmasked_start), the
     mirror of key_range.
 
     Query tiles before masked_start see none of the tile's keys and are skipped; tiles in [masked_start,
-    unmasked_start) must be masked; tiles from unmasked_start on see every key of the tile. With PADDED
-    every tile is masked, and a key tile without a real key (has_key False) is skipped whole.
+    unmasked_start) must be masked; tiles from unmasked_start on see every key of the tile. Key padding
+    changes neither: the dK/dV kernel skips a key tile of padding only, and zeroes padding keys' rows.
     """
     if CAUSAL:
         # Query i sees key j when i >= j - (n_k - n_q): the first query tile that sees key start_n, and the
@@ -217,9 +239,6 @@ def query_range(start_n, n_q, n_k, has_key, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
     else:
         masked_start = 0
         unmasked_start = 0
-    if PADDED:
-        unmasked_start = n_q
-        masked_start = tl.where(has_key, masked_start, n_q)
     return masked_start, unmasked_start
 
 

@@ -7,7 +7,6 @@ from .common import (
     LN2,
     LOG2E,
     KernelConfigs,
-    any_key,
     batch_stride,
     dot_precision,
     key_range,
@@ -17,6 +16,7 @@ from .common import (
     padded_head_dim,
     program_grid,
     program_tile,
+    real_key_bounds,
     real_keys,
     sequence,
     store_rows,
@@ -55,6 +55,7 @@ CONFIGS = KernelConfigs(
 def _forward_kernel(
     Q, K, V, O, LSE,
     KEY_MASK,  # PADDED: the bool (B, n_k) key padding mask, True for a real key
+    KEY_BOUNDS,  # PADDED: int32 (B, 2), each batch element's first real key and last real key + 1
     CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: int32 (B + 1,) first rows of the sequences in the packed tensors
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -85,8 +86,10 @@ def _forward_kernel(
     v_base = V + batch * stride_vb + kv_head * stride_vh + k_first * stride_vn
     if PADDED:
         key_mask_row = KEY_MASK + batch * n_k
-    else:
-        key_mask_row = KEY_MASK  # None: unused
+        key_bounds = KEY_BOUNDS + 2 * batch
+    else:  # None: unused
+        key_mask_row = KEY_MASK
+        key_bounds = KEY_BOUNDS
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -102,10 +105,10 @@ def _forward_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    unmasked_end, visible_end = key_range(start_m, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL, PADDED)
+    start_n, unmasked_end, visible_end = key_range(start_m, n_q, n_k, key_bounds, BLOCK_M, BLOCK_N, CAUSAL, PADDED)
     acc, l_i, m_i = _attend_key_tiles(
         acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
-        scale_log2, 0, unmasked_end, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        scale_log2, start_n, unmasked_end, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
     )
     acc, l_i, m_i = _attend_key_tiles(
         acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
@@ -135,54 +138,33 @@ def _attend_key_tiles(
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Fold key tiles [start, end) into the online softmax state; mask scores only when MASKED. With PADDED
-    (every tile MASKED), a tile with no real key is skipped: its K and V are loaded (keeping the loads at the
-    loop's top level, where the pipeliner prefetches them) but no score is computed."""
+    """Fold key tiles [start, end) into the online softmax state; mask scores only when MASKED."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
         v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
-        real = real_keys(key_mask_row, offs_n, n_k, PADDED)
-        if PADDED:
-            if any_key(real):
-                acc, l_i, m_i = _attend_key_tile(
-                    acc, l_i, m_i, q, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2,
-                    MASKED, CAUSAL, DOT_PRECISION,
-                )
+
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED:
+            real = real_keys(key_mask_row, offs_n, n_k, PADDED)
+            s = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, CAUSAL),
+                         qk * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no visible key so far has m_new = -inf, and -inf - -inf is NaN: subtract 0 instead,
+            # so its p and alpha come out exp2(-inf) = 0.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_shift[:, None])
         else:
-            acc, l_i, m_i = _attend_key_tile(
-                acc, l_i, m_i, q, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2, MASKED, CAUSAL, DOT_PRECISION,
-            )
+            # Every key visible, so m_new is finite; scaling and subtracting the max is one FMA per score
+            # (scale_log2 >= 0: the max of the unscaled scores gives the max of the scaled ones).
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            m_shift = m_new
+            p = tl.math.exp2(qk * scale_log2 - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
     return acc, l_i, m_i
-
-
-@triton.jit
-def _attend_key_tile(
-    acc, l_i, m_i, q, k, v, offs_m, offs_n, real, n_q, n_k, scale_log2,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Fold one key tile into the online softmax state; real: its keys that exist (`real_keys`)."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MASKED:
-        s = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, CAUSAL), qk * scale_log2,
-                     float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no visible key so far has m_new = -inf, and -inf - -inf is NaN: subtract 0 instead,
-        # so its p and alpha come out exp2(-inf) = 0.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-    else:
-        # Every key visible, so m_new is finite; scaling and subtracting the max is one FMA per score
-        # (scale_log2 >= 0: the max of the unscaled scores gives the max of the scaled ones).
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-        m_shift = m_new
-        p = tl.math.exp2(qk * scale_log2 - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
 
 
 def attention_forward(q, k, v, causal: bool, softmax_scale: float, key_padding_mask=None, cu_seqlens_q=None,
@@ -213,7 +195,8 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, key_padding_m
 
     _forward_kernel[program_grid(n_q, heads, batch, "BLOCK_M")](
         q, k, v, o, lse,
-        key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+        key_padding_mask, None if key_padding_mask is None else real_key_bounds(key_padding_mask),
+        cu_seqlens_q, cu_seqlens_k,
         batch_stride(q, varlen), q.stride(1), q.stride(2),
         batch_stride(k, varlen), k.stride(1), k.stride(2),
         batch_stride(v, varlen), v.stride(1), v.stride(2),

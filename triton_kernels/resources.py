@@ -9,7 +9,7 @@ the transposes (``tt.trans`` in TTGIR), those of matmul results costing a round 
     python -m attention.triton_kernels.resources --json FILE     # the same as JSON (the compile gate reads it)
 
 Each kernel is compiled at head dims 64, 128 and 256 with the configs it keeps for that head dim
-(KernelConfigs.for_head_dim). The compile gate (tests/test_triton_compile.py) checks the results; the
+(KernelConfigs.for_head_dim), and its key-padding and varlen variants at head dim 128 (VARIANTS). The compile gate (tests/test_triton_compile.py) checks the results; the
 config lists were chosen from this table. Must run without TRITON_INTERPRET=1 (under it, the kernels are
 the interpreter's and cannot be compiled).
 """
@@ -31,6 +31,13 @@ from . import backward, forward
 
 ARCHS = (80, 90)
 HEAD_DIMS = (64, 128, 256)  # the two common ones and the largest supported
+# The constexpr variants of the kernels: "plain" (no key padding, not varlen: what a call without options
+# runs), compiled at every head dim, and one variant per option, compiled at one head dim (128: the
+# largest at which no kept config spills) to hold the option's own code (the padding mask's loads and tile
+# skipping; varlen's sequence bounds) to the same checks without doubling the gate's time. Grouped-query
+# heads are a runtime argument, in every variant.
+VARIANTS = {"plain": {}, "padded": {"PADDED": True}, "varlen": {"VARLEN": True}}
+VARIANT_HEAD_DIMS = {"plain": HEAD_DIMS, "padded": (128,), "varlen": (128,)}
 DTYPE = "bf16"  # fp16 compiles to the same instructions and resources
 
 # (kernel, its KernelConfigs) for every autotuned kernel. Only the fp16/bf16 configs are compiled: the fp32
@@ -41,13 +48,18 @@ KERNELS = {
     "dq": (backward._dq_kernel, backward.DQ_CONFIGS),
 }
 
-# Row statistics are float32; every other tensor argument has the input dtype.
-FP32_POINTERS = {"LSE", "DELTA", "DQ_ACCUM"}
+# Row statistics are float32, the key padding mask bool, its key bounds and cu_seqlens int32; every other tensor argument has
+# the input dtype.
+POINTER_TYPES = {
+    "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACCUM": "*fp32", "KEY_MASK": "*i1", "KEY_BOUNDS": "*i32",
+    "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
     kernel: str
+    variant: str  # a key of VARIANTS
     arch: int
     head_dim: int
     block_m: int
@@ -78,7 +90,7 @@ def _signature(fn):
         if param.is_constexpr:
             signature[name] = "constexpr"
         elif name.isupper():
-            signature[name] = "*fp32" if name in FP32_POINTERS else f"*{DTYPE}"
+            signature[name] = POINTER_TYPES.get(name, f"*{DTYPE}")
             aligned.append(index)
         elif name.startswith("stride"):
             signature[name] = "i64" if param.annotation == "tl.int64" else "i32"
@@ -90,13 +102,16 @@ def _signature(fn):
     return signature, {(index,): [["tt.divisibility", 16]] for index in aligned}
 
 
-def _constexprs(fn, config, head_dim):
+def _constexprs(fn, config, head_dim, variant):
     values = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": head_dim,
         "CAUSAL": True,  # the causal kernel contains both the masked and the unmasked loop
+        "PADDED": False,
+        "VARLEN": False,
         "DOT_PRECISION": "tf32",
         "FUSED_DQ": False,  # the default, deterministic backward
+        **VARIANTS[variant],
         **config.kwargs,
     }
     return {p.name: values[p.name] for p in fn.params if p.is_constexpr}
@@ -108,12 +123,12 @@ def _ptxas_numbers(log):
     return registers, int(spills.group(1)) + int(spills.group(2))
 
 
-def compile_config(kernel_name, config, arch, head_dim):
-    """Compile one config of one kernel for sm_<arch> and read its resources and instructions."""
+def compile_config(kernel_name, config, arch, head_dim, variant="plain"):
+    """Compile one config of one kernel's variant for sm_<arch> and read its resources and instructions."""
     kernel, _ = KERNELS[kernel_name]
     fn = kernel.fn
     signature, attrs = _signature(fn)
-    source = ASTSource(fn=fn, signature=signature, constexprs=_constexprs(fn, config, head_dim), attrs=attrs)
+    source = ASTSource(fn=fn, signature=signature, constexprs=_constexprs(fn, config, head_dim, variant), attrs=attrs)
     log = io.StringIO()
     with knobs.compilation.scope(), knobs.nvidia.scope():
         knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
@@ -128,6 +143,7 @@ def compile_config(kernel_name, config, arch, head_dim):
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     return Resources(
         kernel=kernel_name,
+        variant=variant,
         arch=arch,
         head_dim=head_dim,
         block_m=config.kwargs["BLOCK_M"],
@@ -147,10 +163,12 @@ def compile_config(kernel_name, config, arch, head_dim):
     )
 
 
-def all_jobs(kernels=None, archs=ARCHS, head_dims=HEAD_DIMS):
-    """(kernel, config, arch, head dim) for every config each kernel keeps for each head dim and arch."""
+def all_jobs(kernels=None, archs=ARCHS):
+    """(kernel, config, arch, head dim, variant) for each variant of each kernel at the variant's head dims,
+    with every config the kernel keeps for that head dim and arch."""
     return [
-        (name, config, arch, head_dim)
+        (name, config, arch, head_dim, variant)
+        for variant, head_dims in VARIANT_HEAD_DIMS.items()
         for name in kernels or KERNELS
         for head_dim in head_dims
         for arch in archs
@@ -162,9 +180,9 @@ def _compile_job(job):
     try:
         return compile_config(*job)
     except Exception as exc:  # noqa: BLE001 - reported in the table, and a failure of the compile gate
-        name, config, arch, head_dim = job
+        name, config, arch, head_dim, variant = job
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return (name, _shape(config), arch, head_dim, message)
+        return (name, _shape(config), arch, head_dim, variant, message)
 
 
 def _shape(config):
@@ -178,17 +196,19 @@ def compile_all(jobs, processes=2):
 
 def format_table(results):
     lines = [
-        "| kernel | sm | d | config (M×N warps stages) | regs | spill B | smem KiB | dots: wgmma/total"
+        "| kernel | variant | sm | d | config (M×N warps stages) | regs | spill B | smem KiB | dots: wgmma/total"
         " | mma.sync | cp.async | TMA | tt.trans: of results/all |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if isinstance(r, tuple):
-            name, shape, arch, head_dim, message = r
-            lines.append(f"| {name} | {arch} | {head_dim} | {shape} | does not compile: {message[:60]} |||||||||")
+            name, shape, arch, head_dim, variant, message = r
+            lines.append(
+                f"| {name} | {variant} | {arch} | {head_dim} | {shape} | does not compile: {message[:60]} |||||||||"
+            )
             continue
         lines.append(
-            f"| {r.kernel} | {r.arch} | {r.head_dim} | {r.config} | {r.registers} | {r.spill_bytes} | "
+            f"| {r.kernel} | {r.variant} | {r.arch} | {r.head_dim} | {r.config} | {r.registers} | {r.spill_bytes} | "
             f"{r.shared_bytes / 1024:.0f} | {r.wgmma_dots}/{r.dots} | {'yes' if r.mma_sync else 'no'} | "
             f"{'yes' if r.cp_async else 'no'} | {'yes' if r.tma else 'no'} | {r.result_transposes}/{r.transposes} |"
         )

@@ -193,9 +193,9 @@ void gemm(FA_GEMM_ARGS) { gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL);
 // cols) and likewise end(r). Causal masks are bottom-right aligned, so in (query, key) layout a row
 // sees a prefix of the tile's keys, and in (key, query) layout a suffix of its queries.
 // Key padding, in a tile that holds both real and padding keys: per key of the tile, 0 for a real
-// key and -inf for padding, as column_bias in (query, key) layout (added to the run's scores) or as
+// key and -inf for padding, as column_bias in (query, key) layout (added to the tile's scores) or as
 // row_bias in (key, query) layout (a padding key's row sees nothing). Both are null otherwise, so a
-// call without padding runs the loops it ran before padding existed.
+// call without padding runs the loops it ran before padding existed, plus one test per tile or row.
 struct VisibleColumns {
   int64_t begin0, begin_step, end0, end_step;
   const float* column_bias = nullptr;
@@ -206,10 +206,12 @@ struct VisibleColumns {
     return {std::clamp(begin0 + r * begin_step, int64_t{0}, cols), std::clamp(end0 + r * end_step, int64_t{0}, cols)};
   }
 
-  // Sends the scores of padding keys among columns [begin, end) of a (query, key) row to -inf.
-  void hide_padding(float* row, int64_t begin, int64_t end) const {
+  // Sends the scores of padding keys to -inf in the first `cols` columns of a (query, key) score tile.
+  void hide_padding(float* s, int64_t lds, int64_t rows, int64_t cols) const {
     if (column_bias == nullptr) return;
-    for (int64_t n = begin; n < end; ++n) row[n] += column_bias[n];
+    for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t n = 0; n < cols; ++n) s[m * lds + n] += column_bias[n];
+    }
   }
 };
 
@@ -219,10 +221,10 @@ struct VisibleColumns {
 FA_MULTIVERSIONED void online_softmax_step(float* s, int64_t lds, int64_t rows, int64_t cols, VisibleColumns visible,
                                            float* row_max, float* row_sum, float* acc, int64_t ldacc,
                                            int64_t acc_cols) {
+  visible.hide_padding(s, lds, rows, cols);
   for (int64_t m = 0; m < rows; ++m) {
     float* s_row = s + m * lds;
     const auto [begin, end] = visible.of_row(m, cols);
-    visible.hide_padding(s_row, begin, end);
     float tile_max = -kInf;
 #pragma omp simd reduction(max : tile_max)  // a max reduction over floats needs it to vectorize
     for (int64_t n = begin; n < end; ++n) tile_max = s_row[n] > tile_max ? s_row[n] : tile_max;
