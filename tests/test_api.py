@@ -144,7 +144,7 @@ def test_sdpa_falls_back_to_torch_and_says_so(case, reason):
     torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, **case))
 
 
-@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 11), (1, 1, 11), (11,), (2, 1, 1, 1)])
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 11), (1, 1, 11), (1, 11), (2, 1, 1, 1)])
 def test_sdpa_key_padding_masks_run_on_our_kernels(mask_shape):
     """A boolean attn_mask broadcastable to (B, 1, 1, Nk), with grouped heads, as Hugging Face models pass it."""
     q, k, v = qkv(n_q=7, n_k=11, heads=4)

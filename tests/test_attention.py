@@ -142,15 +142,23 @@ def test_softmax_scale(backend, dtype, causal):
 
 
 def test_torch_compile_fullgraph(backend, dtype):
-    """A function calling our op traces into one graph (no graph break) and gives the eager result."""
-    q, k, v, dout = random_inputs((1, 2, 17, 17, 32), dtype)
+    """A function calling our op traces into one graph (no graph break) and gives the eager result:
+    plain, with grouped heads and a key-padding mask, and packed varlen."""
+    q, k, v, dout = random_inputs((2, 4, 17, 17, 32), dtype, kv_heads=2)
+    padding = torch.arange(17, device=DEVICE) < torch.tensor([[17], [9]], device=DEVICE)
+    packed, _, _, _, cu_q, cu_k, max_q, max_k = packed_inputs([(5, 7), (12, 9)], 4, 2, 32, dtype)
 
-    def layer(q, k, v):
-        return flash_attention(q * 1.5, k, v, backend, causal=True).sum(dim=1)
+    def layer(q, k, v, packed):
+        plain = flash_attention(q * 1.5, k, v, backend, causal=True).sum(dim=1)
+        padded = flash_attention(q, k, v, backend, causal=True, key_padding_mask=padding).sum(dim=1)
+        varlen = flash_attention_varlen(packed, packed[:16, :2], packed[:16, :2], cu_q, cu_k, max_q, max_k,
+                                        backend, causal=True)
+        return plain, padded, varlen
 
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
-    torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))
+    for ours, eager in zip(compiled(q, k, v, packed), layer(q, k, v, packed)):
+        torch.testing.assert_close(ours, eager)
 
 
 # ---- grouped-query heads, key padding and packed variable-length batches
