@@ -13,6 +13,10 @@ from .validation import (
     validate_key_padding_mask,
 )
 
+# torch's own SDPA, taken at import: a user (or Hugging Face integration) may replace
+# F.scaled_dot_product_attention with ours, and our fallback must not then call itself.
+_torch_sdpa = F.scaled_dot_product_attention
+
 
 def _dense_options(q, k, v, causal, softmax_scale, scale, key_padding_mask, deterministic):
     validate_inputs(q, k, v)
@@ -125,7 +129,7 @@ def scaled_dot_product_attention(
     """
     reasons, padding = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reasons:
-        return F.scaled_dot_product_attention(
+        return _torch_sdpa(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,
         )

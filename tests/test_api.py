@@ -313,3 +313,12 @@ def test_opcheck(backend, case):
         args = (packed(34, 4), packed(38, 2), packed(38, 2), True, 0.25, None, cu_q, cu_k, 29, 18)
     args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args)
     torch.library.opcheck(forward, args)
+
+
+def test_sdpa_fallback_when_torch_sdpa_is_replaced_by_ours(monkeypatch):
+    """Patching F.scaled_dot_product_attention with ours (as a model integration does) must not recurse."""
+    q, k, v = qkv()
+    mask = torch.rand(8, 8, device=DEVICE) > 0.3  # not a key-padding mask: torch's SDPA runs it
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention.scaled_dot_product_attention)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), expected)
