@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import Explanation, explain_choice, select_backend
+from .reference import causal_mask
 from .validation import (
     SDPA_NAMES,
     AttentionOptions,
@@ -74,47 +75,64 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return (o, lse[0]) if return_lse else o
 
 
-def _padding_mask_from_sdpa(attn_mask, query, key):
-    """SDPA's boolean ``attn_mask`` (True: take part) as our (B, Nk) key-padding mask, or None when it
-    is not one: it must broadcast to (B, 1, 1, Nk), the same keys hidden for every head and query."""
+def _mask_as_padding(attn_mask, query, key):
+    """SDPA's boolean ``attn_mask`` (True: take part) as (our (B, Nk) key-padding mask, causal), or None.
+
+    A mask broadcastable to (B, 1, 1, Nk) is one as it stands. A (B or 1, 1, Nq, Nk) mask, the form
+    Hugging Face models pass for padded batches, is one when it equals its last row's keys, alone or
+    with the bottom-right causal triangle (what a causal model with a KV cache masks); that costs a
+    comparison of the mask and a device-to-host sync, so it is done outside torch.compile only.
+    """
     if attn_mask.dtype != torch.bool or attn_mask.dim() > 4 or attn_mask.dim() == 0:
         return None
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    batch, n_k = query.shape[0], key.shape[2]
-    if mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[0] not in (1, batch) or mask.shape[3] not in (1, n_k):
+    batch, n_q, n_k = query.shape[0], query.shape[2], key.shape[2]
+    if mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or mask.shape[3] not in (1, n_k):
         return None
-    return mask[:, 0, 0, :].expand(batch, n_k)
+    if mask.shape[2] == 1:
+        return mask[:, 0, 0, :].expand(batch, n_k), False
+    if mask.shape[2] != n_q or mask.shape[3] != n_k or n_q == 0 or torch.compiler.is_compiling():
+        return None
+    rows, last_row = mask[:, 0], mask[:, 0, -1:, :]  # under bottom-right causal the last row sees every key
+    if torch.equal(rows, last_row.expand_as(rows)):
+        return last_row[:, 0].expand(batch, n_k), False
+    if torch.equal(rows, last_row & ~causal_mask(n_q, n_k, mask.device)):
+        return last_row[:, 0].expand(batch, n_k), True
+    return None
 
 
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """(reasons torch's SDPA must run the call, our key-padding mask or None)."""
+    """(reasons torch's SDPA must run the call, our key-padding mask or None, causal for our kernels)."""
     reasons = []
-    padding = None
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            reasons.append(f"attn_mask is a {type(attn_mask).__name__}, not a tensor")
-        elif is_causal:
-            reasons.append("attn_mask and is_causal are both given (torch's SDPA rejects that)")
-        else:
-            padding = _padding_mask_from_sdpa(attn_mask, query, key)
-            if padding is None:
-                reasons.append(f"attn_mask ({attn_mask.dtype}, shape {tuple(attn_mask.shape)}) is not a boolean "
-                               f"key-padding mask broadcastable to (batch, 1, 1, Nk), the only mask our kernels take")
-    if dropout_p != 0.0:
-        reasons.append(f"dropout_p={dropout_p} (our kernels have no dropout)")
     try:
         validate_inputs(query, key, value, names=SDPA_NAMES)
         resolve_scale(scale, None, query.shape[-1], "scale")
     except (TypeError, ValueError) as exc:
-        reasons.append(str(exc))
-        return reasons, None
+        return [str(exc)], None, False
+    padding, causal = None, bool(is_causal)
+    if attn_mask is not None:
+        as_padding = None
+        if not isinstance(attn_mask, torch.Tensor):
+            reasons.append(f"attn_mask is a {type(attn_mask).__name__}, not a tensor")
+        elif is_causal:
+            reasons.append("attn_mask and is_causal are both given (torch's SDPA rejects that)")
+        elif attn_mask.device != query.device:
+            reasons.append(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        else:
+            as_padding = _mask_as_padding(attn_mask, query, key)
+            if as_padding is None:
+                reasons.append(f"attn_mask ({attn_mask.dtype}, shape {tuple(attn_mask.shape)}) is not a boolean "
+                               f"key-padding mask (broadcastable to (batch, 1, 1, Nk), or (batch, 1, Nq, Nk) equal "
+                               f"to one, with or without the causal triangle), the only mask our kernels take")
+            else:
+                padding, causal = as_padding
+    if dropout_p != 0.0:
+        reasons.append(f"dropout_p={dropout_p} (our kernels have no dropout)")
     if key.shape[1] != query.shape[1] and not enable_gqa:
         reasons.append(f"key has {key.shape[1]} heads and query {query.shape[1]}, but enable_gqa is False")
     if is_causal and query.shape[2] != key.shape[2]:
         reasons.append("is_causal with Nq != Nk: SDPA aligns the mask top-left, our kernels bottom-right")
-    if padding is not None and padding.device != query.device:
-        reasons.append(f"attn_mask is on {padding.device} but query is on {query.device}")
-    return reasons, padding
+    return reasons, padding, causal
 
 
 def scaled_dot_product_attention(
@@ -123,17 +141,19 @@ def scaled_dot_product_attention(
     """Drop-in for torch.nn.functional.scaled_dot_product_attention, same signature and meaning.
 
     Calls our fused kernels where they apply: grouped heads with ``enable_gqa=True`` and a boolean
-    ``attn_mask`` that is a key-padding mask (broadcastable to (B, 1, 1, Nk)) included. Otherwise
+    ``attn_mask`` that is a key-padding mask included (broadcastable to (B, 1, 1, Nk); or a (B, 1, Nq, Nk)
+    mask equal to one, alone or with the bottom-right causal triangle, as Hugging Face models pass
+    it: recognised outside torch.compile, at the cost of one comparison and a sync). Otherwise
     (other masks, dropout, other ranks or dtypes, causal with Nq != Nk) torch's own SDPA runs the call;
     ``explain_sdpa`` says which. A query row whose keys are all masked gives 0 here (torch's SDPA: NaN).
     """
-    reasons, padding = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    reasons, padding, causal = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reasons:
         return _torch_sdpa(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,
         )
-    return flash_attention(query, key, value, causal=bool(is_causal), softmax_scale=scale, key_padding_mask=padding)
+    return flash_attention(query, key, value, causal=causal, softmax_scale=scale, key_padding_mask=padding)
 
 
 def explain(q, k, v, causal=False, softmax_scale=None, backend="auto", *, key_padding_mask=None, deterministic=True,
@@ -145,9 +165,9 @@ def explain(q, k, v, causal=False, softmax_scale=None, backend="auto", *, key_pa
 
 def explain_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """What ``scaled_dot_product_attention`` does with these arguments: our backend, or torch's SDPA and why."""
-    reasons, padding = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    reasons, padding, causal = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reasons:
         return Explanation(None, torch_fallback=reasons)
     scale = resolve_scale(scale, None, query.shape[-1], "scale")
-    options = AttentionOptions(bool(is_causal), scale, None if padding is None else padding.contiguous())
+    options = AttentionOptions(causal, scale, None if padding is None else padding.contiguous())
     return explain_choice(query, key, value, options)

@@ -322,3 +322,22 @@ def test_sdpa_fallback_when_torch_sdpa_is_replaced_by_ours(monkeypatch):
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     monkeypatch.setattr(F, "scaled_dot_product_attention", attention.scaled_dot_product_attention)
     torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), expected)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_4d_masks_equal_to_key_padding_run_on_our_kernels(causal):
+    """Hugging Face's (B, 1, Nq, Nk) masks of padded batches: padding alone, or with the causal triangle
+    (bottom-right, as with a KV cache: 5 new queries after 6 cached keys)."""
+    q, k, v = qkv(n_q=5, n_k=11, heads=4)
+    padding = torch.arange(11, device=DEVICE) >= torch.tensor([[0], [3]], device=DEVICE)  # left padding
+    mask = padding[:, None, None, :].expand(2, 1, 5, 11)
+    if causal:
+        mask = mask & ~causal_mask(5, 11, DEVICE)
+    explanation = attention.explain_sdpa(q, k, v, attn_mask=mask)
+    assert explanation.backend is not None, explanation
+    expected = attention.flash_attention(q, k, v, causal=causal, key_padding_mask=padding, backend="naive")
+    torch.testing.assert_close(attention.scaled_dot_product_attention(q, k, v, attn_mask=mask), expected)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), expected)
+    other = mask.clone()
+    other[0, 0, 0, 0] = ~other[0, 0, 0, 0]  # no longer padding (+ causal): torch's SDPA runs it
+    assert attention.explain_sdpa(q, k, v, attn_mask=other).backend is None
