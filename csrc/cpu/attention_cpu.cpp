@@ -399,8 +399,9 @@ struct Sequence {
 };
 
 struct Shape {
-  int64_t heads_q, heads_kv, head_dim;
+  int64_t batch;   // q.size(0): B (dense) or 1 (varlen)
   int64_t q_rows;  // q.size(2): Nq (dense) or total_q (varlen)
+  int64_t heads_q, heads_kv, head_dim;
   std::vector<Sequence> sequences;
 
   int64_t group() const { return heads_q / heads_kv; }  // query heads per KV head
@@ -496,10 +497,9 @@ struct BackwardInputs {
 // delta = rowsum(dO * O) and lse2 = lse * log2(e), both contiguous (B, Hq, q_rows). (The -inf lse
 // of a row that sees no key is never used: the passes compute P only where a key is visible.)
 template <typename scalar_t>
-void row_statistics_pass(const Shape& shape, int64_t batch, const BackwardInputs<scalar_t>& in, float* delta,
-                         float* lse2) {
+void row_statistics_pass(const Shape& shape, const BackwardInputs<scalar_t>& in, float* delta, float* lse2) {
   const int64_t n_q = shape.q_rows;
-  at::parallel_for(0, batch * shape.heads_q * n_q, kBlock, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, shape.batch * shape.heads_q * n_q, kBlock, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row % n_q, b = row / n_q / shape.heads_q, h = row / n_q % shape.heads_q;
       const scalar_t* dout_row = in.dout.rows(b, h, i);
@@ -651,8 +651,8 @@ at::Tensor with_contiguous_rows(const at::Tensor& t) { return t.size(3) == 1 || 
 
 // A key_padding_mask (B, Nk) as the kernels read it: per key a score bias, per key tile its KeyTile.
 struct KeyPadding {
-  std::vector<float> bias;       // (B, Nk): 0 for a real key, -inf for padding
-  std::vector<KeyTile> tiles;    // (B, key tiles)
+  std::vector<float> bias;     // (B, Nk): 0 for a real key, -inf for padding
+  std::vector<KeyTile> tiles;  // (B, key tiles)
   int64_t keys, tiles_per_row;
 };
 
@@ -700,7 +700,7 @@ std::vector<int64_t> read_cu_seqlens(const char* name, const at::Tensor& cu_seql
 Shape make_shape(const at::Tensor& q, const at::Tensor& k, bool causal, const KeyPadding* key_padding,
                  const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
                  int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  Shape shape{q.size(1), k.size(1), q.size(3), q.size(2), {}};
+  Shape shape{q.size(0), q.size(2), q.size(1), k.size(1), q.size(3), {}};
   if (cu_seqlens_q.has_value()) {
     const auto starts_q = read_cu_seqlens("cu_seqlens_q", *cu_seqlens_q, q.size(2), max_seqlen_q, "max_seqlen_q");
     const auto starts_k = read_cu_seqlens("cu_seqlens_k", *cu_seqlens_k, k.size(2), max_seqlen_k, "max_seqlen_k");
@@ -751,7 +751,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
   const Shape shape = make_shape(q, k, causal, key_padding ? &*key_padding : nullptr, cu_seqlens_q, cu_seqlens_k,
                                  max_seqlen_q, max_seqlen_k);
   at::Tensor o = empty_output_like(q, cu_seqlens_q.has_value(), q.scalar_type());
-  at::Tensor lse = at::empty({q.size(0), shape.heads_q, shape.q_rows}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({shape.batch, shape.heads_q, shape.q_rows}, q.options().dtype(at::kFloat));
   dispatch_dtype(q.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
     forward_pass<scalar_t>(shape, static_cast<float>(softmax_scale * kLog2e), strided_rows<scalar_t>(q),
@@ -778,7 +778,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::Tensor dq = empty_output_like(q, varlen, q.scalar_type());
   at::Tensor dk = empty_output_like(k, varlen, k.scalar_type());
   at::Tensor dv = empty_output_like(v, varlen, v.scalar_type());
-  std::vector<float> delta(q.size(0) * shape.heads_q * shape.q_rows), lse2(delta.size());
+  std::vector<float> delta(shape.batch * shape.heads_q * shape.q_rows), lse2(delta.size());
   const float scale = static_cast<float>(softmax_scale);
   const float scale_log2 = static_cast<float>(softmax_scale * kLog2e);
   dispatch_dtype(q.scalar_type(), [&](auto element) {
@@ -786,7 +786,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const BackwardInputs<scalar_t> in{strided_rows<scalar_t>(dout), strided_rows<scalar_t>(q),
                                       strided_rows<scalar_t>(k),    strided_rows<scalar_t>(v),
                                       strided_rows<scalar_t>(o),    lse.const_data_ptr<float>()};
-    row_statistics_pass(shape, q.size(0), in, delta.data(), lse2.data());
+    row_statistics_pass(shape, in, delta.data(), lse2.data());
     grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), output_rows<scalar_t>(dq),
               output_rows<scalar_t>(dk), output_rows<scalar_t>(dv));
   });
