@@ -31,12 +31,12 @@ op, dtype, batch, heads, n, d, causal = sys.argv[1], getattr(torch, sys.argv[2])
 torch.set_num_threads(1)
 gen = torch.Generator().manual_seed(0)
 q, k, v, dout = (torch.randn(batch, heads, n, d, generator=gen).to(dtype) for _ in range(4))
-scale = d ** -0.5
+options = (d ** -0.5, None, None, None, 0, 0)  # scale, key_padding_mask, cu_seqlens_q/k, max_seqlen_q/k
 if op == "fwd":
-    torch.ops.fused_attention.fwd(q, k, v, causal, scale)
+    torch.ops.fused_attention.fwd(q, k, v, causal, *options)
 else:
-    o, lse = torch.ops.fused_attention.fwd(q, k, v, causal, scale)
-    torch.ops.fused_attention.bwd(dout, q, k, v, o, lse, causal, scale)
+    o, lse = torch.ops.fused_attention.fwd(q, k, v, causal, *options)
+    torch.ops.fused_attention.bwd(dout, q, k, v, o, lse, causal, *options)
 """
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
