@@ -34,7 +34,7 @@ class AttentionParams(ctypes.Structure):  # mirrors csrc/cuda/params.h
         ("delta", ctypes.c_void_p),
         ("key_padding_mask", ctypes.c_void_p), ("key_padding_mask_batch_stride", ctypes.c_int64),
         ("cu_seqlens_q", ctypes.c_void_p), ("cu_seqlens_k", ctypes.c_void_p),
-        ("batch", ctypes.c_int), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int), ("seqlen_q", ctypes.c_int),
+        ("batch", ctypes.c_int), ("heads", ctypes.c_int), ("group", ctypes.c_int), ("seqlen_q", ctypes.c_int),
         ("seqlen_k", ctypes.c_int), ("head_dim", ctypes.c_int), ("softmax_scale", ctypes.c_float),
         ("causal", ctypes.c_bool), ("element_type", ctypes.c_int),
     ]
@@ -52,7 +52,7 @@ def _load():
     offsets = (ctypes.c_longlong * 16)()
     lib.fae_params_layout(offsets, 16)
     fields = ["q", "o", "lse", "lse_head_stride", "dout", "delta", "key_padding_mask", "cu_seqlens_q", "batch",
-              "kv_heads", "softmax_scale", "causal", "element_type"]
+              "group", "softmax_scale", "causal", "element_type"]
     mirror = [ctypes.sizeof(AttentionParams)] + [getattr(AttentionParams, f).offset for f in fields]
     if list(offsets[: len(mirror)]) != mirror:
         return None, f"AttentionParams mirror is stale: C++ {list(offsets[:len(mirror)])}, Python {mirror}"
@@ -109,7 +109,7 @@ def _params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_s
         raise ValueError(f"q heads ({q.size(1)}) must be a multiple of k heads ({k.size(1)})")
     p = AttentionParams()
     p.q, p.k, p.v = _strided(q), _strided(k), _strided(v)
-    p.heads, p.kv_heads, p.head_dim = q.size(1), k.size(1), q.size(3)
+    p.heads, p.group, p.head_dim = q.size(1), q.size(1) // k.size(1), q.size(3)
     p.lse_head_stride = q.size(2)
     p.softmax_scale = softmax_scale
     p.causal = causal

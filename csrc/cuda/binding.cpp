@@ -80,7 +80,7 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   params.v = strided(v);
   params.lse_head_stride = q.size(2);
   params.heads = static_cast<int>(q.size(1));
-  params.kv_heads = static_cast<int>(k.size(1));
+  params.group = static_cast<int>(q.size(1) / k.size(1));
   params.head_dim = static_cast<int>(q.size(3));
   params.softmax_scale = static_cast<float>(softmax_scale);
   params.causal = causal;

@@ -1,6 +1,10 @@
-// The one place where runtime parameters become template parameters: element type (fp16, bf16)
-// and padded head dim (64, 128, 256). Causality stays a runtime flag: it only moves loop bounds
-// and decides which blocks are masked, so a template copy would double compile time for nothing.
+// The one place where runtime parameters become template parameters: element type (fp16, bf16),
+// padded head dim (64, 128, 256) and whether the call has key padding or packed sequences.
+// Causality and grouped-query heads stay runtime values: they only move loop bounds, pick rows
+// and decide which blocks are masked, at no measurable cost in registers. Key padding and packed
+// sequences put the lengths, row offsets and padding row in registers for the whole kernel
+// (30 to 40 more a thread at head dim 64: one block less per SM for the forward and dQ kernels,
+// RESOURCES.md), so calls without them run kernels compiled without them.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -29,6 +33,14 @@ cudaError_t dispatch_element_type_and_head_dim(const AttentionParams& params, La
   };
   if (params.element_type == ElementType::kFloat16) return with_head_dim(ElementTag<__half>{});
   return with_head_dim(ElementTag<__nv_bfloat16>{});
+}
+
+// Calls launch(std::bool_constant<kPaddedOrPacked>{}): true when the params carry a key padding
+// mask or cu_seqlens.
+template <typename Launch>
+cudaError_t dispatch_padded_or_packed(const AttentionParams& params, Launch&& launch) {
+  if (params.key_padding_mask != nullptr || params.cu_seqlens_q != nullptr) return launch(std::true_type{});
+  return launch(std::false_type{});
 }
 
 template <typename Kernel>

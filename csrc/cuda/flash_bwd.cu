@@ -37,7 +37,8 @@ template <typename T>
 __global__ void __launch_bounds__(32 * kDeltaWarps)
     attention_backward_delta_kernel(const __grid_constant__ AttentionParams params) {
   const int head = blockIdx.y;
-  const Sequence sequence = sequence_of(params, blockIdx.z);
+  // One copy for every call: at ~40 registers the padding and varlen steps cost this kernel nothing.
+  const Sequence sequence = sequence_of<true>(params, blockIdx.z);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   float* const delta = params.delta + row_values_offset(params, sequence, head);
@@ -54,7 +55,7 @@ __global__ void __launch_bounds__(32 * kDeltaWarps)
   }
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kPaddedOrPacked>
 __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
     attention_backward_dk_dv_kernel(const __grid_constant__ AttentionParams params, bool chunked) {
   using Tiles = KeyTileTiles<kHeadDim>;
@@ -74,7 +75,7 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
 
   const int n0 = blockIdx.x * kBlockN;
   const int kv_head = blockIdx.y;
-  const Sequence sequence = sequence_of(params, blockIdx.z);
+  const Sequence sequence = sequence_of<kPaddedOrPacked>(params, blockIdx.z);
   const ScoreMask& mask = sequence.mask;
   const int seqlen_q = mask.seqlen_q;
   const int seqlen_k = mask.seqlen_k;
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
   const int strip_row0 = 16 * (warp % Tiles::kKeyStrips);  // this warp's keys inside the block
   const int slice_col0 = kSliceCols * (warp / Tiles::kKeyStrips);
   const int head_dim = params.head_dim;
-  const int group = params.heads / params.kv_heads;
+  const int group = params.group;
 
   // Causal: key n0 is seen by queries i >= n0 - (seqlen_k - seqlen_q); start at that i's tile.
   const int query_begin = params.causal ? max(0, n0 - (seqlen_k - seqlen_q)) / kBlockM * kBlockM : 0;
@@ -187,7 +188,7 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
                                           params.dv.row_stride, seqlen_k - n0, head_dim, v_tile, chunked);
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kPaddedOrPacked>
 __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
     attention_backward_dq_kernel(const __grid_constant__ AttentionParams params, bool chunked) {
   using Tiles = QueryTileTiles<kHeadDim>;
@@ -203,7 +204,7 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
 
   const int m0 = blockIdx.x * kBlockM;
   const int head = blockIdx.y;
-  const Sequence sequence = sequence_of(params, blockIdx.z);
+  const Sequence sequence = sequence_of<kPaddedOrPacked>(params, blockIdx.z);
   const ScoreMask& mask = sequence.mask;
   const int seqlen_q = mask.seqlen_q;
   const int seqlen_k = mask.seqlen_k;
@@ -302,7 +303,7 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
                                           params.dq.row_stride, seqlen_q - m0, head_dim, q_tile, chunked);
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kPaddedOrPacked>
 cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) {
   const int head_dim = params.head_dim;
   const bool chunked = allows_16_byte_chunks(params.q, head_dim) && allows_16_byte_chunks(params.k, head_dim) &&
@@ -319,16 +320,16 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
   }
   if (params.seqlen_k > 0) {
     using Tiles = KeyTileTiles<kHeadDim>;
-    auto kernel = attention_backward_dk_dv_kernel<T, kHeadDim>;
+    auto kernel = attention_backward_dk_dv_kernel<T, kHeadDim, kPaddedOrPacked>;
     cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
     if (error != cudaSuccess) return error;
-    const dim3 grid(ceil_div(params.seqlen_k, Tiles::kBlockN), params.kv_heads, params.batch);
+    const dim3 grid(ceil_div(params.seqlen_k, Tiles::kBlockN), params.heads / params.group, params.batch);
     error = launch_kernel(kernel, grid, Tiles::kThreads, Tiles::kSmemBytes, stream, params, chunked);
     if (error != cudaSuccess) return error;
   }
   if (params.seqlen_q > 0) {
     using Tiles = QueryTileTiles<kHeadDim>;
-    auto kernel = attention_backward_dq_kernel<T, kHeadDim>;
+    auto kernel = attention_backward_dq_kernel<T, kHeadDim, kPaddedOrPacked>;
     cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
     if (error != cudaSuccess) return error;
     const dim3 grid(ceil_div(params.seqlen_q, Tiles::kBlockM), params.heads, params.batch);
@@ -343,7 +344,10 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
 cudaError_t launch_attention_backward(const AttentionParams& params, cudaStream_t stream) {
   if (params.batch == 0 || params.heads == 0 || (params.seqlen_q == 0 && params.seqlen_k == 0)) return cudaSuccess;
   return dispatch_element_type_and_head_dim(params, [&](auto element, auto head_dim) {
-    return launch_backward<typename decltype(element)::type, decltype(head_dim)::value>(params, stream);
+    return dispatch_padded_or_packed(params, [&](auto padded_or_packed) {
+      return launch_backward<typename decltype(element)::type, decltype(head_dim)::value,
+                             decltype(padded_or_packed)::value>(params, stream);
+    });
   });
 }
 

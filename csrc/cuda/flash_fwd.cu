@@ -61,7 +61,7 @@ __device__ __forceinline__ void online_softmax_step(float (&scores)[kNTiles][4],
   }
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kPaddedOrPacked>
 __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
     attention_forward_kernel(const __grid_constant__ AttentionParams params, bool chunked) {
   using Tiles = ForwardTiles<kHeadDim>;
@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
 
   const int m0 = blockIdx.x * kBlockM;
   const int head = blockIdx.y;
-  const Sequence sequence = sequence_of(params, blockIdx.z);
+  const Sequence sequence = sequence_of<kPaddedOrPacked>(params, blockIdx.z);
   const ScoreMask& mask = sequence.mask;
   const int seqlen_q = mask.seqlen_q;
   const int seqlen_k = mask.seqlen_k;
@@ -177,14 +177,14 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
                                           seqlen_q - m0, head_dim, q_tile, chunked);
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kPaddedOrPacked>
 cudaError_t launch_forward(const AttentionParams& params, cudaStream_t stream) {
   using Tiles = ForwardTiles<kHeadDim>;
   const bool chunked = allows_16_byte_chunks(params.q, params.head_dim) &&
                        allows_16_byte_chunks(params.k, params.head_dim) &&
                        allows_16_byte_chunks(params.v, params.head_dim) &&
                        allows_16_byte_chunks(params.o, params.head_dim);
-  auto kernel = attention_forward_kernel<T, kHeadDim>;
+  auto kernel = attention_forward_kernel<T, kHeadDim, kPaddedOrPacked>;
   cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
   if (error != cudaSuccess) return error;
   const dim3 grid(ceil_div(params.seqlen_q, Tiles::kBlockM), params.heads, params.batch);
@@ -196,7 +196,10 @@ cudaError_t launch_forward(const AttentionParams& params, cudaStream_t stream) {
 cudaError_t launch_attention_forward(const AttentionParams& params, cudaStream_t stream) {
   if (params.batch == 0 || params.heads == 0 || params.seqlen_q == 0) return cudaSuccess;
   return dispatch_element_type_and_head_dim(params, [&](auto element, auto head_dim) {
-    return launch_forward<typename decltype(element)::type, decltype(head_dim)::value>(params, stream);
+    return dispatch_padded_or_packed(params, [&](auto padded_or_packed) {
+      return launch_forward<typename decltype(element)::type, decltype(head_dim)::value,
+                            decltype(padded_or_packed)::value>(params, stream);
+    });
   });
 }
 

@@ -45,7 +45,10 @@ struct AttentionParams {
 
   int batch;
   int heads;     // query heads
-  int kv_heads;  // divides heads: query head h reads key/value head h / (heads / kv_heads)
+  // Query heads per key/value head (GQA; 1: none): query head h reads key/value head h / group.
+  // Passed rather than derived from the head counts: a second integer division made ptxas spill
+  // registers in the dQ kernel.
+  int group;
   int seqlen_q;  // varlen: an upper bound on the sequences' query lengths (sizes the grid)
   int seqlen_k;  // varlen: an upper bound on the sequences' key lengths
   int head_dim;  // real head dim; kernels pad it up to 64, 128 or 256

@@ -87,17 +87,24 @@ struct Sequence {
   ScoreMask mask;
 };
 
+// kPaddedOrPacked false: a dense call without key padding, whose lengths stay the params' and
+// whose mask has no padding row, so that the compiler drops every padding and varlen step.
+template <bool kPaddedOrPacked>
 __device__ __forceinline__ Sequence sequence_of(const AttentionParams& params, int batch) {
-  if (params.cu_seqlens_q == nullptr) {
+  if constexpr (kPaddedOrPacked) {
+    if (params.cu_seqlens_q != nullptr) {
+      const int q_row0 = params.cu_seqlens_q[batch];
+      const int k_row0 = params.cu_seqlens_k[batch];
+      return {0, q_row0, k_row0,
+              {params.cu_seqlens_q[batch + 1] - q_row0, params.cu_seqlens_k[batch + 1] - k_row0, params.causal,
+               nullptr}};
+    }
     const bool* const padding = params.key_padding_mask == nullptr
                                     ? nullptr
                                     : params.key_padding_mask + batch * params.key_padding_mask_batch_stride;
     return {batch, 0, 0, {params.seqlen_q, params.seqlen_k, params.causal, padding}};
   }
-  const int q_row0 = params.cu_seqlens_q[batch];
-  const int k_row0 = params.cu_seqlens_k[batch];
-  return {0, q_row0, k_row0,
-          {params.cu_seqlens_q[batch + 1] - q_row0, params.cu_seqlens_k[batch + 1] - k_row0, params.causal, nullptr}};
+  return {batch, 0, 0, {params.seqlen_q, params.seqlen_k, params.causal, nullptr}};
 }
 
 // Offset of (head, the sequence's first row) in lse and delta.
@@ -108,7 +115,7 @@ __device__ __forceinline__ int64_t row_values_offset(const AttentionParams& para
 
 // The key/value head query head `head` reads.
 __device__ __forceinline__ int kv_head_of(const AttentionParams& params, int head) {
-  return head / (params.heads / params.kv_heads);
+  return head / params.group;
 }
 
 // Sets hidden scores of one warp's 16 x 8*kNTiles accumulator (C layout of mma.cuh) to -inf.
@@ -126,7 +133,9 @@ __device__ __forceinline__ void hide_masked_scores(float (&scores)[kNTiles][4], 
       const int col = col0 + 8 * n + 2 * (lane % 4) + i % 2;
       const int query = kRowsAreKeys ? col : row;
       const int key = kRowsAreKeys ? row : col;
-      if (!mask.visible(query, key) || !keys.is_real(key)) scores[n][i] = -INFINITY;
+      // The padding test is compiled out of the kernels without padding (a null key_is_real).
+      const bool padding = mask.key_is_real != nullptr && !keys.is_real(key);
+      if (!mask.visible(query, key) || padding) scores[n][i] = -INFINITY;
     }
   }
 }

@@ -25,7 +25,7 @@ int fae_params_layout(long long* offsets, int count) {
       offsetof(AttentionParams, lse_head_stride), offsetof(AttentionParams, dout),
       offsetof(AttentionParams, delta),   offsetof(AttentionParams, key_padding_mask),
       offsetof(AttentionParams, cu_seqlens_q), offsetof(AttentionParams, batch),
-      offsetof(AttentionParams, kv_heads), offsetof(AttentionParams, softmax_scale),
+      offsetof(AttentionParams, group), offsetof(AttentionParams, softmax_scale),
       offsetof(AttentionParams, causal),  offsetof(AttentionParams, element_type),
   };
   const int n = static_cast<int>(sizeof all / sizeof all[0]);
