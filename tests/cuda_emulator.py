@@ -194,10 +194,3 @@ if LIB is not None:
 
     ops.register_fused_op("fused_attention_emulated::fwd", "fused_attention_emulated::bwd", emulated_backward)
 
-
-def flash_attention(q, k, v, causal=False, softmax_scale=None, return_lse=False):
-    """attention.flash_attention's contract, on the emulated CUDA kernels."""
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    fix = lambda t: t if t.size(-1) == 1 or t.stride(-1) == 1 else t.contiguous()
-    o, lse = torch.ops.fused_attention_emulated.fwd(fix(q), fix(k), fix(v), causal, scale, None, None, None, 0, 0)
-    return (o, lse) if return_lse else o
