@@ -495,6 +495,9 @@ def padding_patterns(n_k):
     return mask.to(DEVICE)
 
 
+# Padding keys are unmasked in the dK/dV loops: their rows may turn inf/NaN (numpy warns under the
+# interpreter), rows the kernel never stores.
+@pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered in exp2")
 @pytest.mark.parametrize("dtype, deterministic", BACKWARDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("n_q, n_k", [(33, 70), (40, 17)], ids=str)

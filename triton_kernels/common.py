@@ -261,10 +261,9 @@ def batch_stride(x, varlen):
     return 0 if varlen else x.stride(0)
 
 
-def new_rows(batch, heads, n_rows, head_dim, varlen, like, dtype=None):
-    """A new (batch, heads, n_rows, head_dim) tensor: contiguous, or in varlen (batch 1) the 4-D view of a
-    contiguous (n_rows, heads, head_dim) tensor, flash-attn's packed layout."""
-    dtype = dtype or like.dtype
+def new_rows(batch, heads, n_rows, head_dim, varlen, like):
+    """A new (batch, heads, n_rows, head_dim) tensor with like's dtype and device: contiguous, or in varlen
+    (batch 1) the 4-D view of a contiguous (n_rows, heads, head_dim) tensor, flash-attn's packed layout."""
     if varlen:
-        return torch.empty((n_rows, heads, head_dim), device=like.device, dtype=dtype).transpose(0, 1).unsqueeze(0)
-    return torch.empty((batch, heads, n_rows, head_dim), device=like.device, dtype=dtype)
+        return like.new_empty((n_rows, heads, head_dim)).transpose(0, 1).unsqueeze(0)
+    return like.new_empty((batch, heads, n_rows, head_dim))

@@ -9,9 +9,10 @@ the transposes (``tt.trans`` in TTGIR), those of matmul results costing a round 
     python -m attention.triton_kernels.resources --json FILE     # the same as JSON (the compile gate reads it)
 
 Each kernel is compiled at head dims 64, 128 and 256 with the configs it keeps for that head dim
-(KernelConfigs.for_head_dim), and its key-padding and varlen variants at head dim 128 (VARIANTS). The compile gate (tests/test_triton_compile.py) checks the results; the
-config lists were chosen from this table. Must run without TRITON_INTERPRET=1 (under it, the kernels are
-the interpreter's and cannot be compiled).
+(KernelConfigs.for_head_dim), and its key-padding and varlen variants at head dim 128 (VARIANTS). The
+compile gate (tests/test_triton_compile.py) checks the results; the config lists were chosen from this
+table. Must run without TRITON_INTERPRET=1 (under it, the kernels are the interpreter's and cannot be
+compiled).
 """
 import argparse
 import contextlib
@@ -48,8 +49,8 @@ KERNELS = {
     "dq": (backward._dq_kernel, backward.DQ_CONFIGS),
 }
 
-# Row statistics are float32, the key padding mask bool, its key bounds and cu_seqlens int32; every other tensor argument has
-# the input dtype.
+# Row statistics are float32, the key padding mask bool, its key bounds and cu_seqlens int32; every other
+# tensor argument has the input dtype.
 POINTER_TYPES = {
     "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACCUM": "*fp32", "KEY_MASK": "*i1", "KEY_BOUNDS": "*i32",
     "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32",
