@@ -145,7 +145,7 @@ def scaled_dot_product_attention(
     mask equal to one, alone or with the bottom-right causal triangle, as Hugging Face models pass
     it: recognised outside torch.compile, at the cost of one comparison and a sync). Otherwise
     (other masks, dropout, other ranks or dtypes, causal with Nq != Nk) torch's own SDPA runs the call;
-    ``explain_sdpa`` says which. A query row whose keys are all masked gives 0 here (torch's SDPA: NaN).
+    ``explain_sdpa`` says which. A query row whose keys are all masked gives 0.
     """
     reasons, padding, causal = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reasons:
