@@ -225,7 +225,7 @@ def test_flash_attention_deterministic_keyword():
         grads[deterministic] = [x.grad for x in leaves]
     for exact, fused in zip(grads[True], grads[False]):
         torch.testing.assert_close(fused, exact, rtol=1e-5, atol=1e-6)
-    torch.library.opcheck(torch.ops.fused_attention_triton.fwd, (q, k, v, True, 0.25, False))
+    torch.library.opcheck(torch.ops.fused_attention_triton.fwd, (q, k, v, True, 0.25, None, None, None, 0, 0, False))
     with pytest.raises(TypeError, match="deterministic must be a bool"):
         attention.flash_attention(q, k, v, deterministic=1)
 
