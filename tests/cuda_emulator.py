@@ -7,6 +7,7 @@ from CPU tensors exactly as csrc/cuda/binding.cpp does from CUDA tensors, and re
 the real ops, so the shared test grid runs the emulated kernels like any backend.
 """
 import ctypes
+import math
 import os
 import pathlib
 
@@ -37,6 +38,9 @@ class AttentionParams(ctypes.Structure):  # mirrors csrc/cuda/params.h
         ("batch", ctypes.c_int), ("heads", ctypes.c_int), ("group", ctypes.c_int), ("seqlen_q", ctypes.c_int),
         ("seqlen_k", ctypes.c_int), ("head_dim", ctypes.c_int), ("softmax_scale", ctypes.c_float),
         ("causal", ctypes.c_bool), ("element_type", ctypes.c_int),
+        ("window_left", ctypes.c_int), ("window_right", ctypes.c_int), ("softcap", ctypes.c_float),
+        ("alibi_slopes", ctypes.c_void_p), ("dropout_keep_threshold", ctypes.c_uint32), ("dropout_scale", ctypes.c_float),
+        ("dropout_seed", ctypes.c_uint64), ("dropout_offset", ctypes.c_uint32),
     ]
 
 
@@ -49,10 +53,12 @@ def _load():
     lib.fae_configure.argtypes = [ctypes.c_int, ctypes.c_ulonglong, ctypes.c_int, ctypes.c_longlong, ctypes.c_double]
     lib.fae_mma_fragment.argtypes = [ctypes.c_char, ctypes.c_int, ctypes.c_int] + [ctypes.POINTER(ctypes.c_int)] * 2
     lib.fae_ldmatrix_fragment.argtypes = [ctypes.c_int] * 3 + [ctypes.POINTER(ctypes.c_int)] * 2
-    offsets = (ctypes.c_longlong * 16)()
-    lib.fae_params_layout(offsets, 16)
+    lib.fae_philox.argtypes = [ctypes.POINTER(ctypes.c_uint32)] * 3
+    offsets = (ctypes.c_longlong * 32)()
+    lib.fae_params_layout(offsets, 32)
     fields = ["q", "o", "lse", "lse_head_stride", "dout", "delta", "key_padding_mask", "cu_seqlens_q", "batch",
-              "group", "softmax_scale", "causal", "element_type"]
+              "group", "softmax_scale", "causal", "element_type", "window_left", "softcap", "alibi_slopes",
+              "dropout_keep_threshold", "dropout_scale", "dropout_seed", "dropout_offset"]
     mirror = [ctypes.sizeof(AttentionParams)] + [getattr(AttentionParams, f).offset for f in fields]
     if list(offsets[: len(mirror)]) != mirror:
         return None, f"AttentionParams mirror is stale: C++ {list(offsets[:len(mirror)])}, Python {mirror}"
@@ -94,12 +100,37 @@ def ldmatrix_fragment(transposed, lane, element):
     return row.value, col.value
 
 
+def philox(counter, key):
+    """The four words of the kernels' Philox4x32-10 (csrc/cuda/philox.cuh) for counter (c0..c3) and key (k0, k1)."""
+    words = (ctypes.c_uint32 * 4)()
+    LIB.fae_philox((ctypes.c_uint32 * 4)(*counter), (ctypes.c_uint32 * 2)(*key), words)
+    return tuple(words)
+
+
 def _strided(t):
     return StridedTensor(t.data_ptr(), t.stride(0), t.stride(1), t.stride(2))
 
 
-def _params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    """What binding.cpp fills from tensors, for dense calls (cu_seqlens None) and varlen ones."""
+INT_MAX = 2**31 - 1
+
+
+def _set_score_options(p, window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset):
+    """binding.cpp's set_score_options: SPEC11's options as params.h holds them."""
+    if alibi_slopes is not None and (alibi_slopes.dtype != torch.float32 or alibi_slopes.shape != (p.batch, p.heads)
+                                     or not alibi_slopes.is_contiguous()):
+        raise ValueError(f"alibi_slopes must be contiguous float32 {(p.batch, p.heads)}")
+    p.window_left, p.window_right = min(window_left, INT_MAX), min(window_right, INT_MAX)
+    p.softcap = softcap
+    p.alibi_slopes = None if alibi_slopes is None else alibi_slopes.data_ptr()
+    p.dropout_keep_threshold = math.floor(dropout_p * 2.0**32)  # in double, as SPEC11 says
+    p.dropout_scale = 1.0 / (1.0 - dropout_p)
+    p.dropout_seed, p.dropout_offset = dropout_seed, dropout_offset
+
+
+def _params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            *score_options):
+    """What binding.cpp fills from tensors, for dense calls (cu_seqlens None) and varlen ones; score_options are
+    SPEC11's (window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset)."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"the CUDA kernels take float16 or bfloat16, got {q.dtype}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -127,6 +158,7 @@ def _params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_s
                 raise ValueError(f"{name} must be a contiguous int32 vector")
         p.batch, p.seqlen_q, p.seqlen_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
         p.cu_seqlens_q, p.cu_seqlens_k = cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr()
+    _set_score_options(p, *score_options)
     return p
 
 
@@ -149,11 +181,20 @@ def _poisoned_like_rows(t, varlen):
     return _poisoned((total, heads, head_dim), t.dtype).transpose(0, 1).unsqueeze(0)
 
 
+def score_options(causal, window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0,
+                  dropout_offset=0):
+    """SPEC11's op arguments from `window_left` to `dropout_offset` for the public API's options (causal passed
+    as the right bound 0)."""
+    left, right = window
+    return left, 0 if causal else right, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset
+
+
 def forward(q, k, v, causal, softmax_scale, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
-            max_seqlen_q=0, max_seqlen_k=0):
-    """(o, lse) of the emulated forward kernel."""
+            max_seqlen_q=0, max_seqlen_k=0, *options):
+    """(o, lse) of the emulated forward kernel. options: the op's, from window_left to dropout_offset; none
+    given, those of score_options(causal)."""
     p = _params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                max_seqlen_k)
+                max_seqlen_k, *(options or score_options(causal)))
     o, lse = _poisoned_like_rows(q, cu_seqlens_q is not None), _poisoned(q.shape[:3], torch.float32)
     p.o, p.lse = _strided(o), lse.data_ptr()
     _check(LIB.fae_forward(ctypes.byref(p)))
@@ -161,9 +202,10 @@ def forward(q, k, v, causal, softmax_scale, key_padding_mask=None, cu_seqlens_q=
 
 
 def backward(dout, q, k, v, o, lse, causal, softmax_scale, key_padding_mask=None, cu_seqlens_q=None,
-             cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+             cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, *options):
+    """(dq, dk, dv) of the emulated backward kernels; options as forward's."""
     p = _params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                max_seqlen_k)
+                max_seqlen_k, *(options or score_options(causal)))
     varlen = cu_seqlens_q is not None
     dq, dk, dv = (_poisoned_like_rows(t, varlen) for t in (q, k, v))
     delta = _poisoned(q.shape[:3], torch.float32)
@@ -178,19 +220,23 @@ if LIB is not None:
     @torch.library.custom_op("fused_attention_emulated::fwd", mutates_args=())
     def emulated_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
                          key_padding_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
-                         cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
-                         max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, window_left: int,
+                         window_right: int, softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
+                         dropout_seed: int, dropout_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         return forward(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                       max_seqlen_k)
+                       max_seqlen_k, window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed,
+                       dropout_offset)
 
     @torch.library.custom_op("fused_attention_emulated::bwd", mutates_args=())
     def emulated_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor, causal: bool, softmax_scale: float,
                           key_padding_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
-                          cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int,
-                          max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int, window_left: int,
+                          window_right: int, softcap: float, alibi_slopes: torch.Tensor | None, dropout_p: float,
+                          dropout_seed: int,
+                          dropout_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return backward(dout, q, k, v, o, lse, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k)
+                        max_seqlen_q, max_seqlen_k, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                        dropout_seed, dropout_offset)
 
     ops.register_fused_op("fused_attention_emulated::fwd", "fused_attention_emulated::bwd", emulated_backward)
-

@@ -47,10 +47,13 @@ KERNELS = {
     "attention_backward_dq_kernel": ("backward dQ", "QueryTileTiles"),
 }
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16"}
-# The kernels' kPaddedOrPacked: compiled with or without key padding and packed sequences.
+# The kernels' kPaddedOrPacked (compiled with or without key padding and packed sequences) and
+# kScoreModifiers (with or without window, softcap, ALiBi and dropout); None: not compiled per case.
 OPTIONS = {"0": "no", "1": "yes", None: "either"}
-# e.g. ..._24attention_forward_kernelI6__halfLi128ELb0EEEvNS_15AttentionParamsEb: kernel<__half, 128, false>
-MANGLED_KERNEL = re.compile(r"(attention_[a-z_]+_kernel)I(6__half|13__nv_bfloat16)(?:Li(\d+)E)?(?:Lb([01])E)?E")
+# e.g. ..._24attention_forward_kernelI6__halfLi128ELb1ELb0EEEvNS_15AttentionParamsEb:
+# kernel<__half, 128, true, false>
+MANGLED_KERNEL = re.compile(
+    r"(attention_[a-z_]+_kernel)I(6__half|13__nv_bfloat16)(?:Li(\d+)E)?(?:Lb([01])E)?(?:Lb([01])E)?E")
 
 
 class Resources(NamedTuple):
@@ -58,6 +61,7 @@ class Resources(NamedTuple):
     dtype: str
     head_dim: int  # 0: the kernel does not depend on it
     padded_or_packed: str  # "yes", "no", or "either" for a kernel not compiled per case
+    score_modifiers: str  # the same
     arch: str
     registers: int
     stack_bytes: int
@@ -67,8 +71,8 @@ class Resources(NamedTuple):
     dynamic_smem_bytes: int
 
 
-COLUMNS = ["kernel", "dtype", "head dim", "padding or varlen", "arch", "registers", "stack (B)", "spill stores (B)", "spill loads (B)",
-           "static smem (B)", "dynamic smem (B)"]
+COLUMNS = ["kernel", "dtype", "head dim", "padding or varlen", "score modifiers", "arch", "registers", "stack (B)",
+           "spill stores (B)", "spill loads (B)", "static smem (B)", "dynamic smem (B)"]
 
 
 def nvcc_version():
@@ -104,14 +108,15 @@ def parse_ptxas(output, smem_bytes):
         mangled, arch = re.match(r"(\S+)' for '(\w+)'", block).groups()
         match = MANGLED_KERNEL.search(mangled)
         assert match, f"a kernel this test cannot name: {mangled}"
-        name, dtype, head_dim, padded_or_packed = match.groups()
+        name, dtype, head_dim, padded_or_packed, score_modifiers = match.groups()
         kernel, tiles = KERNELS[name]
         head_dim = int(head_dim or 0)
         stack, stores, loads = map(int, re.search(
             r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", block).groups())
         registers = int(re.search(r"Used (\d+) registers", block).group(1))
         static_smem = re.search(r"(\d+) bytes smem", block)
-        rows.append(Resources(kernel, DTYPES[dtype], head_dim, OPTIONS[padded_or_packed], arch, registers, stack, stores, loads,
+        rows.append(Resources(kernel, DTYPES[dtype], head_dim, OPTIONS[padded_or_packed], OPTIONS[score_modifiers], arch,
+                              registers, stack, stores, loads,
                               int(static_smem.group(1)) if static_smem else 0,
                               smem_bytes[tiles, head_dim] if tiles else 0))
     return rows
@@ -119,7 +124,8 @@ def parse_ptxas(output, smem_bytes):
 
 def table_text(rows, version):
     order = {kernel: i for i, (kernel, _) in enumerate(KERNELS.values())}
-    rows = sorted(rows, key=lambda r: (order[r.kernel], r.dtype != "fp16", r.head_dim, r.padded_or_packed, r.arch))
+    rows = sorted(rows, key=lambda r: (order[r.kernel], r.dtype != "fp16", r.head_dim, r.padded_or_packed,
+                                       r.score_modifiers, r.arch))
     lines = [
         "# Resources of the CUDA kernels",
         "",

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -41,6 +42,11 @@ StridedTensor strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), 
 // Which calls are varlen: both cu_seqlens given (checks.h has checked they come together).
 bool is_varlen(const std::optional<at::Tensor>& cu_seqlens_q) { return cu_seqlens_q.has_value(); }
 
+// Batch elements, or sequences when varlen: what the grid and alibi_slopes count.
+int64_t batch_size(const at::Tensor& q, const std::optional<at::Tensor>& cu_seqlens_q) {
+  return is_varlen(cu_seqlens_q) ? cu_seqlens_q->numel() - 1 : q.size(0);
+}
+
 // What the CUDA kernels need beyond the shared checks of checks.h.
 void check_cuda_requirements(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& cu_seqlens_q, int64_t max_seqlen_q,
@@ -50,7 +56,7 @@ void check_cuda_requirements(const at::Tensor& q, const at::Tensor& k, const at:
               "cuda backend: q must be float16 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK(q.size(3) <= kCudaMaxHeadDim, "cuda backend: head_dim must be at most ", kCudaMaxHeadDim, ", got ",
               q.size(3));
-  const int64_t batch = is_varlen(cu_seqlens_q) ? cu_seqlens_q->numel() - 1 : q.size(0);
+  const int64_t batch = batch_size(q, cu_seqlens_q);
   TORCH_CHECK(batch <= kMaxGridDim && q.size(1) <= kMaxGridDim,
               "cuda backend: batch (sequences) and heads must be at most ", kMaxGridDim, ", got ", batch,
               " and q of shape ", q.sizes());
@@ -66,6 +72,24 @@ void check_cuda_requirements(const at::Tensor& q, const at::Tensor& k, const at:
   check_contiguous_rows("q", q);
   check_contiguous_rows("k", k);
   check_contiguous_rows("v", v);
+}
+
+// The score modifiers of SPEC11 as the kernels take them (params.h); check_score_options has
+// checked their values, types and shapes.
+void set_score_options(AttentionParams& params, int64_t window_left, int64_t window_right, double softcap,
+                       const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t dropout_seed,
+                       int64_t dropout_offset) {
+  // Bounds beyond int32 reach past any sequence: int32's largest is as unbounded as they are.
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  params.window_left = static_cast<int>(std::min(window_left, kIntMax));
+  params.window_right = static_cast<int>(std::min(window_right, kIntMax));
+  params.softcap = static_cast<float>(softcap);
+  params.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
+  // floor(p * 2^32) in double, below 2^32 for p < 1 (SPEC11); p == 0 gives 0, dropout off.
+  params.dropout_keep_threshold = static_cast<uint32_t>(std::floor(dropout_p * 4294967296.0));
+  params.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  params.dropout_seed = static_cast<uint64_t>(dropout_seed);
+  params.dropout_offset = static_cast<uint32_t>(dropout_offset);
 }
 
 // The parts of the params every call shares; outputs and backward-only fields are set by the caller.
@@ -111,13 +135,15 @@ at::Tensor empty_rows_like(const at::Tensor& like, bool varlen) {
   return at::empty({like.size(2), like.size(1), like.size(3)}, like.options()).transpose(0, 1).unsqueeze(0);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                bool causal, double softmax_scale,
-                                                const std::optional<at::Tensor>& key_padding_mask,
-                                                const std::optional<at::Tensor>& cu_seqlens_q,
-                                                const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                                                int64_t max_seqlen_k) {
+std::tuple<at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double softmax_scale,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    int64_t dropout_seed, int64_t dropout_offset) {
   check_attention_inputs(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  check_score_options(q, k, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                      batch_size(q, cu_seqlens_q));
   check_cuda_requirements(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard device_guard(q.device());
   at::Tensor o = empty_rows_like(q, is_varlen(cu_seqlens_q));
@@ -125,6 +151,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, const at::T
 
   AttentionParams params = make_params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                                        max_seqlen_q, max_seqlen_k);
+  set_score_options(params, window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed,
+                    dropout_offset);
   params.o = strided(o);
   params.lse = lse.data_ptr<float>();
   C10_CUDA_CHECK(launch_attention_forward(params, at::cuda::getCurrentCUDAStream()));
@@ -135,8 +163,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
     const at::Tensor& lse, bool causal, double softmax_scale, const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k) {
+    int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t dropout_seed, int64_t dropout_offset) {
   check_backward_inputs(dout, q, k, v, o, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  check_score_options(q, k, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                      batch_size(q, cu_seqlens_q));
   check_cuda_requirements(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard device_guard(q.device());
   // A gradient may arrive with any strides (the expanded gradient of o.sum(), say): copy only then.
@@ -152,6 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 
   AttentionParams params = make_params(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                                        max_seqlen_q, max_seqlen_k);
+  set_score_options(params, window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed,
+                    dropout_offset);
   params.o = strided(o_rows);
   params.lse = lse_contiguous.data_ptr<float>();
   params.dout = strided(dout_rows);

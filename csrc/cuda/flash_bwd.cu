@@ -6,7 +6,10 @@
 //   3. per query tile: dQ = scale * dS K, looping over key tiles;
 // where P = exp(scale * Q K^T - lse) is recomputed from the forward's logsumexp and
 // dS = P * (dO V^T - delta). Kernels 2 and 3 both recompute P and dO V^T: that costs two extra
-// products but keeps every output written by exactly one block.
+// products but keeps every output written by exactly one block. Both visit only the tiles the
+// causal diagonal or sliding window can make visible. With score modifiers (score_modifiers.cuh)
+// they recompute the modified scores and the dropout keep-mask, and fold dropout's 1 / (1 - p)
+// and softcap's derivative into dS (and the former into dV).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -17,6 +20,7 @@
 #include "mma.cuh"
 #include "params.h"
 #include "runtime.cuh"
+#include "score_modifiers.cuh"
 #include "scores.cuh"
 #include "tile_io.cuh"
 #include "tiles.h"
@@ -55,7 +59,7 @@ __global__ void __launch_bounds__(32 * kDeltaWarps)
   }
 }
 
-template <typename T, int kHeadDim, bool kPaddedOrPacked>
+template <typename T, int kHeadDim, bool kPaddedOrPacked, bool kScoreModifiers>
 __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
     attention_backward_dk_dv_kernel(const __grid_constant__ AttentionParams params, bool chunked) {
   using Tiles = KeyTileTiles<kHeadDim>;
@@ -88,9 +92,10 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
   const int head_dim = params.head_dim;
   const int group = params.group;
 
-  // Causal: key n0 is seen by queries i >= n0 - (seqlen_k - seqlen_q); start at that i's tile.
-  const int query_begin = params.causal ? max(0, n0 - (seqlen_k - seqlen_q)) / kBlockM * kBlockM : 0;
-  const int query_tiles = query_begin < seqlen_q ? ceil_div(seqlen_q - query_begin, kBlockM) : 0;
+  // Only the queries that can see one of the block's keys, from the start of the first one's tile.
+  const int query_begin = mask.query_begin<kScoreModifiers>(n0) / kBlockM * kBlockM;
+  const int query_end = mask.query_end<kScoreModifiers>(n0, kBlockN);
+  const int query_tiles = query_begin < query_end ? ceil_div(query_end - query_begin, kBlockM) : 0;
   // The block walks the query tiles of each query head of its group in turn (steps), summing
   // their contributions to dK and dV in order. A block of padding keys alone has nothing to sum.
   const KeyTile keys = mask.key_tile<kBlockN>(n0);
@@ -143,35 +148,57 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
     // lse and delta vary along the columns here.
     float scores[kBlockM / 8][4] = {};
     warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockM>(scores, k_tile, strip_row0, q_tile, 0);
+    if constexpr (kScoreModifiers) {
+      // dP^T first, so that one pass over the elements makes both P^T (dropped) and dS^T, with
+      // softcap's derivative at hand; then dV += P^T dO and dK += dS^T Q.
+      float ds[kBlockM / 8][4] = {};
+      warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockM>(ds, v_tile, strip_row0, do_tile, 0);
+      const int head = kv_head * group + step / query_tiles;
+      const DropoutMask dropout = dropout_mask_of(params, blockIdx.z, head);
+      const uint32_t keep = dropout.enabled() ? dropout.keep_bits<true, kBlockM / 8>(n0 + strip_row0, m0) : ~0u;
+      const int column = 2 * (lane % 4);
+      recompute_gradient_scores<true>(
+          scores, ds, n0 + strip_row0, m0, score_modifiers_of(params, mask, blockIdx.z, head), mask, keys,
+          mask.block_needs_mask<kBlockN, true>(m0, kBlockM, keys), keep, params.dropout_scale,
+          [&](int n, int i) { return lse_log2[8 * n + column + i % 2]; },
+          [&](int n, int i) { return delta_tile[8 * n + column + i % 2]; });
+      uint32_t p_fragments[kBlockM / 16][4];
+      accumulator_to_a_fragments<T, kBlockM>(p_fragments, scores);
+      uint32_t ds_fragments[kBlockM / 16][4];
+      accumulator_to_a_fragments<T, kBlockM>(ds_fragments, ds);
+      warp_gemm_registers_by_tile<T, kHeadDim, kBlockM, kSliceCols>(dv, p_fragments, do_tile, 0, slice_col0);
+      warp_gemm_registers_by_tile<T, kHeadDim, kBlockM, kSliceCols>(dk, ds_fragments, q_tile, 0, slice_col0);
+    } else {
 #pragma unroll
-    for (int n = 0; n < kBlockM / 8; ++n) {
+      for (int n = 0; n < kBlockM / 8; ++n) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) scores[n][i] = scores[n][i] * scale_log2 - lse_log2[8 * n + 2 * (lane % 4) + i % 2];
-    }
-    if (mask.block_needs_mask<kBlockN>(m0, kBlockM, keys)) {
-      hide_masked_scores<true>(scores, n0 + strip_row0, m0, mask, keys);
-    }
-    // P^T = exp2(scores), kept in `scores`; dV += P^T dO.
+        for (int i = 0; i < 4; ++i) scores[n][i] = scores[n][i] * scale_log2 - lse_log2[8 * n + 2 * (lane % 4) + i % 2];
+      }
+      if (mask.block_needs_mask<kBlockN>(m0, kBlockM, keys)) {
+        hide_masked_scores<true>(scores, n0 + strip_row0, m0, mask, keys);
+      }
+      // P^T = exp2(scores), kept in `scores`; dV += P^T dO.
 #pragma unroll
-    for (int n = 0; n < kBlockM / 8; ++n) {
+      for (int n = 0; n < kBlockM / 8; ++n) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) scores[n][i] = exp2f(scores[n][i]);
-    }
-    uint32_t p_fragments[kBlockM / 16][4];
-    accumulator_to_a_fragments<T, kBlockM>(p_fragments, scores);
-    warp_gemm_registers_by_tile<T, kHeadDim, kBlockM, kSliceCols>(dv, p_fragments, do_tile, 0, slice_col0);
+        for (int i = 0; i < 4; ++i) scores[n][i] = exp2f(scores[n][i]);
+      }
+      uint32_t p_fragments[kBlockM / 16][4];
+      accumulator_to_a_fragments<T, kBlockM>(p_fragments, scores);
+      warp_gemm_registers_by_tile<T, kHeadDim, kBlockM, kSliceCols>(dv, p_fragments, do_tile, 0, slice_col0);
 
-    // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta) in place; dK += dS^T Q.
-    float ds[kBlockM / 8][4] = {};
-    warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockM>(ds, v_tile, strip_row0, do_tile, 0);
+      // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta) in place; dK += dS^T Q.
+      float ds[kBlockM / 8][4] = {};
+      warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockM>(ds, v_tile, strip_row0, do_tile, 0);
 #pragma unroll
-    for (int n = 0; n < kBlockM / 8; ++n) {
+      for (int n = 0; n < kBlockM / 8; ++n) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) ds[n][i] = scores[n][i] * (ds[n][i] - delta_tile[8 * n + 2 * (lane % 4) + i % 2]);
+        for (int i = 0; i < 4; ++i) ds[n][i] = scores[n][i] * (ds[n][i] - delta_tile[8 * n + 2 * (lane % 4) + i % 2]);
+      }
+      uint32_t ds_fragments[kBlockM / 16][4];
+      accumulator_to_a_fragments<T, kBlockM>(ds_fragments, ds);
+      warp_gemm_registers_by_tile<T, kHeadDim, kBlockM, kSliceCols>(dk, ds_fragments, q_tile, 0, slice_col0);
     }
-    uint32_t ds_fragments[kBlockM / 16][4];
-    accumulator_to_a_fragments<T, kBlockM>(ds_fragments, ds);
-    warp_gemm_registers_by_tile<T, kHeadDim, kBlockM, kSliceCols>(dk, ds_fragments, q_tile, 0, slice_col0);
     __syncthreads();
   }
   // Completes the first stage's copies when there was no step, before K and V are reused.
@@ -180,7 +207,9 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
 
   store_accumulator<T, kHeadDim, kSliceCols / 8>(k_tile, strip_row0, slice_col0, dk, params.softmax_scale,
                                                  params.softmax_scale);
-  store_accumulator<T, kHeadDim, kSliceCols / 8>(v_tile, strip_row0, slice_col0, dv, 1.f, 1.f);
+  // dV = P^T dO with dropout's 1 / (1 - p) (1 without dropout).
+  const float dv_scale = kScoreModifiers ? params.dropout_scale : 1.f;
+  store_accumulator<T, kHeadDim, kSliceCols / 8>(v_tile, strip_row0, slice_col0, dv, dv_scale, dv_scale);
   __syncthreads();
   store_tile<kBlockN, kHeadDim, kThreads>(row_pointer(params.dk, sequence.batch, kv_head, sequence.k_row0 + n0),
                                           params.dk.row_stride, seqlen_k - n0, head_dim, k_tile, chunked);
@@ -188,7 +217,7 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
                                           params.dv.row_stride, seqlen_k - n0, head_dim, v_tile, chunked);
 }
 
-template <typename T, int kHeadDim, bool kPaddedOrPacked>
+template <typename T, int kHeadDim, bool kPaddedOrPacked, bool kScoreModifiers>
 __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
     attention_backward_dq_kernel(const __grid_constant__ AttentionParams params, bool chunked) {
   using Tiles = QueryTileTiles<kHeadDim>;
@@ -215,8 +244,7 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
   const int warp_row0 = 16 * warp;
   const int head_dim = params.head_dim;
 
-  const int key_end = params.causal ? max(0, min(seqlen_k, m0 + kBlockM + seqlen_k - seqlen_q)) : seqlen_k;
-  const int key_tiles = ceil_div(key_end, kBlockN);
+  const int key_tiles = ceil_div(mask.key_end<kScoreModifiers>(m0, kBlockM), kBlockN);
 
   const int kv_head = kv_head_of(params, head);
   const uint16_t* const k_rows = row_pointer(params.k, sequence.batch, kv_head, sequence.k_row0);
@@ -233,7 +261,7 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
                                          params.q.row_stride, seqlen_q - m0, head_dim, chunked);
   load_tile<kBlockM, kHeadDim, kThreads>(do_tile, row_pointer(params.dout, sequence.batch, head, sequence.q_row0 + m0),
                                          params.dout.row_stride, seqlen_q - m0, head_dim, chunked);
-  int tile = mask.next_key_tile<kBlockN>(0, key_tiles);
+  int tile = mask.next_key_tile<kBlockN>(mask.key_begin<kScoreModifiers>(m0) / kBlockN, key_tiles);
   if (tile < key_tiles) load_kv_stage(tile, 0);
   cp_async_commit();
 
@@ -252,6 +280,12 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
   }
 
   const float scale_log2 = params.softmax_scale * kLog2e;
+  ScoreModifiers modifiers{};
+  DropoutMask dropout{};
+  if constexpr (kScoreModifiers) {
+    modifiers = score_modifiers_of(params, mask, blockIdx.z, head);
+    dropout = dropout_mask_of(params, blockIdx.z, head);
+  }
   float dq[kHeadDim / 8][4] = {};
 
   for (int stage = 0; tile < key_tiles; stage ^= 1) {
@@ -270,20 +304,29 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
     float dp[kBlockN / 8][4] = {};
     warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockN>(dp, do_tile, warp_row0, v_tile, 0);
 
-#pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) scores[n][i] = scores[n][i] * scale_log2 - lse_log2[i / 2];
-    }
     const KeyTile keys = mask.key_tile<kBlockN>(n0);
-    if (mask.block_needs_mask<kBlockN>(m0, kBlockM, keys)) {
-      hide_masked_scores<false>(scores, m0 + warp_row0, n0, mask, keys);
-    }
-    // dS = P * (dP - delta), kept in `dp`.
+    if constexpr (kScoreModifiers) {
+      // dS (with dropout and softcap's derivative), kept in `dp`.
+      const uint32_t keep = dropout.enabled() ? dropout.keep_bits<false, kBlockN / 8>(m0 + warp_row0, n0) : ~0u;
+      recompute_gradient_scores<false>(scores, dp, m0 + warp_row0, n0, modifiers, mask, keys,
+                                       mask.block_needs_mask<kBlockN, true>(m0, kBlockM, keys), keep,
+                                       params.dropout_scale, [&](int, int i) { return lse_log2[i / 2]; },
+                                       [&](int, int i) { return row_delta[i / 2]; });
+    } else {
 #pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
+      for (int n = 0; n < kBlockN / 8; ++n) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) dp[n][i] = exp2f(scores[n][i]) * (dp[n][i] - row_delta[i / 2]);
+        for (int i = 0; i < 4; ++i) scores[n][i] = scores[n][i] * scale_log2 - lse_log2[i / 2];
+      }
+      if (mask.block_needs_mask<kBlockN>(m0, kBlockM, keys)) {
+        hide_masked_scores<false>(scores, m0 + warp_row0, n0, mask, keys);
+      }
+      // dS = P * (dP - delta), kept in `dp`.
+#pragma unroll
+      for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dp[n][i] = exp2f(scores[n][i]) * (dp[n][i] - row_delta[i / 2]);
+      }
     }
 
     uint32_t ds_fragments[kBlockN / 16][4];
@@ -303,7 +346,7 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
                                           params.dq.row_stride, seqlen_q - m0, head_dim, q_tile, chunked);
 }
 
-template <typename T, int kHeadDim, bool kPaddedOrPacked>
+template <typename T, int kHeadDim, bool kPaddedOrPacked, bool kScoreModifiers>
 cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) {
   const int head_dim = params.head_dim;
   const bool chunked = allows_16_byte_chunks(params.q, head_dim) && allows_16_byte_chunks(params.k, head_dim) &&
@@ -320,7 +363,7 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
   }
   if (params.seqlen_k > 0) {
     using Tiles = KeyTileTiles<kHeadDim>;
-    auto kernel = attention_backward_dk_dv_kernel<T, kHeadDim, kPaddedOrPacked>;
+    auto kernel = attention_backward_dk_dv_kernel<T, kHeadDim, kPaddedOrPacked, kScoreModifiers>;
     cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
     if (error != cudaSuccess) return error;
     const dim3 grid(ceil_div(params.seqlen_k, Tiles::kBlockN), params.heads / params.group, params.batch);
@@ -329,7 +372,7 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
   }
   if (params.seqlen_q > 0) {
     using Tiles = QueryTileTiles<kHeadDim>;
-    auto kernel = attention_backward_dq_kernel<T, kHeadDim, kPaddedOrPacked>;
+    auto kernel = attention_backward_dq_kernel<T, kHeadDim, kPaddedOrPacked, kScoreModifiers>;
     cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
     if (error != cudaSuccess) return error;
     const dim3 grid(ceil_div(params.seqlen_q, Tiles::kBlockM), params.heads, params.batch);
@@ -341,12 +384,13 @@ cudaError_t launch_backward(const AttentionParams& params, cudaStream_t stream) 
 
 }  // namespace
 
-cudaError_t launch_attention_backward(const AttentionParams& params, cudaStream_t stream) {
+cudaError_t launch_attention_backward(const AttentionParams& given_params, cudaStream_t stream) {
+  const AttentionParams params = with_canonical_window(given_params);
   if (params.batch == 0 || params.heads == 0 || (params.seqlen_q == 0 && params.seqlen_k == 0)) return cudaSuccess;
   return dispatch_element_type_and_head_dim(params, [&](auto element, auto head_dim) {
-    return dispatch_padded_or_packed(params, [&](auto padded_or_packed) {
+    return dispatch_kernel_variant(params, [&](auto padded_or_packed, auto score_modifiers) {
       return launch_backward<typename decltype(element)::type, decltype(head_dim)::value,
-                             decltype(padded_or_packed)::value>(params, stream);
+                             decltype(padded_or_packed)::value, decltype(score_modifiers)::value>(params, stream);
     });
   });
 }

@@ -2,8 +2,11 @@
 //
 // One thread block per (64-query tile, query head, batch element); each of its 4 warps owns 16
 // query rows. The K and V tiles of the head's key/value head stream through shared memory,
-// double-buffered with cp.async, skipping tiles of padding alone, while the warps keep their
-// rows' running max, running sum and output accumulator in registers (online softmax).
+// double-buffered with cp.async, skipping tiles of padding alone and tiles outside the causal
+// diagonal or sliding window, while the warps keep their rows' running max, running sum and
+// output accumulator in registers (online softmax). With score modifiers (score_modifiers.cuh)
+// the scores are soft-capped and biased before the softmax, and dropout zeroes probabilities
+// after it (the row sum, hence lse, keeps them).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -14,6 +17,7 @@
 #include "mma.cuh"
 #include "params.h"
 #include "runtime.cuh"
+#include "score_modifiers.cuh"
 #include "scores.cuh"
 #include "tile_io.cuh"
 #include "tiles.h"
@@ -61,7 +65,7 @@ __device__ __forceinline__ void online_softmax_step(float (&scores)[kNTiles][4],
   }
 }
 
-template <typename T, int kHeadDim, bool kPaddedOrPacked>
+template <typename T, int kHeadDim, bool kPaddedOrPacked, bool kScoreModifiers>
 __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
     attention_forward_kernel(const __grid_constant__ AttentionParams params, bool chunked) {
   using Tiles = ForwardTiles<kHeadDim>;
@@ -87,9 +91,7 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
   const int warp_row0 = 16 * warp;  // first row of this warp inside the block
   const int head_dim = params.head_dim;
 
-  // Causal: the block's last query sees keys up to m0 + kBlockM - 1 + seqlen_k - seqlen_q.
-  const int key_end = params.causal ? max(0, min(seqlen_k, m0 + kBlockM + seqlen_k - seqlen_q)) : seqlen_k;
-  const int key_tiles = ceil_div(key_end, kBlockN);
+  const int key_tiles = ceil_div(mask.key_end<kScoreModifiers>(m0, kBlockM), kBlockN);
 
   const int kv_head = kv_head_of(params, head);
   const uint16_t* const k_rows = row_pointer(params.k, sequence.batch, kv_head, sequence.k_row0);
@@ -104,11 +106,17 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
 
   load_tile<kBlockM, kHeadDim, kThreads>(q_tile, row_pointer(params.q, sequence.batch, head, sequence.q_row0 + m0),
                                          params.q.row_stride, seqlen_q - m0, head_dim, chunked);
-  int tile = mask.next_key_tile<kBlockN>(0, key_tiles);
+  int tile = mask.next_key_tile<kBlockN>(mask.key_begin<kScoreModifiers>(m0) / kBlockN, key_tiles);
   if (tile < key_tiles) load_kv_stage(tile, 0);
   cp_async_commit();
 
   const float scale_log2 = params.softmax_scale * kLog2e;
+  ScoreModifiers modifiers{};
+  DropoutMask dropout{};
+  if constexpr (kScoreModifiers) {
+    modifiers = score_modifiers_of(params, mask, blockIdx.z, head);
+    dropout = dropout_mask_of(params, blockIdx.z, head);
+  }
   float output[kHeadDim / 8][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
@@ -128,16 +136,24 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
 
     float scores[kBlockN / 8][4] = {};
     warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockN>(scores, q_tile, warp_row0, k_tile, 0);
-#pragma unroll
-    for (int n = 0; n < kBlockN / 8; ++n) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) scores[n][i] *= scale_log2;
-    }
     const KeyTile keys = mask.key_tile<kBlockN>(n0);
-    if (mask.block_needs_mask<kBlockN>(m0, kBlockM, keys)) {
-      hide_masked_scores<false>(scores, m0 + warp_row0, n0, mask, keys);
+    if constexpr (kScoreModifiers) {
+      modify_scores<false>(scores, m0 + warp_row0, n0, modifiers, mask, keys,
+                           mask.block_needs_mask<kBlockN, true>(m0, kBlockM, keys));
+    } else {
+#pragma unroll
+      for (int n = 0; n < kBlockN / 8; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) scores[n][i] *= scale_log2;
+      }
+      if (mask.block_needs_mask<kBlockN>(m0, kBlockM, keys)) {
+        hide_masked_scores<false>(scores, m0 + warp_row0, n0, mask, keys);
+      }
     }
     online_softmax_step(scores, row_max, row_sum, output);
+    if constexpr (kScoreModifiers) {
+      if (dropout.enabled()) drop(scores, dropout.keep_bits<false, kBlockN / 8>(m0 + warp_row0, n0));
+    }
 
     uint32_t probabilities[kBlockN / 16][4];
     accumulator_to_a_fragments<T, kBlockN>(probabilities, scores);
@@ -159,6 +175,8 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
     // sum >= 1 as soon as the row saw one visible key (its max contributes exp2(0)).
     const bool has_key = sum > 0.f;
     inverse_sum[half] = has_key ? 1.f / sum : 0.f;
+    // Dropout's 1 / (1 - p), folded into the normalization (1 without dropout).
+    if constexpr (kScoreModifiers) inverse_sum[half] *= params.dropout_scale;
     lse[half] = has_key ? (row_max[half] + log2f(sum)) * kLn2 : -INFINITY;
   }
 
@@ -177,14 +195,14 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
                                           seqlen_q - m0, head_dim, q_tile, chunked);
 }
 
-template <typename T, int kHeadDim, bool kPaddedOrPacked>
+template <typename T, int kHeadDim, bool kPaddedOrPacked, bool kScoreModifiers>
 cudaError_t launch_forward(const AttentionParams& params, cudaStream_t stream) {
   using Tiles = ForwardTiles<kHeadDim>;
   const bool chunked = allows_16_byte_chunks(params.q, params.head_dim) &&
                        allows_16_byte_chunks(params.k, params.head_dim) &&
                        allows_16_byte_chunks(params.v, params.head_dim) &&
                        allows_16_byte_chunks(params.o, params.head_dim);
-  auto kernel = attention_forward_kernel<T, kHeadDim, kPaddedOrPacked>;
+  auto kernel = attention_forward_kernel<T, kHeadDim, kPaddedOrPacked, kScoreModifiers>;
   cudaError_t error = allow_dynamic_shared_memory(kernel, Tiles::kSmemBytes);
   if (error != cudaSuccess) return error;
   const dim3 grid(ceil_div(params.seqlen_q, Tiles::kBlockM), params.heads, params.batch);
@@ -193,12 +211,13 @@ cudaError_t launch_forward(const AttentionParams& params, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_attention_forward(const AttentionParams& params, cudaStream_t stream) {
+cudaError_t launch_attention_forward(const AttentionParams& given_params, cudaStream_t stream) {
+  const AttentionParams params = with_canonical_window(given_params);
   if (params.batch == 0 || params.heads == 0 || params.seqlen_q == 0) return cudaSuccess;
   return dispatch_element_type_and_head_dim(params, [&](auto element, auto head_dim) {
-    return dispatch_padded_or_packed(params, [&](auto padded_or_packed) {
+    return dispatch_kernel_variant(params, [&](auto padded_or_packed, auto score_modifiers) {
       return launch_forward<typename decltype(element)::type, decltype(head_dim)::value,
-                            decltype(padded_or_packed)::value>(params, stream);
+                            decltype(padded_or_packed)::value, decltype(score_modifiers)::value>(params, stream);
     });
   });
 }

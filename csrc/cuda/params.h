@@ -56,6 +56,24 @@ struct AttentionParams {
   // Bottom-right aligned within each sequence: query i sees key j iff j <= i + len_k - len_q.
   bool causal;
   ElementType element_type;
+
+  // Score modifiers (SPEC11). With shift = len_k - len_q of the sequence, query i sees key j iff
+  // i + shift - window_left <= j <= i + shift + window_right; -1 leaves that side unbounded, and
+  // causal is window_right == 0 (the launchers make the two agree, see dispatch.cuh).
+  int window_left;
+  int window_right;
+  // When > 0: scores become softcap * tanh(score / softcap) (Gemma-2), before ALiBi.
+  float softcap;
+  // Optional float32 (batch, heads), contiguous: score -= slope[b, h] * |i + shift - j| (BLOOM, MPT).
+  const float* alibi_slopes;
+  // Dropout of the normalized probabilities. Key j of query i (head h, batch element or sequence b)
+  // is kept iff Philox4x32-10 word (philox.cuh) >= dropout_keep_threshold = floor(p * 2^32); kept
+  // ones are scaled by dropout_scale = 1 / (1 - p). A threshold of 0 keeps every key (p < 2^-32,
+  // whose scale rounds to 1 in fp32): dropout off.
+  uint32_t dropout_keep_threshold;
+  float dropout_scale;
+  uint64_t dropout_seed;
+  uint32_t dropout_offset;
 };
 
 }  // namespace fused_attention

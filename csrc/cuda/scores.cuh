@@ -1,5 +1,5 @@
 // Score tiles: the units they are kept in and which of their entries exist (sequence bounds,
-// causality, key padding), per batch element or packed sequence.
+// causality or a sliding window, key padding), per batch element or packed sequence.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,15 +29,60 @@ struct KeyTile {
 // Which (query, key) scores exist: inside both sequences, not hidden by key padding and, when
 // causal, on or below the bottom-right aligned diagonal (query i sees key j iff
 // j <= i + seqlen_k - seqlen_q). Lengths are the batch element's own (per sequence when varlen).
+//
+// kWindowed (the kernels with score modifiers): the sliding window of SPEC11 replaces causality,
+// query i sees key j iff i + shift - window_left <= j <= i + shift + window_right (shift =
+// seqlen_k - seqlen_q, -1 unbounded). The kernels without read only `causal`, so their code is
+// what it was before windows existed.
 struct ScoreMask {
   int seqlen_q;
   int seqlen_k;
   bool causal;
   const bool* key_is_real;  // this batch element's key padding row; null: every key is real
+  int window_left;
+  int window_right;
 
-  // Sequence bounds and causality; padding is the KeyTile's part (visible && tile.is_real).
+  // Sequence bounds and causality or the window; padding is the KeyTile's part (visible &&
+  // tile.is_real).
+  template <bool kWindowed = false>
   __device__ __forceinline__ bool visible(int query, int key) const {
+    if constexpr (kWindowed) {
+      const int diagonal = query + seqlen_k - seqlen_q;
+      return query < seqlen_q && key < seqlen_k && (window_right < 0 || key <= diagonal + window_right) &&
+             (window_left < 0 || key >= diagonal - window_left);
+    }
     return query < seqlen_q && key < seqlen_k && (!causal || key <= query + seqlen_k - seqlen_q);
+  }
+
+  // Keys [key_begin, key_end) hold every key that queries [q0, q0 + rows) can see (SPEC11 step 7):
+  // the forward and dQ kernels visit those key tiles only, so a window costs N * window, not N^2.
+  template <bool kWindowed>
+  __device__ __forceinline__ int key_begin(int q0) const {
+    if constexpr (kWindowed) return window_left < 0 ? 0 : max(0, q0 + seqlen_k - seqlen_q - window_left);
+    return 0;
+  }
+  template <bool kWindowed>
+  __device__ __forceinline__ int key_end(int q0, int rows) const {
+    if constexpr (kWindowed) {
+      return window_right < 0 ? seqlen_k : max(0, min(seqlen_k, q0 + rows + seqlen_k - seqlen_q + window_right));
+    }
+    // Causal: the last query sees keys up to q0 + rows - 1 + seqlen_k - seqlen_q.
+    return causal ? max(0, min(seqlen_k, q0 + rows + seqlen_k - seqlen_q)) : seqlen_k;
+  }
+  // Queries [query_begin, query_end) hold every query that sees one of keys [k0, k0 + cols): the
+  // dK/dV kernel's range.
+  template <bool kWindowed>
+  __device__ __forceinline__ int query_begin(int k0) const {
+    // Key k0 is seen by queries i >= k0 - (seqlen_k - seqlen_q) - right (right 0 when causal).
+    if constexpr (kWindowed) return window_right < 0 ? 0 : max(0, k0 - (seqlen_k - seqlen_q) - window_right);
+    return causal ? max(0, k0 - (seqlen_k - seqlen_q)) : 0;
+  }
+  template <bool kWindowed>
+  __device__ __forceinline__ int query_end(int k0, int cols) const {
+    if constexpr (kWindowed) {
+      return window_left < 0 ? seqlen_q : min(seqlen_q, k0 + cols - (seqlen_k - seqlen_q) + window_left);
+    }
+    return seqlen_q;
   }
 
   // The padding of keys [k0, k0 + kCols), read by a warp vote: every lane of the warp calls it and
@@ -60,12 +105,19 @@ struct ScoreMask {
 
   // Whether the block queries [q0, q0 + rows) x the key tile hides any score, so that blocks
   // strictly inside the visible region skip the per-element test.
-  template <int kCols>
+  template <int kCols, bool kWindowed = false>
   __device__ __forceinline__ bool block_needs_mask(int q0, int rows, const KeyTile& keys) const {
     constexpr uint64_t kAll = kCols == 64 ? ~0ull : (1ull << kCols) - 1;
     const int k0 = keys.k0;
-    return keys.real != kAll || q0 + rows > seqlen_q || k0 + kCols > seqlen_k ||
-           (causal && k0 + kCols - 1 > q0 + seqlen_k - seqlen_q);
+    const bool outside = keys.real != kAll || q0 + rows > seqlen_q || k0 + kCols > seqlen_k;
+    if constexpr (kWindowed) {
+      // The last key against the first query's right bound, the first key against the last
+      // query's left bound.
+      const int shift = seqlen_k - seqlen_q;
+      return outside || (window_right >= 0 && k0 + kCols - 1 > q0 + shift + window_right) ||
+             (window_left >= 0 && k0 < q0 + rows - 1 + shift - window_left);
+    }
+    return outside || (causal && k0 + kCols - 1 > q0 + seqlen_k - seqlen_q);
   }
 
   // The first tile of kCols keys at or after `tile` (below `tiles`) with a real key; `tiles` if
@@ -97,14 +149,16 @@ __device__ __forceinline__ Sequence sequence_of(const AttentionParams& params, i
       const int k_row0 = params.cu_seqlens_k[batch];
       return {0, q_row0, k_row0,
               {params.cu_seqlens_q[batch + 1] - q_row0, params.cu_seqlens_k[batch + 1] - k_row0, params.causal,
-               nullptr}};
+               nullptr, params.window_left, params.window_right}};
     }
     const bool* const padding = params.key_padding_mask == nullptr
                                     ? nullptr
                                     : params.key_padding_mask + batch * params.key_padding_mask_batch_stride;
-    return {batch, 0, 0, {params.seqlen_q, params.seqlen_k, params.causal, padding}};
+    return {batch, 0, 0,
+            {params.seqlen_q, params.seqlen_k, params.causal, padding, params.window_left, params.window_right}};
   }
-  return {batch, 0, 0, {params.seqlen_q, params.seqlen_k, params.causal, nullptr}};
+  return {batch, 0, 0,
+          {params.seqlen_q, params.seqlen_k, params.causal, nullptr, params.window_left, params.window_right}};
 }
 
 // Offset of (head, the sequence's first row) in lse and delta.

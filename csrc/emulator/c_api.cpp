@@ -1,5 +1,6 @@
 // The emulator's C entry points, loaded by tests/cuda_emulator.py with ctypes. They run the
-// unchanged launchers of csrc/cuda (launch_attention_forward / _backward) on host memory.
+// unchanged launchers of csrc/cuda (launch_attention_forward / _backward) on host memory, and the
+// kernels' Philox generator on its own.
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -7,6 +8,7 @@
 
 #include "../cuda/launch.h"
 #include "../cuda/params.h"
+#include "../cuda/philox.cuh"
 #include "execution.h"
 
 using fused_attention::AttentionParams;
@@ -27,6 +29,10 @@ int fae_params_layout(long long* offsets, int count) {
       offsetof(AttentionParams, cu_seqlens_q), offsetof(AttentionParams, batch),
       offsetof(AttentionParams, group), offsetof(AttentionParams, softmax_scale),
       offsetof(AttentionParams, causal),  offsetof(AttentionParams, element_type),
+      offsetof(AttentionParams, window_left), offsetof(AttentionParams, softcap),
+      offsetof(AttentionParams, alibi_slopes), offsetof(AttentionParams, dropout_keep_threshold),
+      offsetof(AttentionParams, dropout_scale), offsetof(AttentionParams, dropout_seed),
+      offsetof(AttentionParams, dropout_offset),
   };
   const int n = static_cast<int>(sizeof all / sizeof all[0]);
   for (int i = 0; i < n && i < count; ++i) offsets[i] = all[i];
@@ -70,6 +76,13 @@ void fae_counters(unsigned long long* out) {
 }
 
 void fae_reset_counters() { emulator::reset_counters(); }
+
+// The four words of csrc/cuda/philox.cuh's Philox4x32-10 for counter[4] and key[2].
+void fae_philox(const unsigned int* counter, const unsigned int* key, unsigned int* words) {
+  const fused_attention::PhiloxWords out =
+      fused_attention::philox4x32_10(counter[0], counter[1], counter[2], counter[3], key[0], key[1]);
+  for (int i = 0; i < 4; ++i) words[i] = out.word[i];
+}
 
 void fae_mma_fragment(char operand, int lane, int index, int* row, int* col) {
   emulator::mma_fragment(operand, lane, index, *row, *col);

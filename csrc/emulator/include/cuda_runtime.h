@@ -56,6 +56,11 @@ inline T max(T a, T b) {
   return a < b ? b : a;
 }
 
+// The high 32 bits of the 64-bit product (the mul.hi.u32 of Philox, csrc/cuda/philox.cuh).
+inline unsigned int __umulhi(unsigned int a, unsigned int b) {
+  return static_cast<unsigned int>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
 #include "../emulator.h"
 
 inline void __syncthreads() { emulator::syncthreads(); }
