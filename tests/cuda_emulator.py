@@ -39,8 +39,8 @@ class AttentionParams(ctypes.Structure):  # mirrors csrc/cuda/params.h
         ("seqlen_k", ctypes.c_int), ("head_dim", ctypes.c_int), ("softmax_scale", ctypes.c_float),
         ("causal", ctypes.c_bool), ("element_type", ctypes.c_int),
         ("window_left", ctypes.c_int), ("window_right", ctypes.c_int), ("softcap", ctypes.c_float),
-        ("alibi_slopes", ctypes.c_void_p), ("dropout_keep_threshold", ctypes.c_uint32), ("dropout_scale", ctypes.c_float),
-        ("dropout_seed", ctypes.c_uint64), ("dropout_offset", ctypes.c_uint32),
+        ("alibi_slopes", ctypes.c_void_p), ("dropout_keep_threshold", ctypes.c_uint32),
+        ("dropout_scale", ctypes.c_float), ("dropout_seed", ctypes.c_uint64), ("dropout_offset", ctypes.c_uint32),
     ]
 
 

@@ -5,7 +5,9 @@ emulator itself (its fragment layouts against CuTe's, its launch checks and faul
 the cases the kernels' own paths need: several key tiles, head dims off the instantiated ones,
 no keys at all, one query against a long
 cache, both causal alignments, a custom scale, a peaked softmax, element offsets above 2^31, the
-shared memory of an sm_86 device, and a race mode that shifts warps against each other.
+shared memory of an sm_86 device, and a race mode that shifts warps against each other. For the
+score modifiers (SPEC11): windows over several tiles of every kernel, their cost linear in N, the
+Philox generator and the dropout keep-mask bit for bit, softcap, ALiBi and dropout at every head dim.
 """
 import ctypes
 import mmap
@@ -13,9 +15,12 @@ import mmap
 import pytest
 import torch
 
+import attention
 import cuda_emulator as emu
-from grid import EMULATED_CUDA, assert_within_rule
-from test_attention import check_against_reference, random_inputs
+from attention.dropout import philox4x32
+from attention.reference import naive_attention_varlen
+from grid import EMULATED_CUDA, assert_within_rule, flash_attention_varlen
+from test_attention import alibi_slopes, check, check_against_reference, check_with_dropout, random_inputs
 
 if emu.LIB is None:  # under CI, conftest.py has already failed the run
     pytest.skip(emu.UNAVAILABLE, allow_module_level=True)
@@ -385,3 +390,159 @@ def test_varlen(dtype, causal):
     for ours, like in zip((o, *grads), (q, q, k, v)):
         assert ours.shape == like.shape and ours.squeeze(0).transpose(0, 1).is_contiguous()
     assert lse.shape == q.shape[:3] and lse.is_contiguous()
+
+
+# --- score modifiers (SPEC11): sliding window, softcap, ALiBi, dropout ----------------------------------
+
+def test_philox_matches_the_reference():
+    """The kernels' Philox4x32-10 (run by the emulator) against attention.dropout's: the known answer,
+    and counters and keys with every bit pattern the kernels feed it."""
+    assert emu.philox((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    gen = torch.Generator().manual_seed(11)
+    values = torch.randint(0, 2**32, (64, 6), generator=gen, dtype=torch.int64).tolist()
+    values += [[2**32 - 1] * 6, [0, 1, 2**31, 2**32 - 1, 0xFFFF0000, 0x0000FFFF]]
+    for c0, c1, c2, c3, k0, k1 in values:
+        expected = tuple(int(word) for word in philox4x32((c0, c1, c2, c3), (k0, k1)))
+        assert emu.philox((c0, c1, c2, c3), (k0, k1)) == expected
+
+
+# (shape (B, H, Nq, Nk, D), window, causal): several query and key tiles of every kernel at each
+# instantiated head dim, with the band's edges inside tiles, tiles skipped on both sides, and rows
+# (Nq > Nk, small right bound) or keys (Nq < Nk, small left bound) that see nothing.
+WINDOW_CASES = [
+    ((1, 1, 150, 197, 64), (20, 0), True),
+    ((1, 1, 197, 67, 128), (9, 5), False),
+    ((1, 1, 40, 200, 64), (10, 0), True),
+    ((1, 1, 70, 90, 200), (-1, 3), False),
+    ((1, 1, 60, 60, 256), (17, 30), False),
+]
+
+
+@pytest.mark.parametrize("shape,window,causal", WINDOW_CASES,
+                         ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else None)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+def test_window_kernel_paths(dtype, shape, window, causal):
+    check_against_reference(EMULATED_CUDA, *random_inputs(shape, dtype), causal, window=window)
+
+
+def test_keys_no_query_sees_get_zero_gradients():
+    """40 queries against 200 keys with window (10, 0): keys below 150 are seen by no query, so the
+    dK/dV blocks of the first key tiles visit no query tile and must still write zeros."""
+    q, k, v, dout = random_inputs((1, 2, 40, 200, 32), torch.float16)
+    options = emu.score_options(True, window=(10, 0))
+    o, lse = emu.forward(q, k, v, True, 0.2, None, None, None, 0, 0, *options)
+    dq, dk, dv = emu.backward(dout, q, k, v, o, lse, True, 0.2, None, None, None, 0, 0, *options)
+    assert torch.all(dk[:, :, :150] == 0) and torch.all(dv[:, :, :150] == 0)
+    assert dk[:, :, 150:].abs().amax() > 0 and dv[:, :, 150:].abs().amax() > 0
+
+
+def mma_counts(n, window, head_dim=32):
+    """MMAs of one forward and one backward at Nq = Nk = n."""
+    q, k, v, dout = random_inputs((1, 1, n, n, head_dim), torch.float16)
+    options = emu.score_options(window[1] == 0, window=window)
+    emu.reset_counters()
+    o, lse = emu.forward(q, k, v, window[1] == 0, 0.2, None, None, None, 0, 0, *options)
+    forward = emu.counters()["mma"]
+    emu.reset_counters()
+    emu.backward(dout, q, k, v, o, lse, window[1] == 0, 0.2, None, None, None, 0, 0, *options)
+    return forward, emu.counters()["mma"]
+
+
+def test_window_cost_grows_linearly():
+    """A fixed window visits a fixed number of tiles per query tile and per key tile: the MMA count is
+    affine in N (doubling N adds twice what the previous doubling added; N^2 would add four times)."""
+    counts = [mma_counts(n, (40, 24)) for n in (64, 128, 256)]
+    for small, middle, large in zip(*counts):  # forward, then backward
+        assert large - middle == 2 * (middle - small) > 0
+
+
+def test_a_window_longer_than_the_sequences_is_unbounded():
+    """Bounds beyond every sequence (past int32 even) are -1: the same bits as no window."""
+    q, k, v, dout = random_inputs((1, 1, 70, 90, 64), torch.bfloat16)
+    plain = emu.forward(q, k, v, True, 0.125)
+    huge = emu.forward(q, k, v, True, 0.125, None, None, None, 0, 0, 2**40, 0, 0.0, None, 0.0, 0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, huge))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+def test_softcap_with_large_scores(dtype, head_dim):
+    """Scores in the hundreds capped at 5 (tanh saturated, its derivative near 0), and in causal rows
+    over several key tiles."""
+    q, k, v, dout = random_inputs((1, 1, 70, 100, head_dim), dtype)
+    check_against_reference(EMULATED_CUDA, (q.float() * 6).to(dtype), k, v, dout, True, softcap=5.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+def test_alibi_per_batch_and_head_with_grouped_heads(dtype):
+    """The dK/dV block walks the query heads of its group: each step takes its own head's slope."""
+    q, k, v, dout = random_inputs((2, 4, 70, 100, 32), dtype, kv_heads=2)
+    check_against_reference(EMULATED_CUDA, q, k, v, dout, False, alibi_slopes=alibi_slopes(4, 2), window=(50, 10))
+
+
+def one_hot_rows(batch, heads, n, head_dim, dtype):
+    """Row r of every (batch, head) is the unit vector e_r (n <= head_dim)."""
+    return torch.eye(n, head_dim, dtype=dtype).expand(batch, heads, n, head_dim).contiguous()
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_dropout_keeps_exactly_the_reference_mask(head_dim):
+    """With q = 0 every visible probability is 1 / Nk, and with v = one-hot rows o[i, j] is nonzero iff
+    key j is kept for query i: the forward's mask, bit for bit. With dout = one-hot rows, dv[j, i] =
+    P[i, j] keep[i, j] / (1 - p): the dK/dV kernel's (transposed) mask, bit for bit. Several tiles of
+    keys and queries, two batch elements and heads."""
+    batch, heads, n_q, n_k, p, seed, offset = 2, 2, 70, 100, 0.3, 2**40 + 12345, 2**32 - 3
+    q = torch.zeros(batch, heads, n_q, head_dim, dtype=torch.float16)
+    k = torch.randn(batch, heads, n_k, head_dim, dtype=torch.float16)
+    v = one_hot_rows(batch, heads, n_k, head_dim, torch.float16)
+    dout = one_hot_rows(batch, heads, n_q, head_dim, torch.float16)
+    options = (-1, -1, 0.0, None, p, seed, offset)
+    o, lse = emu.forward(q, k, v, False, 0.1, None, None, None, 0, 0, *options)
+    _, _, dv = emu.backward(dout, q, k, v, o, lse, False, 0.1, None, None, None, 0, 0, *options)
+    mask = attention.dropout_mask(p, seed, offset, batch, heads, n_q, n_k)
+    assert torch.equal(o[..., :n_k] != 0, mask)
+    assert torch.equal(dv[..., :n_q] != 0, mask.transpose(-1, -2))
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.02
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_dropout_with_grouped_heads_and_window(head_dim):
+    """Exact against the reference given the mask, with the dK/dV block's group walk (each head's own
+    Philox counter), several key tiles and a window."""
+    q, k, v, dout = random_inputs((1, 4, 70, 100, head_dim), torch.bfloat16, kv_heads=2)
+    check_with_dropout(EMULATED_CUDA, q, k, v, dout, True, 0.4, seed=31337, window=(60, 0))
+
+
+def test_modifiers_on_packed_sequences_with_more_tiles():
+    """Every modifier on packed sequences longer than one tile: positions, slopes and Philox counters
+    are the sequence's own."""
+    lengths = [(100, 130), (3, 70), (67, 20)]
+    cu = lambda i: torch.tensor([0] + [n[i] for n in lengths]).cumsum(0).to(torch.int32)
+    gen = torch.Generator().manual_seed(4)
+    make = lambda total, h: torch.randn(total, h, 64, generator=gen, dtype=torch.float16)
+    total_q, total_k = sum(n[0] for n in lengths), sum(n[1] for n in lengths)
+    q, k, v, dout = make(total_q, 2), make(total_k, 1), make(total_k, 1), make(total_q, 2)
+    max_q, max_k = 100, 130
+    slopes, p, seed = alibi_slopes(2, len(lengths)), 0.25, 8
+    modifiers = dict(window=(40, 7), softcap=4.0, alibi_slopes=slopes)
+    mask = attention.dropout_mask(p, seed, 0, len(lengths), 2, max_q, max_k)
+    ours = lambda q, k, v: flash_attention_varlen(q, k, v, cu(0), cu(1), max_q, max_k, EMULATED_CUDA,
+                                                  return_lse=True, dropout_p=p, dropout_seed=seed, **modifiers)
+    reference = lambda q, k, v: naive_attention_varlen(q, k, v, cu(0), cu(1), return_lse=True,
+                                                                 dropout_p=p, dropout_mask=mask, **modifiers)
+    check(ours, reference, (q.float() * 2).half(), k, v, dout)
+
+
+def test_modified_results_do_not_depend_on_timing():
+    """The modified kernels with random per-warp delays: the same bits."""
+    q, k, v, dout = random_inputs((1, 2, 65, 130, 64), torch.float16, kv_heads=1)
+    options = (None, None, None, 0, 0, 30, 0, 6.0, alibi_slopes(2, 1), 0.2, 5, 9)
+
+    def run():
+        o, lse = emu.forward(q, k, v, True, 0.125, *options)
+        return o, lse, *emu.backward(dout, q, k, v, o, lse, True, 0.125, *options)
+
+    calm = run()
+    emu.configure(eager_copies=True, delay_seed=5, delay_max_us=200)
+    raced = run()
+    assert all(torch.equal(a, b) for a, b in zip(calm, raced))

@@ -142,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
     int64_t dropout_seed, int64_t dropout_offset) {
   check_attention_inputs(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
-  check_score_options(q, k, window_left, window_right, softcap, alibi_slopes, dropout_p,
-                      batch_size(q, cu_seqlens_q));
+  check_score_options(q, batch_size(q, cu_seqlens_q), window_left, window_right, softcap, alibi_slopes, dropout_p,
+                      dropout_seed, dropout_offset);
   check_cuda_requirements(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard device_guard(q.device());
   at::Tensor o = empty_rows_like(q, is_varlen(cu_seqlens_q));
@@ -166,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t dropout_seed, int64_t dropout_offset) {
   check_backward_inputs(dout, q, k, v, o, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
-  check_score_options(q, k, window_left, window_right, softcap, alibi_slopes, dropout_p,
-                      batch_size(q, cu_seqlens_q));
+  check_score_options(q, batch_size(q, cu_seqlens_q), window_left, window_right, softcap, alibi_slopes, dropout_p,
+                      dropout_seed, dropout_offset);
   check_cuda_requirements(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard device_guard(q.device());
   // A gradient may arrive with any strides (the expanded gradient of o.sum(), say): copy only then.

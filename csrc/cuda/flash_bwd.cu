@@ -92,9 +92,14 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
   const int head_dim = params.head_dim;
   const int group = params.group;
 
-  // Only the queries that can see one of the block's keys, from the start of the first one's tile.
-  const int query_begin = mask.query_begin<kScoreModifiers>(n0) / kBlockM * kBlockM;
-  const int query_end = mask.query_end<kScoreModifiers>(n0, kBlockN);
+  // Causal: key n0 is seen by queries i >= n0 - (seqlen_k - seqlen_q); start at that i's tile. A
+  // window bounds the queries on both sides.
+  int query_begin = params.causal ? max(0, n0 - (seqlen_k - seqlen_q)) / kBlockM * kBlockM : 0;
+  int query_end = seqlen_q;
+  if constexpr (kScoreModifiers) {
+    query_begin = mask.window_query_begin(n0) / kBlockM * kBlockM;
+    query_end = mask.window_query_end(n0, kBlockN);
+  }
   const int query_tiles = query_begin < query_end ? ceil_div(query_end - query_begin, kBlockM) : 0;
   // The block walks the query tiles of each query head of its group in turn (steps), summing
   // their contributions to dK and dV in order. A block of padding keys alone has nothing to sum.
@@ -144,6 +149,16 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
     const float* const lse_log2 = lse_stages + stage * kBlockM;
     const float* const delta_tile = delta_stages + stage * kBlockM;
 
+    // With score modifiers: the step's query head, and its keep-mask before the scores take their
+    // registers (Philox needs a dozen of its own).
+    int head = 0;
+    uint32_t keep = ~0u;
+    if constexpr (kScoreModifiers) {
+      head = kv_head * group + step / query_tiles;
+      if (dropout_enabled(params)) {
+        keep = dropout_keep_bits<true, kBlockM / 8>(params, blockIdx.z, head, n0 + strip_row0, m0);
+      }
+    }
     // Transposed scores S^T: this strip's 16 keys x kBlockM queries. Column c is query m0 + c, so
     // lse and delta vary along the columns here.
     float scores[kBlockM / 8][4] = {};
@@ -153,9 +168,6 @@ __global__ void __launch_bounds__(KeyTileTiles<kHeadDim>::kThreads)
       // softcap's derivative at hand; then dV += P^T dO and dK += dS^T Q.
       float ds[kBlockM / 8][4] = {};
       warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockM>(ds, v_tile, strip_row0, do_tile, 0);
-      const int head = kv_head * group + step / query_tiles;
-      const DropoutMask dropout = dropout_mask_of(params, blockIdx.z, head);
-      const uint32_t keep = dropout.enabled() ? dropout.keep_bits<true, kBlockM / 8>(n0 + strip_row0, m0) : ~0u;
       const int column = 2 * (lane % 4);
       recompute_gradient_scores<true>(
           scores, ds, n0 + strip_row0, m0, score_modifiers_of(params, mask, blockIdx.z, head), mask, keys,
@@ -244,7 +256,13 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
   const int warp_row0 = 16 * warp;
   const int head_dim = params.head_dim;
 
-  const int key_tiles = ceil_div(mask.key_end<kScoreModifiers>(m0, kBlockM), kBlockN);
+  int key_begin = 0;
+  int key_end = params.causal ? max(0, min(seqlen_k, m0 + kBlockM + seqlen_k - seqlen_q)) : seqlen_k;
+  if constexpr (kScoreModifiers) {
+    key_begin = mask.window_key_begin(m0);
+    key_end = mask.window_key_end(m0, kBlockM);
+  }
+  const int key_tiles = ceil_div(key_end, kBlockN);
 
   const int kv_head = kv_head_of(params, head);
   const uint16_t* const k_rows = row_pointer(params.k, sequence.batch, kv_head, sequence.k_row0);
@@ -261,7 +279,7 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
                                          params.q.row_stride, seqlen_q - m0, head_dim, chunked);
   load_tile<kBlockM, kHeadDim, kThreads>(do_tile, row_pointer(params.dout, sequence.batch, head, sequence.q_row0 + m0),
                                          params.dout.row_stride, seqlen_q - m0, head_dim, chunked);
-  int tile = mask.next_key_tile<kBlockN>(mask.key_begin<kScoreModifiers>(m0) / kBlockN, key_tiles);
+  int tile = mask.next_key_tile<kBlockN>(key_begin / kBlockN, key_tiles);
   if (tile < key_tiles) load_kv_stage(tile, 0);
   cp_async_commit();
 
@@ -281,11 +299,7 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
 
   const float scale_log2 = params.softmax_scale * kLog2e;
   ScoreModifiers modifiers{};
-  DropoutMask dropout{};
-  if constexpr (kScoreModifiers) {
-    modifiers = score_modifiers_of(params, mask, blockIdx.z, head);
-    dropout = dropout_mask_of(params, blockIdx.z, head);
-  }
+  if constexpr (kScoreModifiers) modifiers = score_modifiers_of(params, mask, blockIdx.z, head);
   float dq[kHeadDim / 8][4] = {};
 
   for (int stage = 0; tile < key_tiles; stage ^= 1) {
@@ -299,15 +313,21 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
     const uint16_t* const k_tile = k_tiles + stage * kBlockN * kHeadDim;
     const uint16_t* const v_tile = v_tiles + stage * kBlockN * kHeadDim;
 
+    // The keep-mask before the scores take their registers: Philox needs a dozen of its own.
+    uint32_t keep = ~0u;
+    if constexpr (kScoreModifiers) {
+      if (dropout_enabled(params)) {
+        keep = dropout_keep_bits<false, kBlockN / 8>(params, blockIdx.z, head, m0 + warp_row0, n0);
+      }
+    }
     float scores[kBlockN / 8][4] = {};
     warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockN>(scores, q_tile, warp_row0, k_tile, 0);
     float dp[kBlockN / 8][4] = {};
     warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockN>(dp, do_tile, warp_row0, v_tile, 0);
 
-    const KeyTile keys = mask.key_tile<kBlockN>(n0);
     if constexpr (kScoreModifiers) {
       // dS (with dropout and softcap's derivative), kept in `dp`.
-      const uint32_t keep = dropout.enabled() ? dropout.keep_bits<false, kBlockN / 8>(m0 + warp_row0, n0) : ~0u;
+      const KeyTile keys = mask.key_tile<kBlockN>(n0);
       recompute_gradient_scores<false>(scores, dp, m0 + warp_row0, n0, modifiers, mask, keys,
                                        mask.block_needs_mask<kBlockN, true>(m0, kBlockM, keys), keep,
                                        params.dropout_scale, [&](int, int i) { return lse_log2[i / 2]; },
@@ -318,6 +338,7 @@ __global__ void __launch_bounds__(QueryTileTiles<kHeadDim>::kThreads)
 #pragma unroll
         for (int i = 0; i < 4; ++i) scores[n][i] = scores[n][i] * scale_log2 - lse_log2[i / 2];
       }
+      const KeyTile keys = mask.key_tile<kBlockN>(n0);
       if (mask.block_needs_mask<kBlockN>(m0, kBlockM, keys)) {
         hide_masked_scores<false>(scores, m0 + warp_row0, n0, mask, keys);
       }

@@ -91,7 +91,15 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
   const int warp_row0 = 16 * warp;  // first row of this warp inside the block
   const int head_dim = params.head_dim;
 
-  const int key_tiles = ceil_div(mask.key_end<kScoreModifiers>(m0, kBlockM), kBlockN);
+  // Causal: the block's last query sees keys up to m0 + kBlockM - 1 + seqlen_k - seqlen_q. A
+  // window bounds the keys on both sides.
+  int key_begin = 0;
+  int key_end = params.causal ? max(0, min(seqlen_k, m0 + kBlockM + seqlen_k - seqlen_q)) : seqlen_k;
+  if constexpr (kScoreModifiers) {
+    key_begin = mask.window_key_begin(m0);
+    key_end = mask.window_key_end(m0, kBlockM);
+  }
+  const int key_tiles = ceil_div(key_end, kBlockN);
 
   const int kv_head = kv_head_of(params, head);
   const uint16_t* const k_rows = row_pointer(params.k, sequence.batch, kv_head, sequence.k_row0);
@@ -106,17 +114,13 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
 
   load_tile<kBlockM, kHeadDim, kThreads>(q_tile, row_pointer(params.q, sequence.batch, head, sequence.q_row0 + m0),
                                          params.q.row_stride, seqlen_q - m0, head_dim, chunked);
-  int tile = mask.next_key_tile<kBlockN>(mask.key_begin<kScoreModifiers>(m0) / kBlockN, key_tiles);
+  int tile = mask.next_key_tile<kBlockN>(key_begin / kBlockN, key_tiles);
   if (tile < key_tiles) load_kv_stage(tile, 0);
   cp_async_commit();
 
   const float scale_log2 = params.softmax_scale * kLog2e;
   ScoreModifiers modifiers{};
-  DropoutMask dropout{};
-  if constexpr (kScoreModifiers) {
-    modifiers = score_modifiers_of(params, mask, blockIdx.z, head);
-    dropout = dropout_mask_of(params, blockIdx.z, head);
-  }
+  if constexpr (kScoreModifiers) modifiers = score_modifiers_of(params, mask, blockIdx.z, head);
   float output[kHeadDim / 8][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
@@ -134,10 +138,17 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
     const uint16_t* const k_tile = k_tiles + stage * kBlockN * kHeadDim;
     const uint16_t* const v_tile = v_tiles + stage * kBlockN * kHeadDim;
 
+    // The keep-mask before the scores take their registers: Philox needs a dozen of its own.
+    uint32_t keep = ~0u;
+    if constexpr (kScoreModifiers) {
+      if (dropout_enabled(params)) {
+        keep = dropout_keep_bits<false, kBlockN / 8>(params, blockIdx.z, head, m0 + warp_row0, n0);
+      }
+    }
     float scores[kBlockN / 8][4] = {};
     warp_gemm_rows_by_rows<T, kHeadDim, kHeadDim, kBlockN>(scores, q_tile, warp_row0, k_tile, 0);
-    const KeyTile keys = mask.key_tile<kBlockN>(n0);
     if constexpr (kScoreModifiers) {
+      const KeyTile keys = mask.key_tile<kBlockN>(n0);
       modify_scores<false>(scores, m0 + warp_row0, n0, modifiers, mask, keys,
                            mask.block_needs_mask<kBlockN, true>(m0, kBlockM, keys));
     } else {
@@ -146,13 +157,14 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
 #pragma unroll
         for (int i = 0; i < 4; ++i) scores[n][i] *= scale_log2;
       }
+      const KeyTile keys = mask.key_tile<kBlockN>(n0);
       if (mask.block_needs_mask<kBlockN>(m0, kBlockM, keys)) {
         hide_masked_scores<false>(scores, m0 + warp_row0, n0, mask, keys);
       }
     }
     online_softmax_step(scores, row_max, row_sum, output);
     if constexpr (kScoreModifiers) {
-      if (dropout.enabled()) drop(scores, dropout.keep_bits<false, kBlockN / 8>(m0 + warp_row0, n0));
+      if (dropout_enabled(params)) drop(scores, keep);
     }
 
     uint32_t probabilities[kBlockN / 16][4];

@@ -88,66 +88,62 @@ __device__ __forceinline__ void modify_scores(float (&scores)[kNTiles][4], int r
   }
 }
 
-// The dropout keep-mask of one head (SPEC11): key j of query i is kept iff word j & 3 of
-// Philox4x32-10 with counter (j >> 2, i, batch * heads + head, offset) and the seed as key is at
-// least the threshold. One call gives the words of 4 consecutive keys of a row.
-struct DropoutMask {
-  uint32_t seed_low, seed_high;
-  uint32_t head_counter;  // (sequence_index * heads + head) mod 2^32
-  uint32_t offset;
-  uint32_t threshold;  // 0: every key kept
+// Whether the call drops anything (a threshold of 0 keeps every key).
+__device__ __forceinline__ bool dropout_enabled(const AttentionParams& params) {
+  return params.dropout_keep_threshold != 0;
+}
 
-  __device__ __forceinline__ bool enabled() const { return threshold != 0; }
-
-  // Bit 4n + i set where element [n][i] of the tile at (row0, col0) is kept; row0 and col0 are
-  // multiples of 8.
-  template <bool kRowsAreKeys, int kNTiles>
-  __device__ __forceinline__ uint32_t keep_bits(int row0, int col0) const {
-    static_assert(4 * kNTiles <= 32, "one bit per element of the tile");
-    const int lane = threadIdx.x % 32;
-    uint32_t bits = 0;
+// The dropout keep-mask (SPEC11) on a tile of head `head` of batch element or sequence
+// `sequence_index`: key j of query i is kept iff word j & 3 of Philox4x32-10 with counter
+// (j >> 2, i, sequence_index * heads + head, offset) and the seed as key is at least the
+// threshold; one call gives the words of 4 consecutive keys of a row. Returns bit 4n + i set where
+// element [n][i] is kept; row0 and col0 are multiples of 8. Seed, offset and threshold are read
+// from the params where they are used, so that they take no registers across the kernels' loops.
+template <bool kRowsAreKeys, int kNTiles>
+__device__ __forceinline__ uint32_t dropout_keep_bits(const AttentionParams& params, int sequence_index, int head,
+                                                      int row0, int col0) {
+  static_assert(4 * kNTiles <= 32, "one bit per element of the tile");
+  const int lane = threadIdx.x % 32;
+  const uint32_t head_counter =
+      static_cast<uint32_t>(sequence_index) * static_cast<uint32_t>(params.heads) + static_cast<uint32_t>(head);
+  auto words_of = [&](int query, int key) {
+    return philox4x32_10(static_cast<uint32_t>(key) >> 2, static_cast<uint32_t>(query), head_counter,
+                         params.dropout_offset, static_cast<uint32_t>(params.dropout_seed),
+                         static_cast<uint32_t>(params.dropout_seed >> 32));
+  };
+  const uint32_t threshold = params.dropout_keep_threshold;
+  uint32_t bits = 0;
 #pragma unroll
-    for (int n = 0; n < kNTiles; ++n) {
-      if constexpr (!kRowsAreKeys) {
-        // Elements i and i + 1 of a row are keys 2t and 2t + 1 of a group of 4 (t = lane % 4): one
-        // call gives both, words 0, 1 (t even) or 2, 3 (t odd).
-        const int key = col0 + 8 * n + 2 * (lane % 4);
+  for (int n = 0; n < kNTiles; ++n) {
+    if constexpr (!kRowsAreKeys) {
+      // Elements i and i + 1 of a row are keys 2t and 2t + 1 of a group of 4 (t = lane % 4): one
+      // call gives both, words 0, 1 (t even) or 2, 3 (t odd).
+      const int key = col0 + 8 * n + 2 * (lane % 4);
+      const bool odd_pair = lane % 2 != 0;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int query = row0 + lane / 4 + 8 * half;
-          const PhiloxWords words = philox4x32_10(static_cast<uint32_t>(key) >> 2, static_cast<uint32_t>(query),
-                                                  head_counter, offset, seed_low, seed_high);
-          const bool odd_pair = lane % 2 != 0;
-          const uint32_t first = odd_pair ? words.word[2] : words.word[0];
-          const uint32_t second = odd_pair ? words.word[3] : words.word[1];
-          bits |= static_cast<uint32_t>(first >= threshold) << (4 * n + 2 * half);
-          bits |= static_cast<uint32_t>(second >= threshold) << (4 * n + 2 * half + 1);
-        }
-      } else {
-        // Every element is another (query, group of keys): one call each, for word key & 3.
+      for (int half = 0; half < 2; ++half) {
+        const PhiloxWords words = words_of(row0 + lane / 4 + 8 * half, key);
+        const uint32_t first = odd_pair ? words.word[2] : words.word[0];
+        const uint32_t second = odd_pair ? words.word[3] : words.word[1];
+        bits |= static_cast<uint32_t>(first >= threshold) << (4 * n + 2 * half);
+        bits |= static_cast<uint32_t>(second >= threshold) << (4 * n + 2 * half + 1);
+      }
+    } else {
+      // Every element is another (query, group of keys): one call each, for word key & 3.
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int key = row0 + lane / 4 + 8 * (i / 2);
-          const int query = col0 + 8 * n + 2 * (lane % 4) + i % 2;
-          const PhiloxWords words = philox4x32_10(static_cast<uint32_t>(key) >> 2, static_cast<uint32_t>(query),
-                                                  head_counter, offset, seed_low, seed_high);
-          const int which = key & 3;
-          const uint32_t word = which == 0   ? words.word[0]
-                                : which == 1 ? words.word[1]
-                                : which == 2 ? words.word[2]
-                                             : words.word[3];
-          bits |= static_cast<uint32_t>(word >= threshold) << (4 * n + i);
-        }
+      for (int i = 0; i < 4; ++i) {
+        const int key = row0 + lane / 4 + 8 * (i / 2);
+        const PhiloxWords words = words_of(col0 + 8 * n + 2 * (lane % 4) + i % 2, key);
+        const int which = key & 3;
+        const uint32_t word = which == 0   ? words.word[0]
+                              : which == 1 ? words.word[1]
+                              : which == 2 ? words.word[2]
+                                           : words.word[3];
+        bits |= static_cast<uint32_t>(word >= threshold) << (4 * n + i);
       }
     }
-    return bits;
   }
-};
-
-__device__ __forceinline__ DropoutMask dropout_mask_of(const AttentionParams& params, int sequence_index, int head) {
-  return {static_cast<uint32_t>(params.dropout_seed), static_cast<uint32_t>(params.dropout_seed >> 32),
-          static_cast<uint32_t>(sequence_index) * static_cast<uint32_t>(params.heads) + static_cast<uint32_t>(head),
-          params.dropout_offset, params.dropout_keep_threshold};
+  return bits;
 }
 
 // Zeroes the dropped probabilities of a tile (the forward's P before P V; the 1 / (1 - p) is

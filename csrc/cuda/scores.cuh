@@ -54,35 +54,22 @@ struct ScoreMask {
     return query < seqlen_q && key < seqlen_k && (!causal || key <= query + seqlen_k - seqlen_q);
   }
 
-  // Keys [key_begin, key_end) hold every key that queries [q0, q0 + rows) can see (SPEC11 step 7):
-  // the forward and dQ kernels visit those key tiles only, so a window costs N * window, not N^2.
-  template <bool kWindowed>
-  __device__ __forceinline__ int key_begin(int q0) const {
-    if constexpr (kWindowed) return window_left < 0 ? 0 : max(0, q0 + seqlen_k - seqlen_q - window_left);
-    return 0;
+  // With a window: keys [window_key_begin, window_key_end) hold every key that queries
+  // [q0, q0 + rows) can see (SPEC11 step 7). The forward and dQ kernels visit those key tiles only,
+  // so a window costs N * window, not N^2.
+  __device__ __forceinline__ int window_key_begin(int q0) const {
+    return window_left < 0 ? 0 : max(0, q0 + seqlen_k - seqlen_q - window_left);
   }
-  template <bool kWindowed>
-  __device__ __forceinline__ int key_end(int q0, int rows) const {
-    if constexpr (kWindowed) {
-      return window_right < 0 ? seqlen_k : max(0, min(seqlen_k, q0 + rows + seqlen_k - seqlen_q + window_right));
-    }
-    // Causal: the last query sees keys up to q0 + rows - 1 + seqlen_k - seqlen_q.
-    return causal ? max(0, min(seqlen_k, q0 + rows + seqlen_k - seqlen_q)) : seqlen_k;
+  __device__ __forceinline__ int window_key_end(int q0, int rows) const {
+    return window_right < 0 ? seqlen_k : max(0, min(seqlen_k, q0 + rows + seqlen_k - seqlen_q + window_right));
   }
-  // Queries [query_begin, query_end) hold every query that sees one of keys [k0, k0 + cols): the
-  // dK/dV kernel's range.
-  template <bool kWindowed>
-  __device__ __forceinline__ int query_begin(int k0) const {
-    // Key k0 is seen by queries i >= k0 - (seqlen_k - seqlen_q) - right (right 0 when causal).
-    if constexpr (kWindowed) return window_right < 0 ? 0 : max(0, k0 - (seqlen_k - seqlen_q) - window_right);
-    return causal ? max(0, k0 - (seqlen_k - seqlen_q)) : 0;
+  // With a window: queries [window_query_begin, window_query_end) hold every query that sees one
+  // of keys [k0, k0 + cols), the dK/dV kernel's range.
+  __device__ __forceinline__ int window_query_begin(int k0) const {
+    return window_right < 0 ? 0 : max(0, k0 - (seqlen_k - seqlen_q) - window_right);
   }
-  template <bool kWindowed>
-  __device__ __forceinline__ int query_end(int k0, int cols) const {
-    if constexpr (kWindowed) {
-      return window_left < 0 ? seqlen_q : min(seqlen_q, k0 + cols - (seqlen_k - seqlen_q) + window_left);
-    }
-    return seqlen_q;
+  __device__ __forceinline__ int window_query_end(int k0, int cols) const {
+    return window_left < 0 ? seqlen_q : min(seqlen_q, k0 + cols - (seqlen_k - seqlen_q) + window_left);
   }
 
   // The padding of keys [k0, k0 + kCols), read by a warp vote: every lane of the warp calls it and
