@@ -9,9 +9,13 @@ from .validation import (
     AttentionOptions,
     check_bool,
     resolve_scale,
+    validate_alibi_slopes,
     validate_cu_seqlens,
+    validate_dropout,
     validate_inputs,
     validate_key_padding_mask,
+    validate_softcap,
+    validate_window,
 )
 
 # torch's own SDPA, taken at import: a user (or Hugging Face integration) may replace
@@ -19,18 +23,45 @@ from .validation import (
 _torch_sdpa = F.scaled_dot_product_attention
 
 
-def _dense_options(q, k, v, causal, softmax_scale, scale, key_padding_mask, deterministic):
-    validate_inputs(q, k, v)
+def _score_options(causal, deterministic, window, softcap, alibi_slopes, dropout_p, dropout_seed, batch, q):
+    """The AttentionOptions fields every call shares; `batch` counts sequences (varlen) or batch elements."""
     check_bool("causal", causal)
     check_bool("deterministic", deterministic)
+    window_left, window_right = validate_window(window)
+    dropout_p, dropout_seed, dropout_offset = validate_dropout(dropout_p, dropout_seed)
+    return dict(causal=causal, deterministic=deterministic, window_left=window_left, window_right=window_right,
+                softcap=validate_softcap(softcap),
+                alibi_slopes=validate_alibi_slopes(alibi_slopes, batch, q.shape[1], q.device),
+                dropout_p=dropout_p, dropout_seed=dropout_seed, dropout_offset=dropout_offset)
+
+
+def _dense_options(q, k, v, causal, softmax_scale, scale, key_padding_mask, deterministic, window=(-1, -1),
+                   softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
+    validate_inputs(q, k, v)
+    shared = _score_options(causal, deterministic, window, softcap, alibi_slopes, dropout_p, dropout_seed,
+                            q.shape[0], q)
     if key_padding_mask is not None:
         key_padding_mask = validate_key_padding_mask(key_padding_mask, q, k)
-    return AttentionOptions(causal, resolve_scale(softmax_scale, scale, q.shape[-1]), key_padding_mask,
-                            deterministic=deterministic)
+    return AttentionOptions(softmax_scale=resolve_scale(softmax_scale, scale, q.shape[-1]),
+                            key_padding_mask=key_padding_mask, **shared)
+
+
+SCORE_OPTIONS_DOC = """
+    Score modifiers (keyword-only; positions bottom-right: shift = Nk - Nq, query i, key j):
+    ``window=(left, right)``: i sees j iff i + shift - left <= j <= i + shift + right, -1 leaving a side
+    unbounded (``causal`` is right = 0); key tiles outside every query's window are skipped, so a fixed
+    window costs O(N · window). ``softcap`` > 0: s = softcap · tanh(s / softcap) (Gemma-2).
+    ``alibi_slopes``: float32 (Hq,) or (B, Hq), s -= slope · |i + shift - j| after the softcap.
+    ``dropout_p``: probabilities times a keep-mask / (1 - dropout_p), lse unaffected; the mask is
+    ``attention.dropout_mask(dropout_p, dropout_seed, 0, ...)`` when ``dropout_seed`` is given, else
+    seed and offset come from torch's default generator (``torch.manual_seed`` reproduces a run; under
+    torch.compile give a seed, the draw would break the graph). Every backend draws the same mask.
+"""
 
 
 def flash_attention(q, k, v, causal=False, softmax_scale=None, backend="auto", return_lse=False, *,
-                    key_padding_mask=None, deterministic=True, scale=None):
+                    key_padding_mask=None, window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                    dropout_seed=None, deterministic=True, scale=None):
     """Fused attention softmax(scale · q kᵀ) v on (batch, heads, seq_len, head_dim) tensors.
 
     q is (B, Hq, Nq, D); k and v are (B, Hkv, Nk, D) with Hq a multiple of Hkv: grouped-query (and,
@@ -46,13 +77,18 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, backend="auto", r
     matmuls; dq's last bits vary between runs). With the default, gradients are bitwise repeatable for
     a given kernel config (the Triton autotuner picks one per process and may pick another elsewhere).
     """
-    options = _dense_options(q, k, v, causal, softmax_scale, scale, key_padding_mask, deterministic)
+    options = _dense_options(q, k, v, causal, softmax_scale, scale, key_padding_mask, deterministic, window, softcap,
+                             alibi_slopes, dropout_p, dropout_seed)
     o, lse = select_backend(q, k, v, options, backend).forward(q, k, v, options)
     return (o, lse) if return_lse else o
 
 
+flash_attention.__doc__ += SCORE_OPTIONS_DOC
+
+
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
-                           softmax_scale=None, backend="auto", return_lse=False, *, deterministic=True, scale=None):
+                           softmax_scale=None, backend="auto", return_lse=False, *, window=(-1, -1), softcap=0.0,
+                           alibi_slopes=None, dropout_p=0.0, dropout_seed=None, deterministic=True, scale=None):
     """``flash_attention`` on packed variable-length batches, flash-attn's layout, with no padding.
 
     q is (total_q, Hq, D), k and v (total_k, Hkv, D): the sequences of a batch one after another.
@@ -61,14 +97,16 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     between q and k. max_seqlen_q / max_seqlen_k bound the lengths (they size the kernels' grids).
     Causal is bottom-right within each sequence. Returns o (total_q, Hq, D) and, with ``return_lse``,
     lse float32 (Hq, total_q). The offsets are checked on the host (one small copy) outside torch.compile.
+    The score modifiers are ``flash_attention``'s, positions counted within each sequence (alibi_slopes
+    (B, Hq) and the dropout mask indexed by sequence).
     """
     validate_inputs(q, k, v, rank=3)
-    check_bool("causal", causal)
-    check_bool("deterministic", deterministic)
     validate_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k)
-    options = AttentionOptions(causal, resolve_scale(softmax_scale, scale, q.shape[-1]),
+    shared = _score_options(causal, deterministic, window, softcap, alibi_slopes, dropout_p, dropout_seed,
+                            cu_seqlens_q.numel() - 1, q)
+    options = AttentionOptions(softmax_scale=resolve_scale(softmax_scale, scale, q.shape[-1]),
                                cu_seqlens_q=cu_seqlens_q.contiguous(), cu_seqlens_k=cu_seqlens_k.contiguous(),
-                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic)
+                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **shared)
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, total, D) views, no copy
     o, lse = select_backend(q4, k4, v4, options, backend).forward(q4, k4, v4, options)
     o = o[0].transpose(0, 1)
@@ -126,8 +164,8 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
                                f"to one, with or without the causal triangle), the only mask our kernels take")
             else:
                 padding, causal = as_padding
-    if dropout_p != 0.0:
-        reasons.append(f"dropout_p={dropout_p} (our kernels have no dropout)")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        reasons.append(f"dropout_p={dropout_p!r} is not a float in [0, 1)")
     if key.shape[1] != query.shape[1] and not enable_gqa:
         reasons.append(f"key has {key.shape[1]} heads and query {query.shape[1]}, but enable_gqa is False")
     if is_causal and query.shape[2] != key.shape[2]:
@@ -140,11 +178,12 @@ def scaled_dot_product_attention(
 ):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention, same signature and meaning.
 
-    Calls our fused kernels where they apply: grouped heads with ``enable_gqa=True`` and a boolean
+    Calls our fused kernels where they apply, dropout included (our own mask, drawn from torch's default
+    generator: the same distribution as torch's, not the same bits): grouped heads with ``enable_gqa=True`` and a boolean
     ``attn_mask`` that is a key-padding mask included (broadcastable to (B, 1, 1, Nk); or a (B, 1, Nq, Nk)
     mask equal to one, alone or with the bottom-right causal triangle, as Hugging Face models pass
     it: recognised outside torch.compile, at the cost of one comparison and a sync). Otherwise
-    (other masks, dropout, other ranks or dtypes, causal with Nq != Nk) torch's own SDPA runs the call;
+    (other masks, other ranks or dtypes, causal with Nq != Nk) torch's own SDPA runs the call;
     ``explain_sdpa`` says which. A query row whose keys are all masked gives 0.
     """
     reasons, padding, causal = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -153,13 +192,16 @@ def scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,
         )
-    return flash_attention(query, key, value, causal=causal, softmax_scale=scale, key_padding_mask=padding)
+    return flash_attention(query, key, value, causal=causal, softmax_scale=scale, key_padding_mask=padding,
+                           dropout_p=float(dropout_p))
 
 
-def explain(q, k, v, causal=False, softmax_scale=None, backend="auto", *, key_padding_mask=None, deterministic=True,
+def explain(q, k, v, causal=False, softmax_scale=None, backend="auto", *, key_padding_mask=None, window=(-1, -1),
+            softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None, deterministic=True,
             scale=None) -> Explanation:
     """Which backend ``flash_attention`` with these arguments takes, and why the others were passed over."""
-    options = _dense_options(q, k, v, causal, softmax_scale, scale, key_padding_mask, deterministic)
+    options = _dense_options(q, k, v, causal, softmax_scale, scale, key_padding_mask, deterministic, window, softcap,
+                             alibi_slopes, dropout_p, 0 if dropout_seed is None else dropout_seed)
     return explain_choice(q, k, v, options, backend)
 
 
@@ -169,5 +211,6 @@ def explain_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fal
     if reasons:
         return Explanation(None, torch_fallback=reasons)
     scale = resolve_scale(scale, None, query.shape[-1], "scale")
-    options = AttentionOptions(causal, scale, None if padding is None else padding.contiguous())
+    options = AttentionOptions(causal, scale, None if padding is None else padding.contiguous(),
+                               dropout_p=float(dropout_p))
     return explain_choice(query, key, value, options)

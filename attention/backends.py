@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from . import ops
+from .dropout import dropout_mask
 from .reference import naive_attention, naive_attention_varlen
 from .validation import AttentionOptions
 
@@ -42,13 +43,20 @@ def _fused_forward(op, takes_deterministic=False):
 def _run_naive(q, k, v, options: AttentionOptions):
     # lse without gradient, as the fused ops return it (they mark it non-differentiable): a caller
     # gets the same autograd graph whichever backend runs.
+    modifiers = dict(window=options.window, softcap=options.softcap, alibi_slopes=options.alibi_slopes,
+                     dropout_p=options.dropout_p)
+    batch = options.cu_seqlens_q.numel() - 1 if options.varlen else q.shape[0]
+    n_q, n_k = (options.max_seqlen_q, options.max_seqlen_k) if options.varlen else (q.shape[2], k.shape[2])
+    if options.dropout_p > 0:
+        modifiers["dropout_mask"] = dropout_mask(options.dropout_p, options.dropout_seed, options.dropout_offset, batch,
+                                                 q.shape[1], n_q, n_k, q.device)
     if options.varlen:  # back to flash-attn's packed (total, H, D) layout, one call per sequence
         packed = lambda t: t[0].transpose(0, 1)
         o, lse = naive_attention_varlen(packed(q), packed(k), packed(v), options.cu_seqlens_q, options.cu_seqlens_k,
-                                        options.causal, options.softmax_scale, return_lse=True)
+                                        options.causal, options.softmax_scale, return_lse=True, **modifiers)
         return o.transpose(0, 1)[None], lse[None].detach()
     o, lse = naive_attention(q, k, v, causal=options.causal, softmax_scale=options.softmax_scale, return_lse=True,
-                             key_padding_mask=options.key_padding_mask)
+                             key_padding_mask=options.key_padding_mask, **modifiers)
     return o, lse.detach()
 
 

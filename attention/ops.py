@@ -2,7 +2,8 @@
 
 Each fused backend has a forward op and a backward op with the arguments csrc/ops.cpp declares:
   fwd(q, k, v, causal, softmax_scale, key_padding_mask?, cu_seqlens_q?, cu_seqlens_k?,
-      max_seqlen_q, max_seqlen_k) -> (o, lse)
+      max_seqlen_q, max_seqlen_k, window_left, window_right, softcap, alibi_slopes?,
+      dropout_p, dropout_seed, dropout_offset) -> (o, lse)
   bwd(dout, q, k, v, o, lse, <the same options>) -> (dq, dk, dv)
 - ``fused_attention::fwd`` / ``::bwd``: the C++ ops of ``attention._C`` (CPU and, when built, CUDA);
 - ``fused_attention_triton::fwd`` / ``::bwd``: the Triton kernels, defined here. Both take one more
@@ -31,24 +32,29 @@ except ImportError as exc:  # not built (no compiler at install time) or built f
 def triton_forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float, key_padding_mask: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-    deterministic: bool = True,
+    window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor], dropout_p: float,
+    dropout_seed: int, dropout_offset: int, deterministic: bool = True,
 ) -> tuple[Tensor, Tensor]:
     from .triton_kernels.forward import attention_forward
 
     return attention_forward(q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                             max_seqlen_q, max_seqlen_k)
+                             max_seqlen_q, max_seqlen_k, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                             dropout_seed, dropout_offset)
 
 
 @torch.library.custom_op("fused_attention_triton::bwd", mutates_args=())
 def triton_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool, softmax_scale: float,
     key_padding_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-    max_seqlen_q: int, max_seqlen_k: int, deterministic: bool = True,
+    max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int, softcap: float,
+    alibi_slopes: Optional[Tensor], dropout_p: float, dropout_seed: int, dropout_offset: int,
+    deterministic: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from .triton_kernels.backward import attention_backward
 
     return attention_backward(dout, q, k, v, o, lse, causal, softmax_scale, deterministic, key_padding_mask,
-                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
+                              softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset)
 
 
 def empty_like_input(t, varlen):
@@ -69,23 +75,29 @@ def _fake_backward(dout, q, k, v, o, lse, causal, softmax_scale, key_padding_mas
     return empty_like_input(q, varlen), empty_like_input(k, varlen), empty_like_input(v, varlen)
 
 
+# Where the optional tensors sit among the options after (q, k, v): key_padding_mask, cu_seqlens_q,
+# cu_seqlens_k, alibi_slopes. They are saved as tensors; the other options ride on ctx as they are.
+_TENSOR_OPTIONS = (2, 3, 4, 10)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k, *sizes_and_flags = inputs
+    q, k, v, *options = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
-    # (max_seqlen_q, max_seqlen_k) and, for the Triton op, deterministic
-    ctx.causal, ctx.softmax_scale, ctx.sizes_and_flags = causal, softmax_scale, sizes_and_flags
+    ctx.save_for_backward(q, k, v, o, lse, *(options[i] for i in _TENSOR_OPTIONS))
+    ctx.options = [None if i in _TENSOR_OPTIONS else option for i, option in enumerate(options)]
     ctx.mark_non_differentiable(lse)
 
 
 def _autograd_for(backward_op):
     def backward(ctx, dout, _dlse):
-        q, k, v, o, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        q, k, v, o, lse, *tensor_options = ctx.saved_tensors
+        options = list(ctx.options)
+        for i, tensor in zip(_TENSOR_OPTIONS, tensor_options):
+            options[i] = tensor
         if dout.stride(-1) != 1:  # e.g. the expanded gradient of o.sum()
             dout = dout.contiguous()
-        dq, dk, dv = backward_op(dout, q, k, v, o, lse, ctx.causal, ctx.softmax_scale, key_padding_mask,
-                                 cu_seqlens_q, cu_seqlens_k, *ctx.sizes_and_flags)
-        return dq, dk, dv, *(None for _ in range(5 + len(ctx.sizes_and_flags)))
+        dq, dk, dv = backward_op(dout, q, k, v, o, lse, *options)
+        return dq, dk, dv, *(None for _ in options)
 
     return backward
 

@@ -28,6 +28,20 @@ class AttentionOptions:
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
     deterministic: bool = True
+    # Score modifiers, as flash_attention's docstring gives them. Causal is a window ending at the
+    # diagonal: __post_init__ makes causal and window_right == 0 the same, so kernels may take either.
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: torch.Tensor | None = None  # contiguous float32 (B, Hq), B the sequences when varlen
+    dropout_p: float = 0.0
+    dropout_seed: int = 0
+    dropout_offset: int = 0
+
+    def __post_init__(self):
+        if self.causal:
+            object.__setattr__(self, "window_right", 0)
+        object.__setattr__(self, "causal", self.window_right == 0)
 
     @property
     def varlen(self):
@@ -36,7 +50,12 @@ class AttentionOptions:
     def op_args(self):
         """The arguments after (q, k, v) of every fused forward op, as csrc/ops.cpp declares them."""
         return (self.causal, self.softmax_scale, self.key_padding_mask, self.cu_seqlens_q, self.cu_seqlens_k,
-                self.max_seqlen_q, self.max_seqlen_k)
+                self.max_seqlen_q, self.max_seqlen_k, self.window_left, self.window_right, self.softcap,
+                self.alibi_slopes, self.dropout_p, self.dropout_seed, self.dropout_offset)
+
+    @property
+    def window(self):
+        return (self.window_left, self.window_right)
 
 
 def check_bool(name, value):
@@ -139,3 +158,62 @@ def validate_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
                              f"the total")
         if lengths and max(lengths) > max_len:
             raise ValueError(f"{max_name}={max_len} is below the longest sequence in {name} ({max(lengths)})")
+
+
+def _check_int(name, value, low, high=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value >= high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def validate_window(window):
+    """(left, right), -1 for an unbounded side."""
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a pair (left, right), got {window!r}")
+    for name, bound in zip(("window[0] (left)", "window[1] (right)"), window):
+        _check_int(name, bound, -1)
+    return tuple(window)
+
+
+def validate_softcap(softcap):
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be finite and >= 0 (0: off), got {softcap}")
+    return float(softcap)
+
+
+def validate_alibi_slopes(slopes, batch, heads, device):
+    """float32 (Hq,) or (B, Hq) on q's device; returned as a contiguous (B, Hq) tensor."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
+    if slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {slopes.dtype}")
+    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape (heads,) = ({heads},) or (batch, heads) = ({batch}, {heads}), "
+                         f"got {tuple(slopes.shape)}")
+    if slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {slopes.device} but q is on {device}: all inputs must share a device")
+    return slopes.expand(batch, heads).contiguous()
+
+
+def validate_dropout(dropout_p, dropout_seed):
+    """(dropout_p, seed, offset). Without a seed, both are drawn from torch's default CPU generator (so
+    torch.manual_seed reproduces a run; under torch.compile that draw is a graph break: give a seed)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_seed is not None:
+        _check_int("dropout_seed", dropout_seed, 0, 2**63)
+    if dropout_p == 0.0:
+        return 0.0, 0, 0
+    if dropout_seed is not None:
+        return float(dropout_p), dropout_seed, 0
+    seed = int(torch.randint(0, 2**63 - 1, ()))
+    offset = int(torch.randint(0, 2**32, ()))
+    return float(dropout_p), seed, offset

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -98,6 +99,31 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
     TORCH_CHECK(!key_padding_mask.has_value(),
                 "fused_attention: key_padding_mask cannot be combined with cu_seqlens_q / cu_seqlens_k");
   }
+}
+
+// The score modifiers (meaning in attention/api.py's flash_attention): window bounds >= -1, softcap
+// finite and >= 0, alibi_slopes float32 contiguous (batch, Hq) on q's device with batch the batch
+// elements or, varlen, the sequences; 0 <= dropout_p < 1, dropout_seed >= 0, 0 <= dropout_offset < 2^32.
+inline void check_score_options(const at::Tensor& q, int64_t batch, int64_t window_left, int64_t window_right,
+                                double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                int64_t dropout_seed, int64_t dropout_offset) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "fused_attention: window_left and window_right must be >= -1 "
+              "(-1: unbounded; got ", window_left, ", ", window_right, ")");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "fused_attention: softcap must be finite and >= 0 (got ",
+              softcap, ")");
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "fused_attention: dropout_p must be in [0, 1) (got ", dropout_p, ")");
+  TORCH_CHECK(dropout_seed >= 0, "fused_attention: dropout_seed must be >= 0 (got ", dropout_seed, ")");
+  TORCH_CHECK(dropout_offset >= 0 && dropout_offset < (int64_t{1} << 32),
+              "fused_attention: dropout_offset must be in [0, 2^32) (got ", dropout_offset, ")");
+  if (!alibi_slopes.has_value()) return;
+  const at::Tensor& slopes = *alibi_slopes;
+  check_same_device("alibi_slopes", slopes, q);
+  TORCH_CHECK(slopes.scalar_type() == at::kFloat, "fused_attention: alibi_slopes must be float32 (got ",
+              slopes.scalar_type(), ")");
+  TORCH_CHECK(slopes.dim() == 2 && slopes.size(0) == batch && slopes.size(1) == q.size(1),
+              "fused_attention: alibi_slopes must have shape (batch, heads) (", batch, ", ", q.size(1), ") (got ",
+              slopes.sizes(), ")");
+  TORCH_CHECK(slopes.is_contiguous(), "fused_attention: alibi_slopes must be contiguous");
 }
 
 // The forward's inputs, plus dout and o shaped like q and lse float32 (B, Hq, Nq).
