@@ -93,12 +93,10 @@ def parse_args(argv=None):
     check_providers_and_modes(p, args)
     if args.fit_points < 2:
         p.error(f"--fit-points must be at least 2 (a line needs two points), got {args.fit_points}")
-    for flag in ("batch", "heads", "head_dim", "start", "max_seqlen", "trace", "threads"):
+    for flag in ("batch", "heads", "head_dim", "start", "max_seqlen", "trace", "threads", "window"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    if args.window is not None and args.window < 0:
-        p.error(f"--window must be at least 0, got {args.window}")
     return args
 
 
