@@ -118,12 +118,11 @@ _SDPA_BACKENDS = {
 _CUDA_ONLY_SDPA = ("sdpa-cudnn", "sdpa-efficient")
 
 
-# What SDPA is given in place of each score option (cases.option_arguments builds it).
+# What SDPA is given in place of each score option (cases.option_arguments builds it; softcap: nothing).
 _SDPA_OPTION_FORMS = {
     "window": ", the window as a bool attn_mask",
     "alibi": ", ALiBi as a float attn_mask (bias)",
     "dropout": ", dropout_p (its own random mask)",
-    "softcap": "",
 }
 
 
