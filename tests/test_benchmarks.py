@@ -236,11 +236,11 @@ def test_every_provider_of_a_case_computes_the_same_attention(causal):
     assert mask.sum(1).tolist() == list(lengths) and mask[:, 0].all()
 
 
-def _option_outputs(config, names):
+def _option_outputs(config, names, backend):
     """Each named provider's output on the option case of ``config``, from the same draws (seed 0);
-    "ours" is flash_attention through the naive backend (the API's semantics of the option)."""
+    "ours" is flash_attention through ``backend``."""
     providers = {p.name: p for p in case_providers(config.case)}
-    providers["ours"] = ours_provider("naive", config.case)
+    providers["ours"] = ours_provider(backend, config.case)
     outputs = {}
     for name in names:
         torch.manual_seed(0)
@@ -251,15 +251,20 @@ def _option_outputs(config, names):
     return outputs
 
 
+@pytest.mark.parametrize("backend", ["naive", "cpu"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("option", OPTIONS)
-def test_the_option_cases_give_every_provider_the_same_attention(option, causal):
-    """SDPA's mask or bias, the naive attention's arguments and ours mean the same option: a wrong
-    equivalence (a band off by one, a bias of the wrong sign or head order, a mask not of our seed)
-    fails here. The option must change the output, or the comparison would prove nothing."""
+def test_the_option_cases_give_every_provider_the_same_attention(option, causal, backend):
+    """SDPA's mask or bias, the naive attention's arguments and ours (the API's reference path and the
+    C++ kernels) mean the same option: a wrong equivalence (a band off by one, a bias of the wrong sign
+    or head order, a mask not of our seed) fails here. The option must change the output, or the
+    comparison would prove nothing."""
+    reason = ours_provider(backend, option).why_not(CPU, torch.float32, 8, causal, "fwd")
+    if reason:
+        pytest.skip(reason)
     config = Config(2, 3, 24, 8, causal, "fp32", option=option, window=5 if option == "window" else None)
     sdpa = () if option in ("softcap", "dropout") else ("sdpa-flash", "sdpa-math")
-    outputs = _option_outputs(config, ("ours", "naive", *sdpa))
+    outputs = _option_outputs(config, ("ours", "naive", *sdpa), backend)
     for name in ("naive", *sdpa):
         torch.testing.assert_close(outputs[name], outputs["ours"], atol=1e-5, rtol=1e-5, msg=f"{option}: {name}")
     torch.manual_seed(0)
@@ -290,14 +295,10 @@ def test_the_option_arguments_are_the_ones_the_notes_describe():
 
 
 def test_option_rows_run_and_report_sane_numbers():
-    """Each option, fwd and fwd+bwd, timed interleaved: ours (through the naive backend), SDPA given the
+    """Each option, fwd and fwd+bwd, timed interleaved: ours (the C++ kernels), SDPA given the
     equivalent, naive; times, FLOP/s and peak memory positive, SDPA not run on softcap, and the
     window scored on its visible pairs."""
-    names = ("ours", "sdpa-math", "naive")
-    providers = {}
-    for option in OPTIONS:
-        providers[option] = [ours_provider("naive", option),
-                             *(p for p in case_providers(option) if p.name in names[1:])]
+    providers = {option: select_providers(["cpu", "sdpa-math", "naive"], option) for option in OPTIONS}
     cases = [(Config(1, 2, 32, 8, True, "fp32", option=option, window=6 if option == "window" else None), mode)
              for option in OPTIONS for mode in ("fwd", "fwd+bwd")]
     rows = run_benchmarks(providers, cases, CPU, cpu_min_time_s=0.0, progress=False)
@@ -530,7 +531,7 @@ def test_benchmark_cli_quick_on_cpu(tmp_path):
     # issue 11's options, in the default cases: the baselines ran, SDPA where it has an equivalent
     options = [r for r in all_rows if r["case"] in OPTIONS]
     ran = {(r["case"], r["provider"]) for r in options if r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0}
-    assert ran >= {(option, "naive") for option in OPTIONS}
+    assert ran >= {(option, name) for option in OPTIONS for name in ("cpu", "naive")}
     assert ran >= {(option, "sdpa-math") for option in ("window", "alibi", "dropout")}
     assert {r["status"] for r in options if r["case"] == "softcap" and r["provider"].startswith("sdpa")} == {"skipped"}
     assert {r["window"] for r in options if r["case"] == "window"} == {16}
