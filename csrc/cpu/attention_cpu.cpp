@@ -903,6 +903,11 @@ Shape make_shape(const at::Tensor& q, const at::Tensor& k, bool causal, int64_t 
   return shape;
 }
 
+// The number of sequences: q's batch elements, or those of cu_seqlens_q (whose shape is checked).
+int64_t sequence_count(const at::Tensor& q, const std::optional<at::Tensor>& cu_seqlens_q) {
+  return cu_seqlens_q.has_value() ? cu_seqlens_q->numel() - 1 : q.size(0);
+}
+
 // The call's ScoreOptions; alibi_slopes must outlive them.
 ScoreOptions make_score_options(double softmax_scale, double softcap, const std::optional<at::Tensor>& alibi_slopes,
                                 double dropout_p, int64_t dropout_seed, int64_t dropout_offset) {
@@ -938,6 +943,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
     int64_t dropout_seed, int64_t dropout_offset) {
   check_attention_inputs(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  check_score_options(q_in, sequence_count(q_in, cu_seqlens_q), window_left, window_right, softcap, alibi_slopes,
+                      dropout_p, dropout_seed, dropout_offset);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const std::optional<KeyPadding> key_padding =
       key_padding_mask.has_value() ? std::optional(read_key_padding(*key_padding_mask)) : std::nullopt;
@@ -963,6 +970,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
     int64_t dropout_seed, int64_t dropout_offset) {
   check_backward_inputs(dout_in, q_in, k_in, v_in, o_in, lse_in, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  check_score_options(q_in, sequence_count(q_in, cu_seqlens_q), window_left, window_right, softcap, alibi_slopes,
+                      dropout_p, dropout_seed, dropout_offset);
   const at::Tensor dout = with_contiguous_rows(dout_in), q = with_contiguous_rows(q_in);
   const at::Tensor k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in), o = with_contiguous_rows(o_in);
   const at::Tensor lse = lse_in.contiguous();
