@@ -772,3 +772,12 @@ def test_varlen_alibi_slopes_are_per_sequence():
     (q, k, v), options = _varlen_inputs()
     with pytest.raises(RuntimeError, match=r"alibi_slopes must have shape \(batch, heads\) \(2, 3\)"):
         fwd(q, k, v, False, 0.25, **options, alibi_slopes=torch.ones(1, 3))
+
+
+def test_softcap_tanh_is_accurate_across_its_range():
+    """One query against keys whose capped scores are tanh(x) for x in [-12, 12] (both of the kernel's tanh
+    formulas, and saturation): lse within float rounding of the float64 value."""
+    x = torch.linspace(-12, 12, 4001)
+    q, k, v = torch.ones(1, 1, 1, 1), x.reshape(1, 1, -1, 1), torch.ones(1, 1, x.numel(), 1)
+    _, lse = fwd(q, k, v, False, 1.0, softcap=1.0)
+    assert abs(lse.item() - torch.logsumexp(torch.tanh(x.double()), 0).item()) < 1e-6
