@@ -226,7 +226,9 @@ def test_flash_attention_deterministic_keyword():
         grads[deterministic] = [x.grad for x in leaves]
     for exact, fused in zip(grads[True], grads[False]):
         torch.testing.assert_close(fused, exact, rtol=1e-5, atol=1e-6)
-    torch.library.opcheck(torch.ops.fused_attention_triton.fwd, (q, k, v, True, 0.25, None, None, None, 0, 0, False))
+    no_options = (-1, 0, 0.0, None, 0.0, 0, 0)  # window (-1, 0): causal; no softcap, ALiBi or dropout
+    torch.library.opcheck(torch.ops.fused_attention_triton.fwd,
+                          (q, k, v, True, 0.25, None, None, None, 0, 0, *no_options, False))
     with pytest.raises(TypeError, match="deterministic must be a bool"):
         attention.flash_attention(q, k, v, deterministic=1)
 
@@ -722,6 +724,23 @@ def test_all_score_options_together(deterministic):
     q, k, v, do = grouped_inputs(1, 4, 2, 23, 30, 16, torch.float16, seed=9)
     check_score_options(q, k, v, do, True, 0.3, window=(9, -1), softcap=1.5, alibi_slopes=slopes(1, 4, seed=1),
                         dropout_p=0.2, seed=77, deterministic=deterministic)
+
+
+def test_score_options_through_the_op():
+    """The Triton op with every score option: its fake and autograd registrations (opcheck), and gradients
+    through autograd equal to the launchers' (the same seed and offset give the same mask)."""
+    q, k, v, do = grouped_inputs(1, 2, 1, 9, 14, 16, torch.float32, seed=14)
+    alibi = slopes(1, 2, seed=4)
+    options = (4, 2, 1.5, alibi, 0.25, 2**35 + 1, 3)
+    torch.library.opcheck(torch.ops.fused_attention_triton.fwd,
+                          (q, k, v, False, 0.25, None, None, None, 0, 0, *options, True))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, _ = torch.ops.fused_attention_triton.fwd(*leaves, False, 0.25, None, None, None, 0, 0, *options, True)
+    o.backward(do)
+    expected_o, lse = attention_forward(q, k, v, False, 0.25, None, None, None, 0, 0, *options)
+    expected = attention_backward(do, q, k, v, expected_o, lse, False, 0.25, True, None, None, None, 0, 0, *options)
+    assert torch.equal(o, expected_o)
+    assert all(torch.equal(x.grad, g) for x, g in zip(leaves, expected))
 
 
 @pytest.mark.parametrize("tile", [(16, 16), (16, 64)], ids=str)
