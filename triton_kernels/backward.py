@@ -247,7 +247,7 @@ def _accumulate_dkdv(
     BLOCK_N: tl.constexpr,
 ):
     """Add query tiles [start, end) of query heads first_head .. first_head + group - 1 (those that read this
-    K/V head) to dK (unscaled) and dV; mask (bounds, causal) only when MASKED.
+    K/V head) to dK (unscaled) and dV; mask (bounds, causal, window) only when MASKED.
     With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM, atomically.
 
     The group's heads are summed one after the other into the same accumulators: in a fixed order, with no
