@@ -39,7 +39,6 @@ from transformers.masking_utils import (
     prepare_padding_mask,
     sdpa_mask,
 )
-from transformers.utils.import_utils import is_tracing
 
 from ..api import explain, flash_attention
 from ..backends import BACKENDS
@@ -103,6 +102,10 @@ class MaskPlan:
         return carrier[:, self.kv_offset:self.kv_offset + self.kv_used] if self.has_padding else None
 
 
+def _tracing():
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _visible(q_positions, k_positions, causal, window_left):
     """(Nq, Nk) bool: which keys the (causal, window_left) pattern shows each query, by absolute position."""
     q, k = q_positions[:, None], k_positions[None, :]
@@ -144,7 +147,7 @@ def fused_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=
     plan = dict(kv_length=kv_length, kv_offset=kv_offset, kv_used=kv_length, causal=False, window_left=-1,
                 has_padding=True, fallback_reason=None, dense=dense)
     pattern = None
-    if is_tracing(padding) or (isinstance(q_offset, torch.Tensor) and is_tracing(q_offset)):
+    if _tracing():
         plan["fallback_reason"] = TRACED
     else:
         pattern = _pattern(mask_function, local_size, batch_size, q_length, kv_length, q_offset, kv_offset, use_vmap,
@@ -170,7 +173,7 @@ def fused_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=
 
 def _is_zero(bias):
     """A bias of zeros that needs no gradient (T5's layers without relative attention bias) changes nothing."""
-    return not bias.requires_grad and not is_tracing(bias) and not bool(bias.any())
+    return not bias.requires_grad and not _tracing() and not bool(bias.any())
 
 
 def _eager_attention(query, key, value, mask, dropout, scaling, softcap, position_bias):
