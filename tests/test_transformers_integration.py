@@ -199,3 +199,13 @@ def test_fallbacks_are_counted_and_match(case):
 def test_register_rejects_an_unknown_backend():
     with pytest.raises(ValueError, match="backend must be"):
         fused_hf.register("fused_attention_other", backend="flash")
+
+
+def test_generate_benchmark_row():
+    """benchmarks.generate's row on a one-layer model: both implementations timed, same tokens, all on ours."""
+    from benchmarks import generate as bench
+
+    row = bench.main(["--device", "cpu", "--batch", "2", "--prompt", "8", "--new-tokens", "2", "--hidden", "32",
+                      "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--rounds", "2"])
+    assert row["same_tokens"] and row["share_on_our_kernels"] == 1.0 and not row["fallbacks"]
+    assert all(row[name]["tokens_per_s"] > 0 for name in bench.IMPLEMENTATIONS)
