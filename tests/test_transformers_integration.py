@@ -70,7 +70,7 @@ def batch(kind, padded, seed=1):
     if padded:  # left padding, as for generation
         ids[1, :3], mask[1, :3] = PAD, 0
     if kind == "seq2seq":
-        return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.randint(2, VOCAB, (2, 6), generator=g)), None
+        return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.randint(2, VOCAB, (2, SEQ + 2), generator=g)), None
     return dict(input_ids=ids, attention_mask=mask), mask.bool()
 
 

@@ -54,6 +54,7 @@ OTHER_PATTERN = ("a mask pattern other than bidirectional, causal or causal slid
                  "attention, custom mask functions)")
 TRACED = "the mask was made while tracing (torch.compile or export), where its values cannot be read"
 CAUSAL_MORE_QUERIES = "is_causal with more queries than keys"
+CAUSAL_OFFSETS = "a causal mask whose queries are not at the end of its keys' positions"
 WRONG_KEY_COUNT = "the layer's keys are not the ones the mask was made for"
 
 
@@ -140,6 +141,7 @@ def fused_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if padding is None:
         padding = torch.ones(batch_size, kv_offset + kv_length, dtype=torch.bool, device=device)
+    padding = padding.expand(batch_size, -1)  # a mask of batch 1 serves every row
     dense = functools.partial(sdpa_mask, batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                               q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
                               attention_mask=attention_mask, allow_is_causal_skip=False, use_vmap=use_vmap,
@@ -159,8 +161,8 @@ def fused_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=
         # Our causal is bottom-right: the last query sees the last key. Keys after the last query's position
         # (a static cache's empty slots) are cut off, which aligns query i at key i + q_offset - kv_offset.
         kv_used = int(q_offset) - kv_offset + q_length if causal else kv_length
-        if not q_length <= kv_used <= kv_length:
-            plan["fallback_reason"] = OTHER_PATTERN
+        if causal and not q_length <= kv_used <= kv_length:
+            plan["fallback_reason"] = CAUSAL_OFFSETS
         else:
             has_padding = not bool(padding[:, kv_offset:kv_offset + kv_used].all())
             plan.update(kv_used=kv_used, causal=causal, window_left=window_left, has_padding=has_padding)
