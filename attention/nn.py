@@ -23,16 +23,19 @@ class MultiHeadAttention(nn.Module):
     """Self-attention (one fused QKV projection) or cross-attention (q projection + fused KV projection).
 
     ``causal`` masks bottom-right, as ``flash_attention`` does: with Nq == Nk that is the usual
-    "query i sees keys <= i". q, k and v reach the kernel as strided views of the projection output
-    (no copies): the kernels read any layout whose last dim is contiguous.
+    "query i sees keys <= i"; ``window`` = (left, right) limits each query to a band of keys (a
+    sliding window, as Mistral's). ``dropout`` drops attention probabilities in training mode, inside
+    the fused kernels. q, k and v reach the kernel as strided views of the projection output (no
+    copies): the kernels read any layout whose last dim is contiguous.
     """
 
-    def __init__(self, d_model, n_heads, *, causal=False, cross=False, bias=True, backend="auto"):
+    def __init__(self, d_model, n_heads, *, causal=False, cross=False, bias=True, backend="auto", window=(-1, -1),
+                 dropout=0.0):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
-        self.causal, self.cross = causal, cross
+        self.causal, self.cross, self.window, self.dropout = causal, cross, tuple(window), dropout
         self.backend = backend
         if cross:
             self.q_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -79,14 +82,15 @@ class MultiHeadAttention(nn.Module):
                     f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
                 )
             key_padding_mask = ~key_padding_mask  # flash_attention's mask is True where the key is real
-        o = flash_attention(q, k, v, causal=self.causal, backend=self.backend, key_padding_mask=key_padding_mask)
+        o = flash_attention(q, k, v, causal=self.causal, backend=self.backend, key_padding_mask=key_padding_mask,
+                            window=self.window, dropout_p=self.dropout if self.training else 0.0)
         batch, n_q, _ = x.shape
         return self.out_proj(o.transpose(1, 2).reshape(batch, n_q, self.d_model))
 
     def extra_repr(self):
         return (
             f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, cross={self.cross}, "
-            f"backend={self.backend!r}"
+            f"window={self.window}, dropout={self.dropout}, backend={self.backend!r}"
         )
 
 
@@ -112,7 +116,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, d_model, n_heads, d_hidden, *, causal, dropout=0.0, bias=True, backend="auto"):
         super().__init__()
         self.ln_attn = nn.LayerNorm(d_model, bias=bias)
-        self.attn = MultiHeadAttention(d_model, n_heads, causal=causal, bias=bias, backend=backend)
+        self.attn = MultiHeadAttention(d_model, n_heads, causal=causal, bias=bias, backend=backend, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
         self.ln_mlp = nn.LayerNorm(d_model, bias=bias)
         self.mlp = FeedForward(d_model, d_hidden, dropout=dropout, bias=bias)

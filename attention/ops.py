@@ -102,11 +102,19 @@ def _autograd_for(backward_op):
     return backward
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("the fused attention kernels have no double backward (a gradient of their gradients); "
+                       "backend='naive' has one")
+
+
 def register_fused_op(fwd_name, bwd_name, backward_op):
-    """Gives a forward/backward op pair with the signatures above its fake implementations and autograd."""
+    """Gives a forward/backward op pair with the signatures above its fake implementations and autograd.
+    The backward op's own autograd raises: without it, a double backward would silently treat the
+    gradients as constants."""
     torch.library.register_fake(fwd_name)(_fake_forward)
     torch.library.register_fake(bwd_name)(_fake_backward)
     torch.library.register_autograd(fwd_name, _autograd_for(backward_op), setup_context=_setup_context)
+    torch.library.register_autograd(bwd_name, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 register_fused_op("fused_attention_triton::fwd", "fused_attention_triton::bwd", triton_backward)

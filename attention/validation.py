@@ -85,6 +85,8 @@ def validate_inputs(q, k, v, names=FLASH_NAMES, rank=4):
     for name, t in ((qn, q), (kn, k), (vn, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested:
+            raise TypeError(f"{name} is a nested tensor: pack the sequences for flash_attention_varlen instead")
         if t.dim() != rank:
             raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import attention
+from attention.nn import MultiHeadAttention
 from attention.reference import causal_mask, naive_attention_varlen
 from grid import DEVICE, EMULATED_CUDA, backends_under_test
 
@@ -117,7 +118,7 @@ def test_sdpa_drop_in_matches_torch(is_causal):
 SDPA_FALLBACKS = [
     (dict(attn_mask="mask"), "is not a boolean key-padding mask"),
     (dict(attn_mask="float"), "is not a boolean key-padding mask"),
-    (dict(dropout_p=0.5), "dropout_p=0.5"),
+    (dict(dropout_p=1.0), "dropout_p=1.0 is not a float in"),
     (dict(is_causal=True, n_q=5, n_k=9), "top-left"),
     (dict(kv_heads=1), "key has 1 heads and query 3, but enable_gqa is False"),
     (dict(dtype=torch.float64), "query must be float16, bfloat16 or float32"),
@@ -296,21 +297,27 @@ def test_causal_mask_is_bottom_right():
 
 
 @pytest.mark.parametrize("backend", backends_under_test())
-@pytest.mark.parametrize("case", ["plain", "gqa-padding", "varlen"])
+@pytest.mark.parametrize("case", ["plain", "gqa-padding", "varlen", "modifiers"])
 def test_opcheck(backend, case):
     forward = {"triton": torch.ops.fused_attention_triton.fwd,
                EMULATED_CUDA: getattr(torch.ops.fused_attention_emulated, "fwd", None)}.get(
         backend, torch.ops.fused_attention.fwd)
     dtype = torch.float16 if DEVICE == "cuda" or backend == EMULATED_CUDA else torch.float32
     q, k, v = qkv(n_q=17, n_k=19, head_dim=32, dtype=dtype, batch=2, heads=4)
-    args = (q, k, v, True, 0.25, None, None, None, 0, 0)
+    no_modifiers = (-1, -1, 0.0, None, 0.0, 0, 0)  # window_left .. dropout_offset
+    args = (q, k, v, True, 0.25, None, None, None, 0, 0, -1, 0, 0.0, None, 0.0, 0, 0)
     if case == "gqa-padding":
-        args = (q, k[:, :2], v[:, :2], True, 0.25, torch.rand(2, 19, device=DEVICE) > 0.3, None, None, 0, 0)
+        args = (q, k[:, :2], v[:, :2], True, 0.25, torch.rand(2, 19, device=DEVICE) > 0.3, None, None, 0, 0,
+                *no_modifiers)
+    elif case == "modifiers":
+        slopes = torch.rand(2, 4, device=DEVICE)
+        args = (q, k[:, :2], v[:, :2], False, 0.25, None, None, None, 0, 0, 5, 3, 4.0, slopes, 0.2, 77, 3)
     elif case == "varlen":
         packed = lambda total, heads: torch.randn(total, heads, 32, device=DEVICE, dtype=dtype).transpose(0, 1)[None]
         cu_q = torch.tensor([0, 5, 5, 34], dtype=torch.int32, device=DEVICE)
         cu_k = torch.tensor([0, 9, 20, 38], dtype=torch.int32, device=DEVICE)
-        args = (packed(34, 4), packed(38, 2), packed(38, 2), True, 0.25, None, cu_q, cu_k, 29, 18)
+        args = (packed(34, 4), packed(38, 2), packed(38, 2), True, 0.25, None, cu_q, cu_k, 29, 18, -1, 0, 0.0, None,
+                0.0, 0, 0)
     args = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args)
     torch.library.opcheck(forward, args)
 
@@ -341,3 +348,135 @@ def test_sdpa_4d_masks_equal_to_key_padding_run_on_our_kernels(causal):
     other = mask.clone()
     other[0, 0, 0, 0] = ~other[0, 0, 0, 0]  # no longer padding (+ causal): torch's SDPA runs it
     assert attention.explain_sdpa(q, k, v, attn_mask=other).backend is None
+
+
+# ---- score modifiers: validation, the dropout generator, the reference's semantics
+
+BAD_MODIFIERS = [
+    (dict(window=(-2, 0)), ValueError, r"window\[0\] \(left\) must be >= -1, got -2"),
+    (dict(window=(3, -5)), ValueError, r"window\[1\] \(right\) must be >= -1, got -5"),
+    (dict(window=4), TypeError, r"window must be a pair \(left, right\)"),
+    (dict(window=(1.5, 0)), TypeError, r"window\[0\] \(left\) must be an int"),
+    (dict(softcap=-1.0), ValueError, r"softcap must be finite and >= 0"),
+    (dict(softcap=float("inf")), ValueError, r"softcap must be finite and >= 0"),
+    (dict(softcap="5"), TypeError, r"softcap must be a float"),
+    (dict(alibi_slopes=torch.ones(2)), ValueError, r"alibi_slopes must have shape \(heads,\) = \(3,\) or"),
+    (dict(alibi_slopes=torch.ones(3, 2)), ValueError, r"alibi_slopes must have shape"),
+    (dict(alibi_slopes=torch.ones(3, dtype=torch.float64)), TypeError, r"alibi_slopes must be float32"),
+    (dict(alibi_slopes=[0.5, 0.25, 0.125]), TypeError, r"alibi_slopes must be a torch.Tensor"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=0.1, dropout_seed=-3), ValueError, r"dropout_seed must be in \[0, "),
+    (dict(dropout_p=0.1, dropout_seed=2.0), TypeError, r"dropout_seed must be an int"),
+]
+
+
+@pytest.mark.parametrize("options,error,message", BAD_MODIFIERS)
+def test_bad_modifiers_raise_naming_the_argument(options, error, message):
+    q, k, v = qkv()
+    for call in (attention.flash_attention, attention.explain):
+        with pytest.raises(error, match=message):
+            call(q, k, v, **options)
+
+
+def test_bad_modifiers_in_the_cpp_op_raise_naming_the_argument():
+    """The C++ ops' own checks, for direct op calls that skip the Python layer."""
+    if attention.ops.EXTENSION_ERROR is not None:
+        pytest.skip(attention.ops.EXTENSION_ERROR)
+    q, k, v = (t.cpu() for t in qkv())
+    args = lambda window_left=-1, softcap=0.0, slopes=None, dropout_p=0.0: (
+        q, k, v, False, 0.25, None, None, None, 0, 0, window_left, -1, softcap, slopes, dropout_p, 0, 0)
+    for bad, message in ((dict(window_left=-2), "window_left and window_right must be >= -1"),
+                         (dict(softcap=-1.0), "softcap must be finite and >= 0"),
+                         (dict(slopes=torch.ones(3)), r"alibi_slopes must have shape \(batch, heads\)"),
+                         (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)")):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.fused_attention.fwd(*args(**bad))
+
+
+def test_causal_is_a_window_ending_at_the_diagonal():
+    options = attention.validation.AttentionOptions(causal=True, softmax_scale=1.0, window_left=4, window_right=7)
+    assert options.window == (4, 0) and options.causal
+    assert attention.validation.AttentionOptions(causal=False, softmax_scale=1.0, window_right=0).causal
+    q, k, v = qkv(n_q=6, n_k=9)
+    torch.testing.assert_close(attention.flash_attention(q, k, v, window=(-1, 0), backend="naive"),
+                               attention.flash_attention(q, k, v, causal=True, backend="naive"))
+
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10."""
+    from attention.dropout import philox4x32
+
+    vectors = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+               ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+               ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+                (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for counter, key, expected in vectors:
+        assert tuple(int(w) for w in philox4x32(counter, key)) == expected
+
+
+def test_dropout_mask_keep_rate_and_seeds():
+    """Keep-rate within 5 sigma of the binomial's; seeds and offsets give other masks; a sub-shape's mask
+    is the corner of a larger one (a pure function of b, h, i, j: varlen sequences rely on it)."""
+    p, shape = 0.3, (2, 3, 64, 67)
+    mask = attention.dropout_mask(p, 42, 0, *shape)
+    n = mask.numel()
+    assert abs(mask.sum().item() - n * (1 - p)) < 5 * (n * p * (1 - p)) ** 0.5
+    assert not torch.equal(mask, attention.dropout_mask(p, 43, 0, *shape))
+    assert not torch.equal(mask, attention.dropout_mask(p, 42, 1, *shape))
+    assert (mask != attention.dropout_mask(p, 43, 0, *shape)).float().mean() > 0.3  # independent, not shifted
+    assert torch.equal(attention.dropout_mask(p, 42, 0, 2, 3, 10, 13), mask[:, :, :10, :13])
+    assert attention.dropout_mask(0.0, 42, 0, *shape).all()
+
+
+def test_naive_modifiers_match_their_definition():
+    """The reference against the contract written out elementwise (shift = Nk - Nq, query i, key j)."""
+    q, k, v = (t.double() for t in qkv(n_q=5, n_k=9, batch=2, heads=2))
+    slopes = torch.tensor([[0.5, 0.25], [1.0, 0.125]])
+    window, softcap, p = (2, 1), 2.0, 0.4
+    mask = attention.dropout_mask(p, 3, 0, 2, 2, 5, 9)
+    o = attention.naive_attention(q, k, v, window=window, softcap=softcap, alibi_slopes=slopes, dropout_p=p,
+                                  dropout_mask=mask)
+    expected = torch.zeros_like(o)
+    for b in range(2):
+        for h in range(2):
+            for i in range(5):
+                distance = [i + 4 - j for j in range(9)]
+                visible = [j for j in range(9) if -window[1] <= distance[j] <= window[0]]
+                scores = torch.stack([softcap * torch.tanh((q[b, h, i] @ k[b, h, j]) * 0.25 / softcap)
+                                      - slopes[b, h] * abs(distance[j]) for j in visible])
+                probs = torch.softmax(scores, 0)
+                for prob, j in zip(probs, visible):
+                    expected[b, h, i] += prob * mask[b, h, i, j] / (1 - p) * v[b, h, j]
+    torch.testing.assert_close(o, expected)
+
+
+def test_naive_dropout_needs_its_mask():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"give both or neither"):
+        attention.naive_attention(q, k, v, dropout_p=0.1)
+
+
+def test_sdpa_dropout_runs_on_our_kernels():
+    """dropout_p > 0 takes our kernels, with a mask drawn from torch's generator (torch.manual_seed repeats it)."""
+    q, k, v = qkv(n_q=16, n_k=16)
+    assert attention.explain_sdpa(q, k, v, dropout_p=0.3).backend is not None
+    torch.manual_seed(5)
+    first = attention.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(5)
+    assert torch.equal(first, attention.scaled_dot_product_attention(q, k, v, dropout_p=0.3))
+    no_dropout = attention.scaled_dot_product_attention(q, k, v)
+    assert not torch.allclose(first, no_dropout)
+    # the same probabilities, rescaled: on average the output keeps its size
+    assert 0.5 < first.abs().mean() / no_dropout.abs().mean() < 2.0
+
+
+def test_attention_dropout_only_in_training():
+    layer = MultiHeadAttention(32, 4, dropout=0.5, backend="naive").to(DEVICE)
+    x = torch.randn(2, 9, 32, device=DEVICE)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(0)
+    first = layer(x)
+    assert not torch.allclose(first, layer(x))

@@ -260,3 +260,114 @@ def test_varlen_matches_padded_batch(backend, dtype):
     for b, (start, end) in enumerate(bounds):
         torch.testing.assert_close(packed[start:end].float(), dense[b, :, : end - start].transpose(0, 1).float(),
                                    atol=tolerance, rtol=tolerance)
+
+
+# ---- score modifiers: sliding window, softcap, ALiBi, dropout
+
+# (left, right) with and without causal: bands on both sides, one side unbounded, the diagonal alone.
+WINDOWS = [((5, 0), False), ((3, 9), False), ((-1, 4), False), ((0, 0), False), ((12, -1), True)]
+
+
+@pytest.mark.parametrize("window,causal", WINDOWS, ids=["left5", "band3-9", "right4", "diagonal", "causal-left12"])
+def test_sliding_window(backend, dtype, window, causal):
+    """130 keys: key tiles wholly outside the band are skipped, tiles on its edges masked."""
+    q, k, v, dout = random_inputs((1, 2, 70, 130, 32), dtype)
+    check_against_reference(backend, q, k, v, dout, causal, window=window)
+
+
+def test_window_hides_every_key_of_some_rows(backend, dtype):
+    """Nq > Nk and window (2, 0): queries i < Nq - Nk see no key (o 0, lse -inf, no gradient)."""
+    q, k, v, dout = random_inputs((1, 2, 40, 17, 32), dtype)
+    o, lse, dq, dk, dv = check_against_reference(backend, q, k, v, dout, False, window=(2, 0))
+    assert torch.all(o[:, :, :23] == 0) and torch.all(dq[:, :, :23] == 0)
+    assert torch.all(lse[:, :, :23] == float("-inf")) and torch.isfinite(lse[:, :, 23:]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_softcap(backend, dtype, causal):
+    """Scores far beyond the cap (q scaled up): tanh saturates, and its derivative reaches the gradients."""
+    q, k, v, dout = random_inputs((1, 2, 37, 45, 32), dtype)
+    check_against_reference(backend, q * 4, k, v, dout, causal, softcap=5.0)
+
+
+def alibi_slopes(heads, batch=None):
+    """ALiBi's geometric slopes 2^(-8h/H), float32 (H,), or per (batch, head) with a different scale per batch."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=DEVICE) / heads)
+    if batch is None:
+        return slopes.float()
+    return (slopes[None, :] * torch.arange(1, batch + 1, device=DEVICE)[:, None]).float()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("per_batch", [False, True], ids=["per-head", "per-batch-head"])
+def test_alibi(backend, dtype, per_batch, causal):
+    q, k, v, dout = random_inputs((2, 3, 33, 50, 32), dtype)
+    slopes = alibi_slopes(3, 2 if per_batch else None)
+    check_against_reference(backend, q, k, v, dout, causal, alibi_slopes=slopes)
+
+
+def check_with_dropout(backend, q, k, v, dout, causal, dropout_p, seed, **options):
+    """Ours with dropout_seed against the reference given the mask attention.dropout_mask draws for it."""
+    mask = attention.dropout_mask(dropout_p, seed, 0, q.shape[0], q.shape[1], q.shape[2], k.shape[2], DEVICE)
+    ours = lambda q, k, v: flash_attention(q, k, v, backend, causal=causal, return_lse=True, dropout_p=dropout_p,
+                                           dropout_seed=seed, **options)
+    reference = lambda q, k, v: attention.naive_attention(q, k, v, causal=causal, return_lse=True,
+                                                          dropout_p=dropout_p, dropout_mask=mask, **options)
+    return check(ours, reference, q, k, v, dout)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dropout_p", [0.17, 0.6])
+def test_dropout_matches_reference_given_the_mask(backend, dtype, dropout_p, causal):
+    """Every backend draws attention.dropout_mask's bits: exact agreement, forward and gradients."""
+    q, k, v, dout = random_inputs((2, 2, 37, 45, 32), dtype)
+    check_with_dropout(backend, q, k, v, dout, causal, dropout_p, seed=1234567890123)
+
+
+def test_dropout_seeds(backend, dtype):
+    """Same seed: bitwise the same output; another seed: another one; no seed: torch.manual_seed's."""
+    q, k, v, _ = random_inputs((1, 2, 24, 24, 32), dtype)
+    attend = lambda **seed: flash_attention(q, k, v, backend, dropout_p=0.3, **seed)
+    assert torch.equal(attend(dropout_seed=7), attend(dropout_seed=7))
+    assert not torch.equal(attend(dropout_seed=7), attend(dropout_seed=8))
+    torch.manual_seed(3)
+    first = attend()
+    torch.manual_seed(3)
+    assert torch.equal(first, attend())
+    assert not torch.equal(first, attend())
+
+
+def test_all_modifiers_with_grouped_heads_and_padding(backend, dtype):
+    """Window, softcap, ALiBi and dropout at once, with GQA and left padding."""
+    q, k, v, dout = random_inputs((2, 4, 29, 70, 48), dtype, kv_heads=2)
+    check_with_dropout(backend, q * 2, k, v, dout, True, 0.25, seed=99, window=(20, 0), softcap=8.0,
+                       alibi_slopes=alibi_slopes(4, 2), key_padding_mask=padding_mask("left", 2, 70))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_all_modifiers_varlen(backend, dtype, causal):
+    """Window, softcap, ALiBi and dropout on packed sequences: positions counted within each sequence."""
+    lengths = [(0, 4), (17, 1), (64, 113), (30, 30)]
+    q, k, v, dout, cu_q, cu_k, max_q, max_k = packed_inputs(lengths, 4, 2, 40, dtype)
+    slopes, seed, p = alibi_slopes(4, len(lengths)), 5, 0.2
+    modifiers = dict(window=(9, 3), softcap=6.0, alibi_slopes=slopes)
+    mask = attention.dropout_mask(p, seed, 0, len(lengths), 4, max_q, max_k, DEVICE)
+    ours = lambda q, k, v: flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend, causal=causal,
+                                                  return_lse=True, dropout_p=p, dropout_seed=seed, **modifiers)
+    reference = lambda q, k, v: naive_attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True,
+                                                       dropout_p=p, dropout_mask=mask, **modifiers)
+    check(ours, reference, q * 2, k, v, dout)
+
+
+def test_torch_compile_fullgraph_with_modifiers(backend, dtype):
+    """The score modifiers trace too (dropout with a given seed: drawing one would break the graph)."""
+    q, k, v, _ = random_inputs((2, 2, 17, 17, 32), dtype)
+    slopes = alibi_slopes(2)
+
+    def layer(q, k, v):
+        return flash_attention(q, k, v, backend, window=(4, 0), softcap=3.0, alibi_slopes=slopes, dropout_p=0.1,
+                               dropout_seed=11)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))

@@ -19,17 +19,30 @@ pytest.importorskip("attention._C", reason="the C++ extension attention._C is no
 
 
 def fwd(q, k, v, causal, scale, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-        max_seqlen_k=0):
-    """The raw forward op, with the options of issue 10 defaulting to off."""
+        max_seqlen_k=0, window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0,
+        dropout_offset=0):
+    """The raw forward op, with the options of issues 10 and 11 defaulting to off. causal=True passes the window's
+    right bound as 0, as the Python layer does."""
     return torch.ops.fused_attention.fwd(q, k, v, causal, scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                                         max_seqlen_q, max_seqlen_k)
+                                         max_seqlen_q, max_seqlen_k, *score_options(causal, window, softcap,
+                                                                                   alibi_slopes, dropout_p,
+                                                                                   dropout_seed, dropout_offset))
 
 
 def bwd(dout, q, k, v, o, lse, causal, scale, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
-        max_seqlen_q=0, max_seqlen_k=0):
-    """The raw backward op, with the options of issue 10 defaulting to off."""
+        max_seqlen_q=0, max_seqlen_k=0, window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+        dropout_seed=0, dropout_offset=0):
+    """The raw backward op, with the options of issues 10 and 11 defaulting to off."""
     return torch.ops.fused_attention.bwd(dout, q, k, v, o, lse, causal, scale, key_padding_mask, cu_seqlens_q,
-                                         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                                         cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         *score_options(causal, window, softcap, alibi_slopes, dropout_p,
+                                                        dropout_seed, dropout_offset))
+
+
+def score_options(causal, window, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset):
+    """The ops' arguments window_left .. dropout_offset."""
+    left, right = window
+    return left, 0 if causal else right, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

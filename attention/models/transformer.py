@@ -47,7 +47,7 @@ class Residual(nn.Module):
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig, backend):
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, backend=backend)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, backend=backend, dropout=cfg.dropout)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, activation=nn.ReLU)
         self.attn_residual = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
         self.ff_residual = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
@@ -60,8 +60,8 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig, backend):
         super().__init__()
-        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, causal=True, backend=backend)
-        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cross=True, backend=backend)
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, causal=True, backend=backend, dropout=cfg.dropout)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cross=True, backend=backend, dropout=cfg.dropout)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, activation=nn.ReLU)
         self.self_residual = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
         self.cross_residual = Residual(cfg.d_model, cfg.dropout, cfg.norm_first)
