@@ -26,7 +26,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <array>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -304,18 +303,43 @@ struct ScoreModifier {
   int64_t distance0, row_step, col_step;
 };
 
+// tanh(x) for each x of a row of at most kBlock values, into t, without a libm call (which would be
+// most of a softcapped tile's time) and vectorizable: the odd Taylor polynomial of degree 17 for |x|
+// < 1/2 (truncation below 1e-8 relative), (1 - e) / (1 + e) with e = exp(-2|x|) >= e^-1 above, where
+// 1 - e does not cancel; under 4 ulp everywhere. The branch is chosen by an integer compare of the
+// bits of |x|, and the exponent clamped in a loop of its own, for the vectorizer's sake (see
+// clamp_exponent).
+inline void tanh_row(const float* x, float* t, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c) t[c] = clamp_exponent(-2.0f * kLog2e * std::fabs(x[c]));
+  for (int64_t c = 0; c < cols; ++c) {
+    const float e = exp2_poly(t[c]);
+    const float saturating = std::copysign((1.0f - e) / (1.0f + e), x[c]);
+    const float x2 = x[c] * x[c];
+    float p = 5.9002744094558599e-4f;  // the Taylor coefficients of tanh, x^17 down to x^1
+    p = p * x2 - 1.4558343870513183e-3f;
+    p = p * x2 + 3.5921280365724810e-3f;
+    p = p * x2 - 8.8632355299021966e-3f;
+    p = p * x2 + 2.1869488536155203e-2f;
+    p = p * x2 - 5.3968253968253968e-2f;
+    p = p * x2 + 1.3333333333333333e-1f;
+    p = p * x2 - 3.3333333333333333e-1f;
+    p = p * x2 + 1.0f;
+    const bool small = (std::bit_cast<uint32_t>(x[c]) & 0x7fffffffu) < std::bit_cast<uint32_t>(0.5f);
+    t[c] = small ? x[c] * p : saturating;
+  }
+}
+
 // s = softcap_log2 * t with t = tanh(s) (t also goes to tanh_tile where that is not null, for the
-// backward), and s -= slope_log2 * |distance|, over the first rows x cols of the tile.
+// backward), and s -= slope_log2 * |distance|, over the first rows x cols (cols <= kBlock) of the tile.
 FA_MULTIVERSIONED void modify_scores(float* s, int64_t lds, int64_t rows, int64_t cols, const ScoreModifier& mod,
                                      float* tanh_tile) {
+  float t[kBlock];
   for (int64_t r = 0; r < rows; ++r) {
     float* s_row = s + r * lds;
     if (mod.softcap_log2 != 0.0f) {
-      for (int64_t c = 0; c < cols; ++c) {
-        const float t = std::tanh(s_row[c]);
-        if (tanh_tile != nullptr) tanh_tile[r * lds + c] = t;
-        s_row[c] = mod.softcap_log2 * t;
-      }
+      tanh_row(s_row, t, cols);
+      for (int64_t c = 0; c < cols; ++c) s_row[c] = mod.softcap_log2 * t[c];
+      if (tanh_tile != nullptr) std::copy(t, t + cols, tanh_tile + r * lds);
     }
     if (mod.slope_log2 != 0.0f) {
       // Distances are integers well below 2^24, exact in float.
@@ -341,33 +365,48 @@ struct Dropout {
         keep_scale(static_cast<float>(1.0 / (1.0 - p))) {}
 };
 
-inline std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> c, uint32_t k0, uint32_t k1) {
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t product0 = uint64_t{0xD2511F53} * c[0];
-    const uint64_t product1 = uint64_t{0xCD9E8D57} * c[2];
-    c = {static_cast<uint32_t>(product1 >> 32) ^ c[1] ^ k0, static_cast<uint32_t>(product1),
-         static_cast<uint32_t>(product0 >> 32) ^ c[3] ^ k1, static_cast<uint32_t>(product0)};
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c;
-}
+// Four uint32 Philox words, one per 64-bit lane (GCC's vector extension): a product of two of them is
+// exact, its high half the lane shifted right by 32. GCC does not vectorize the 32 x 32 -> 64-bit
+// multiplies of plain loops (GCC 12), which left Philox most of a dropout tile's time.
+typedef uint64_t Uint64x4 __attribute__((vector_size(32)));
 
 // The mask of queries query0 .. query0 + queries - 1 and keys key0 .. key0 + keys - 1 (key0 a multiple
-// of 4) of one head, head = (sequence * Hq + h) mod 2^32: keep_scale or 0 at keep[m * query_stride +
-// n * key_stride] for query m and key n of the tile, so either tile layout.
+// of 4, keys <= kBlock) of one head, head = (sequence * Hq + h) mod 2^32: keep_scale or 0 at
+// keep[m * query_stride + n * key_stride] for query m and key n of the tile, so either tile layout.
+// Per query, the kBlock / 4 Philox calls of a tile's keys run side by side, four to a vector.
 FA_MULTIVERSIONED void dropout_keep_tile(const Dropout& dropout, uint32_t head, int64_t query0, int64_t queries,
                                          int64_t key0, int64_t keys, float* keep, int64_t query_stride,
                                          int64_t key_stride) {
+  constexpr int64_t kVectors = kBlock / 16;  // Philox calls per row of a tile: kBlock / 4, 4 keys each
+  const uint64_t low_half = 0xffffffffu;
   for (int64_t m = 0; m < queries; ++m) {
-    const uint32_t query = static_cast<uint32_t>(query0 + m);
-    for (int64_t n = 0; n < keys; n += 4) {
-      const auto words =
-          philox4x32_10({static_cast<uint32_t>((key0 + n) >> 2), query, head, dropout.offset}, dropout.key0,
-                        dropout.key1);
-      for (int64_t e = 0; e < std::min<int64_t>(4, keys - n); ++e) {
-        keep[m * query_stride + (n + e) * key_stride] = words[e] >= dropout.threshold ? dropout.keep_scale : 0.0f;
+    Uint64x4 c[4][kVectors];  // the counters of the row's calls, and at the end their output words
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const uint64_t group = static_cast<uint32_t>((key0 >> 2) + 4 * v);
+      c[0][v] = Uint64x4{group, group + 1, group + 2, group + 3} & low_half;
+      c[1][v] = Uint64x4{} + static_cast<uint32_t>(query0 + m);
+      c[2][v] = Uint64x4{} + head;
+      c[3][v] = Uint64x4{} + dropout.offset;
+    }
+    uint64_t k0 = dropout.key0, k1 = dropout.key1;
+    for (int round = 0; round < 10; ++round) {
+      for (int64_t v = 0; v < kVectors; ++v) {
+        const Uint64x4 product0 = c[0][v] * 0xD2511F53u;
+        const Uint64x4 product1 = c[2][v] * 0xCD9E8D57u;
+        const Uint64x4 next0 = (product1 >> 32) ^ c[1][v] ^ k0;
+        const Uint64x4 next2 = (product0 >> 32) ^ c[3][v] ^ k1;
+        c[1][v] = product1 & low_half;
+        c[3][v] = product0 & low_half;
+        c[0][v] = next0;
+        c[2][v] = next2;
       }
+      k0 = (k0 + 0x9E3779B9u) & low_half;
+      k1 = (k1 + 0xBB67AE85u) & low_half;
+    }
+    // Key n takes word n % 4 of call n / 4, lane n / 4 % 4 of vector n / 16.
+    for (int64_t n = 0; n < keys; ++n) {
+      keep[m * query_stride + n * key_stride] =
+          c[n & 3][n >> 4][(n >> 2) & 3] >= dropout.threshold ? dropout.keep_scale : 0.0f;
     }
   }
 }
@@ -903,6 +942,11 @@ Shape make_shape(const at::Tensor& q, const at::Tensor& k, bool causal, int64_t 
   return shape;
 }
 
+// The number of sequences: q's batch elements, or those of cu_seqlens_q (whose shape is checked).
+int64_t sequence_count(const at::Tensor& q, const std::optional<at::Tensor>& cu_seqlens_q) {
+  return cu_seqlens_q.has_value() ? cu_seqlens_q->numel() - 1 : q.size(0);
+}
+
 // The call's ScoreOptions; alibi_slopes must outlive them.
 ScoreOptions make_score_options(double softmax_scale, double softcap, const std::optional<at::Tensor>& alibi_slopes,
                                 double dropout_p, int64_t dropout_seed, int64_t dropout_offset) {
@@ -938,6 +982,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
     int64_t dropout_seed, int64_t dropout_offset) {
   check_attention_inputs(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  check_score_options(q_in, sequence_count(q_in, cu_seqlens_q), window_left, window_right, softcap, alibi_slopes,
+                      dropout_p, dropout_seed, dropout_offset);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const std::optional<KeyPadding> key_padding =
       key_padding_mask.has_value() ? std::optional(read_key_padding(*key_padding_mask)) : std::nullopt;
@@ -963,6 +1009,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
     int64_t dropout_seed, int64_t dropout_offset) {
   check_backward_inputs(dout_in, q_in, k_in, v_in, o_in, lse_in, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  check_score_options(q_in, sequence_count(q_in, cu_seqlens_q), window_left, window_right, softcap, alibi_slopes,
+                      dropout_p, dropout_seed, dropout_offset);
   const at::Tensor dout = with_contiguous_rows(dout_in), q = with_contiguous_rows(q_in);
   const at::Tensor k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in), o = with_contiguous_rows(o_in);
   const at::Tensor lse = lse_in.contiguous();
