@@ -188,11 +188,13 @@ if __name__ == "__main__":
         name="fused-attention",
         version="0.1.0",
         description="Fused flash-style attention kernels in Triton and CUDA C++, as PyTorch autograd ops",
-        packages=["attention", "attention.models", "attention.triton_kernels"],
+        packages=["attention", "attention.integrations", "attention.models", "attention.triton_kernels"],
         package_dir={"attention.triton_kernels": "triton_kernels"},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
         python_requires=">=3.10",
         install_requires=["torch>=2.4", "numpy", "triton; platform_system == 'Linux'"],
-        extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["matplotlib", "tqdm"]},
+        extras_require={"test": ["pytest", "pytest-benchmark"], "bench": ["matplotlib", "tqdm"],
+                        # attention.integrations.transformers, an attn_implementation for Hugging Face models
+                        "transformers": ["transformers>=5.0"]},
     )

@@ -18,6 +18,18 @@ from .reference import causal_mask
 from .validation import SDPA_NAMES, AttentionOptions, resolve_scale, validate_inputs
 
 _torch_sdpa = F.scaled_dot_product_attention
+_causal_bias_torch_function = CausalBias.__dict__["__torch_function__"]
+
+
+@classmethod
+def _causal_bias_torch_function_patched(cls, func, types, args=(), kwargs=None):
+    """CausalBias.__torch_function__ while torch's name is patched: torch's only takes a CausalBias apart
+    when the function called *is* the current ``F.scaled_dot_product_attention``, so a caller holding
+    torch's original (``from torch.nn.functional import scaled_dot_product_attention`` before the patch)
+    would run it on the bias as a raw tensor. Such calls go where the patched name goes."""
+    if func is _torch_sdpa and F.scaled_dot_product_attention is not _torch_sdpa:
+        return F.scaled_dot_product_attention(*args, **(kwargs or {}))
+    return _causal_bias_torch_function.__get__(None, cls)(func, types, args, kwargs)
 
 
 def _mask_as_padding(attn_mask, query, key):
@@ -197,10 +209,15 @@ class patch_torch_sdpa(contextlib.ContextDecorator):
         return output
 
     def __enter__(self):
-        self._saved.append(F.scaled_dot_product_attention)
+        # torch.overrides caches the overridable functions by their names' values on first use, and
+        # torch.compile asks it whether to dispatch __torch_function__ (CausalBias's) on a call: filled
+        # while patched, it would lack torch's SDPA for the rest of the process. Fill it first.
+        torch.overrides.get_overridable_functions()
+        self._saved.append((F.scaled_dot_product_attention, CausalBias.__dict__["__torch_function__"]))
         F.scaled_dot_product_attention = self._routed
+        CausalBias.__torch_function__ = _causal_bias_torch_function_patched
         return self.stats
 
     def __exit__(self, *exc):
-        F.scaled_dot_product_attention = self._saved.pop()
+        F.scaled_dot_product_attention, CausalBias.__torch_function__ = self._saved.pop()
         return False

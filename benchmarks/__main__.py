@@ -3,8 +3,10 @@
 Default on a GPU: the FlashAttention paper's sweep (batch * N = 16K tokens, hidden 2048 so heads =
 2048 / d, d in {64, 128}, N = 512 .. 16K, causal and not, fp16 and bf16, forward, backward and both),
 then issue 10's cases: Llama-3-8B's grouped-query heads (32 query, 8 KV heads, d 128) and batches of
-mixed lengths (packed for our varlen path, padded with a mask for the others), N = 1K .. 8K.
-Without a GPU: the CPU paths at small sizes (it says so). ``--quick`` is a smoke run of seconds.
+mixed lengths (packed for our varlen path, padded with a mask for the others), N = 1K .. 8K; then
+issue 11's score options (the case set ``options``: a sliding window, softcap, ALiBi, dropout), ours
+and naive given the option, SDPA the equivalent explicit mask or bias. Without a GPU: the CPU paths
+at small sizes (it says so). ``--quick`` is a smoke run of seconds.
 Each run writes to a folder of its own, benchmarks/runs/<device>-<UTC time>/ (or ``--out``); the
 committed results in benchmarks/results/ change only when ``--out`` names them.
 """
@@ -14,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .cases import CASES, DTYPES, gqa_grid, token_budget_grid, varlen_grid
+from .cases import CASE_SETS, CASES, DTYPES, OPTIONS, gqa_grid, option_grid, token_budget_grid, varlen_grid
 from .cli import check_providers_and_modes, comma, int_list, name_list, parser
 from .flops import MODES
 from .providers import select_providers
@@ -33,6 +35,19 @@ class Sizes(NamedTuple):
     heads: int | tuple
     modes: tuple = MODES
     causal: str = "both"
+    window: int | None = None  # the window case's L: window (L, 0), or (L, L) without causal
+
+
+# The score options, each a case of its own with the same sizes: decoder-like (causal), fwd and fwd+bwd.
+# On a CPU one size, B = 1, 4 heads, small enough that the four add under a minute and a half to the
+# main job on the 2-core machine (25 s quiet, 80 s at load 90); the window (256, 0) hides 56% of the
+# causal triangle at N 1K (230,272 of 524,800 pairs left).
+OPTION_SIZES = {
+    ("cuda", False): Sizes([1024, 2048, 4096, 8192], [128], ["bf16"], 16384, 2048, ("fwd", "fwd+bwd"), "yes", 256),
+    ("cuda", True): Sizes([1024], [128], ["fp16"], 4096, 2048, ("fwd", "fwd+bwd"), "yes", 256),
+    ("cpu", False): Sizes([1024], [64], ["fp32"], 1024, 256, ("fwd", "fwd+bwd"), "yes", 256),
+    ("cpu", True): Sizes([64], [32], ["fp32"], 64, 64, ("fwd", "fwd+bwd"), "yes", 16),
+}
 
 
 # Per (case, device, --quick). The gqa and varlen cases keep to fwd and fwd+bwd, and on a CPU to one
@@ -50,6 +65,7 @@ DEFAULTS = {
     ("varlen", "cuda", True): Sizes([1024], [128], ["fp16"], 4096, 2048, ("fwd", "fwd+bwd")),
     ("varlen", "cpu", False): Sizes([256], [64], ["fp32"], 1024, 512, ("fwd", "fwd+bwd")),
     ("varlen", "cpu", True): Sizes([64], [32], ["fp32"], 256, 64, ("fwd", "fwd+bwd")),
+    **{(option, device, quick): sizes for option in OPTIONS for (device, quick), sizes in OPTION_SIZES.items()},
 }
 
 
@@ -57,6 +73,7 @@ EXAMPLES = """examples:
   python -m benchmarks --quick
   python -m benchmarks --providers cpu,sdpa-flash --tokens 1 --hidden 512 --seqlens 1024,2048 --threads 1
   python -m benchmarks --cases gqa,varlen --providers cpu,sdpa-flash,naive    # issue 10's rows only
+  python -m benchmarks --cases options --window 512                           # issue 11's rows only
   python -m benchmarks --out benchmarks/results/cpu      # replace the committed CPU results, deliberately
 
 Flags left out take each case's own defaults; flags given apply to every case run.
@@ -74,21 +91,25 @@ def parse_args(argv=None):
     p = parser("python -m benchmarks", __doc__, EXAMPLES)
     p.add_argument("--device", choices=("cuda", "cpu"), help="where to run (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny lengths, one head dim, one dtype")
-    p.add_argument("--cases", type=name_list, default=",".join(CASES),
-                   help="comma list of grid (the main sweep), gqa (grouped-query heads), varlen (mixed lengths)")
+    p.add_argument("--cases", type=name_list, default="grid,gqa,varlen,options",
+                   help="comma list of grid (the main sweep), gqa (grouped-query heads), varlen (mixed lengths), "
+                        f"options (the score options: {','.join(OPTIONS)}, also one by one)")
     p.add_argument("--modes", type=name_list,
-                   help=f"comma list of fwd,bwd,fwd+bwd (default: grid {comma(MODES)}, gqa and varlen fwd,fwd+bwd)")
+                   help=f"comma list of fwd,bwd,fwd+bwd (default: grid {comma(MODES)}, the others fwd,fwd+bwd)")
     p.add_argument("--seqlens", type=int_list, help=f"comma list of sequence lengths N, the longest in varlen "
-                   f"(default: grid {_default('grid', 'seqlens')}; gqa and varlen {_default('gqa', 'seqlens')})")
+                   f"(default: grid {_default('grid', 'seqlens')}; gqa and varlen {_default('gqa', 'seqlens')}; options "
+                   f"{_default('window', 'seqlens')})")
     p.add_argument("--head-dims", type=int_list, help=f"comma list of head dims d (default: grid "
-                   f"{_default('grid', 'head_dims')}; gqa and varlen {_default('gqa', 'head_dims')})")
+                   f"{_default('grid', 'head_dims')}; the others {_default('gqa', 'head_dims')})")
     p.add_argument("--dtypes", type=name_list, help=f"comma list of {','.join(DTYPES)} (default: grid "
-                   f"{_default('grid', 'dtypes')}; gqa and varlen {_default('gqa', 'dtypes')})")
-    p.add_argument("--causal", choices=("both", "yes", "no"), help="(default: both; gqa: yes, as in a decoder)")
+                   f"{_default('grid', 'dtypes')}; the others {_default('gqa', 'dtypes')})")
+    p.add_argument("--causal", choices=("both", "yes", "no"), help="(default: both; gqa and options: yes, as in a decoder)")
     p.add_argument("--tokens", type=int, help=f"batch * N, kept constant across N (default: grid {_default('grid', 'tokens')}; "
-                   f"gqa {_default('gqa', 'tokens')}; varlen {_default('varlen', 'tokens')})")
-    p.add_argument("--hidden", type=int, help=f"heads * d, kept constant across d, grid and varlen (default: "
-                   f"{_default('grid', 'heads')})")
+                   f"gqa {_default('gqa', 'tokens')}; varlen and options {_default('varlen', 'tokens')})")
+    p.add_argument("--hidden", type=int, help=f"heads * d, kept constant across d, grid, varlen and options (default: "
+                   f"{_default('grid', 'heads')}; options {_default('window', 'heads')})")
+    p.add_argument("--window", type=int, help=f"L of the window case: window (L, 0), or (L, L) without causal "
+                   f"(default: {_default('window', 'window')}, --quick {OPTION_SIZES['cpu', True].window})")
     p.add_argument("--gqa-heads", type=int_list, help=f"query heads,KV heads of the gqa case (default: "
                    f"{_default('gqa', 'heads')})")
     p.add_argument("--providers", type=name_list, help="comma list of provider names (default: all); in gqa and "
@@ -103,15 +124,18 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_providers_and_modes(p, args)
     for flag, values in (("--seqlens", args.seqlens), ("--head-dims", args.head_dims), ("--tokens", [args.tokens]),
-                         ("--hidden", [args.hidden]), ("--threads", [args.threads]), ("--gqa-heads", args.gqa_heads)):
+                         ("--hidden", [args.hidden]), ("--threads", [args.threads]), ("--gqa-heads", args.gqa_heads),
+                         ("--window", [args.window])):
         if any(v is not None and v < 1 for v in values or []):
             p.error(f"{flag} must be positive, got {values}")
     for dtype in args.dtypes or []:
         if dtype not in DTYPES:
             p.error(f"--dtypes: {dtype!r} is not one of {','.join(DTYPES)}")
     for case in args.cases:
-        if case not in CASES:
-            p.error(f"--cases: {case!r} is not one of {comma(CASES)}")
+        if case not in CASES and case not in CASE_SETS:
+            p.error(f"--cases: {case!r} is not one of {comma([*CASES, *CASE_SETS])}")
+    # A case set stands for its cases; a case named twice runs once.
+    args.cases = list(dict.fromkeys(c for case in args.cases for c in CASE_SETS.get(case, [case])))
     if args.gqa_heads is not None and (len(args.gqa_heads) != 2 or args.gqa_heads[0] % args.gqa_heads[1]
                                        or args.gqa_heads[0] == args.gqa_heads[1]):
         p.error(f"--gqa-heads: want query heads,KV heads with the first a multiple (> 1) of the second, "
@@ -129,6 +153,11 @@ def case_plan(case, args, device):
         heads, kv_heads = args.gqa_heads or sizes.heads
         configs = gqa_grid(seqlens, head_dims, dtypes, causals, tokens, heads, kv_heads)
         what = f"{heads} query / {kv_heads} KV heads"
+    elif case in OPTIONS:
+        hidden = args.hidden or sizes.heads
+        window = args.window if args.window is not None else sizes.window
+        configs = option_grid(case, seqlens, head_dims, dtypes, causals, tokens, hidden, window)
+        what = f"heads*d = {hidden}" + (f"; window (L, 0) causal, (L, L) not, L = {window}" if case == "window" else "")
     else:
         hidden = args.hidden or sizes.heads
         configs = (token_budget_grid if case == "grid" else varlen_grid)(seqlens, head_dims, dtypes, causals, tokens,

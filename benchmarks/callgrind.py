@@ -31,7 +31,9 @@ op, dtype, batch, heads, n, d, causal = sys.argv[1], getattr(torch, sys.argv[2])
 torch.set_num_threads(1)
 gen = torch.Generator().manual_seed(0)
 q, k, v, dout = (torch.randn(batch, heads, n, d, generator=gen).to(dtype) for _ in range(4))
-options = (d ** -0.5, None, None, None, 0, 0)  # scale, key_padding_mask, cu_seqlens_q/k, max_seqlen_q/k
+# scale, key_padding_mask, cu_seqlens_q/k, max_seqlen_q/k, window (right bound 0: causal), softcap, alibi_slopes,
+# dropout_p, dropout_seed, dropout_offset
+options = (d ** -0.5, None, None, None, 0, 0, -1, 0 if causal else -1, 0.0, None, 0.0, 0, 0)
 if op == "fwd":
     torch.ops.fused_attention.fwd(q, k, v, causal, *options)
 else:

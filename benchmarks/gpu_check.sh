@@ -13,9 +13,11 @@
 #      backends, forward and backward, with torch's caching allocator off so that an
 #      out-of-bounds access leaves its allocation,
 #   4. runs the benchmark suite (python -m benchmarks, bf16: the main grid, then issue 10's
-#      grouped-query and varlen cases into gqa-varlen/) and the long-context profiler,
+#      grouped-query and varlen cases into gqa-varlen/, then issue 11's score options into options/)
+#      and the long-context profiler, plain and with a sliding window (256, 0) into profile-window/,
+#      and Hugging Face generate on a tiny Llama against "sdpa" (generate.json),
 # and writes every log, table, JSON and plot under benchmarks/results/<gpu-name-slug>/, ending with
-# gpu-check-summary.txt. Each step has a time cap (they add up to 28 minutes); a failed or
+# gpu-check-summary.txt. Each step has a time cap (they add up to 36 minutes); a failed or
 # timed-out step is recorded and the next one still runs; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -102,7 +104,13 @@ done
 step benchmarks 330 "$PYTHON" -m benchmarks --cases grid --dtypes bf16 --no-progress --out "$out"
 # A step of their own, so that a timeout here cannot cost the grid's results (written at the end).
 step gqa-varlen 180 "$PYTHON" -m benchmarks --cases gqa,varlen --dtypes bf16 --no-progress --out "$out/gqa-varlen"
+step options 180 "$PYTHON" -m benchmarks --cases options --dtypes bf16 --no-progress --out "$out/options"
 step profile 210 "$PYTHON" -m benchmarks.profile --time-limit 5 --ours-time-limit 15 --no-progress --out "$out"
+# A fixed window: our time should grow as N (fitted exponent about 1), the baselines' as N^2.
+# Hugging Face generate on a tiny Llama, ours against "sdpa" (needs transformers on the machine).
+step generate 120 "$PYTHON" -m benchmarks.generate --json "$out/generate.json"
+step profile-window 180 "$PYTHON" -m benchmarks.profile --window 256 --time-limit 5 --ours-time-limit 15 \
+  --no-progress --out "$out/profile-window"
 
 echo "gpu-check: results in $out; summary:"
 cat "$summary"

@@ -4,6 +4,8 @@ Default on a GPU: B=1, H=16, d=128, bf16, causal, forward and fwd+bwd, N from 1K
 to 1M tokens (2^20), baselines stop once their next call would pass --time-limit seconds. Records
 time and peak memory, fits the scaling exponents (time ~ N^a, memory ~ N^b) over the largest points,
 says where each provider stopped (naive attention: out of memory), and plots both, log-log.
+``--window L`` profiles a sliding window (L, 0) instead of the causal mask: the window case's
+providers (ours and naive given the window, SDPA a bool mask), our time growing as N (N * L pairs).
 ``--trace N`` instead profiles one call of each provider at length N into a Chrome/Perfetto trace
 (open in ui.perfetto.dev), with a torch.profiler range and an NVTX range (for Nsight) per call.
 Without a GPU: the same at small sizes on the CPU (it says so). Each run writes to a folder of its
@@ -23,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from .cases import DTYPES, Config, make_inputs  # noqa: E402
+from .cases import DTYPES, Config, case_inputs  # noqa: E402
 from .cli import check_providers_and_modes, name_list, parser  # noqa: E402
 from .providers import needs_grad, select_providers  # noqa: E402
 from .report import default_out_dir, log_y_axis, seqlen_axis, write_json  # noqa: E402
@@ -40,9 +42,20 @@ DEFAULTS = {
 }
 
 
+# The fields of a result row that make its Config (for a plot title).
+CONFIG_FIELDS = ("batch", "heads", "seqlen", "head_dim", "causal", "dtype", "option", "window")
+
+
+def _shape(config):
+    """What a profile holds fixed, in a few words: "B=1 H=4 d=64 fp32 causal", with its window if any."""
+    window = f" window {config.window_bounds}" if config.option == "window" else ""
+    return f"B={config.batch} H={config.heads} d={config.head_dim} {config.dtype}{' causal' if config.causal else ''}{window}"
+
+
 EXAMPLES = """examples:
   python -m benchmarks.profile --threads 1
   python -m benchmarks.profile --trace 4096 --providers cpu,sdpa-flash
+  python -m benchmarks.profile --window 256 --max-seqlen 32768     # time ~ N^1 for ours
 
 """
 
@@ -61,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, help=f"d {_defaults(2)}")
     p.add_argument("--dtype", choices=tuple(DTYPES), help=f"{_defaults(3)}")
     p.add_argument("--non-causal", action="store_true", help="profile without the causal mask")
+    p.add_argument("--window", type=int, metavar="L",
+                   help="profile a sliding window (L, 0), causal ((L, L) with --non-causal), not the plain mask")
     p.add_argument("--start", type=int, help=f"first sequence length {_defaults(4)}")
     p.add_argument("--max-seqlen", type=int, help=f"last sequence length {_defaults(5)}")
     p.add_argument("--time-limit", type=float,
@@ -78,7 +93,7 @@ def parse_args(argv=None):
     check_providers_and_modes(p, args)
     if args.fit_points < 2:
         p.error(f"--fit-points must be at least 2 (a line needs two points), got {args.fit_points}")
-    for flag in ("batch", "heads", "head_dim", "start", "max_seqlen", "trace", "threads"):
+    for flag in ("batch", "heads", "head_dim", "start", "max_seqlen", "trace", "threads", "window"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
@@ -125,16 +140,16 @@ def sweep(providers, modes, base, max_seqlen, limits, device, cpu_min_time_s, pr
 
 
 def exponents(rows, upper_points):
-    """{(provider, mode): (time exponent, memory exponent)} over the ``upper_points`` largest N."""
+    """{(provider, mode): (time exponent, memory exponent, work exponent)} over the ``upper_points``
+    largest N; the work's (FLOPs ~ N^c: 2 for full or causal attention, about 1 for a window much
+    shorter than N) is what the time's should approach."""
     series = defaultdict(list)
     for row in rows:
         if row["status"] == "ok":
             series[row["provider"], row["mode"]].append(row)
     return {
-        key: (
-            fit_exponent([r["seqlen"] for r in rs], [r["ms"] for r in rs], upper_points),
-            fit_exponent([r["seqlen"] for r in rs], [r["peak_memory_mib"] for r in rs], upper_points),
-        )
+        key: tuple(fit_exponent([r["seqlen"] for r in rs], [r[metric] for r in rs], upper_points)
+                   for metric in ("ms", "peak_memory_mib", "flops"))
         for key, rs in series.items()
     }
 
@@ -149,10 +164,10 @@ def format_report(rows, stops, fits, upper_points):
             f"{row['peak_memory_mib']:>11.1f}  {row['status']}"
         )
     lines += ["", f"scaling exponents (least squares in log-log over the {upper_points} largest N):"]
-    lines.append(f"{'mode':>8}{'provider':>15}{'time ~ N^a':>12}{'memory ~ N^b':>14}  stopped")
+    lines.append(f"{'mode':>8}{'provider':>15}{'time ~ N^a':>12}{'memory ~ N^b':>14}{'FLOPs ~ N^c':>13}  stopped")
     for (name, mode), stop in stops.items():
-        a, b = (f"{x:.2f}" if math.isfinite(x) else "-" for x in fits.get((name, mode), (math.nan, math.nan)))
-        lines.append(f"{mode:>8}{name:>15}{a:>12}{b:>14}  {stop}")
+        a, b, c = (f"{x:.2f}" if math.isfinite(x) else "-" for x in fits.get((name, mode), (math.nan,) * 3))
+        lines.append(f"{mode:>8}{name:>15}{a:>12}{b:>14}{c:>13}  {stop}")
     return "\n".join(lines)
 
 
@@ -184,10 +199,7 @@ def plot_profile(rows, out_dir):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         first = ok[0]
-        fig.suptitle(
-            f"B={first['batch']} H={first['heads']} d={first['head_dim']} {first['dtype']}"
-            f"{' causal' if first['causal'] else ''}, {first['device_name']}", fontsize=10,
-        )
+        fig.suptitle(f"{_shape(Config(**{k: first[k] for k in CONFIG_FIELDS}))}, {first['device_name']}", fontsize=10)
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
@@ -223,7 +235,8 @@ def write_trace(providers, modes, base, n, device, path):
     with torch.profiler.profile(activities=activities) as prof:
         for name, provider, mode in steps:
             try:
-                step = provider.step(mode, *make_inputs(config, device, needs_grad(mode)), base.causal)
+                q, k, v, extra = case_inputs(config, provider.form, device, needs_grad(mode))
+                step = provider.step(mode, q, k, v, base.causal, **extra)
                 with torch.profiler.record_function("warm-up"):
                     step()  # compiles and autotunes: kept apart from the call that matters
                 with _ranges(name, device):
@@ -246,17 +259,17 @@ def main(argv=None):
     batch, heads, head_dim, dtype, start, max_seqlen, limit, ours_limit = DEFAULTS[device.type]
     base = Config(
         args.batch or batch, args.heads or heads, args.start or start, args.head_dim or head_dim,
-        not args.non_causal, args.dtype or dtype,
+        not args.non_causal, args.dtype or dtype, option=None if args.window is None else "window", window=args.window,
     )
     max_seqlen = args.max_seqlen or max_seqlen
     limits = {False: args.time_limit or limit, True: args.ours_time_limit or ours_limit}
-    providers = select_providers(args.providers)
+    providers = select_providers(args.providers, base.case)
     out_dir = (args.out or default_out_dir(f"profile-{device_slug(device)}")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if device.type == "cpu":
         print("No GPU in use: profiling the CPU paths at small sizes (no out-of-memory on CPU: time limits stop them).")
-    shape = f"B={base.batch} H={base.heads} d={base.head_dim} {base.dtype}{' causal' if base.causal else ''}"
+    shape = _shape(base)
     if args.trace:
         path = out_dir / f"trace_N{args.trace}.json"
         print(f"tracing one call per provider and mode at N={args.trace}, {shape}, on {device}")

@@ -2,7 +2,7 @@
 
 A provider is a forward function ``(q, k, v, causal, **extra) -> o`` on the inputs of one case in
 one form (cases.py: (B, H, N, D) tensors with Nq == Nk, so SDPA's top-left causal mask and our
-bottom-right one agree; or packed sequences; ``extra`` holds masks and offsets), plus ``why_not``,
+bottom-right one agree; or packed sequences; ``extra`` holds masks, offsets and score options), plus ``why_not``,
 which names the reason it cannot run a (device, dtype, head_dim, causal, mode) family of its case,
 or returns None. Every mode's timed step (forward, backward, both) is built from the forward the same
 way for all providers. Each case has its own list of providers (``case_providers``).
@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attention
 
-from .cases import CASES, DTYPE_NAMES, case_inputs, probe_config
+from .cases import CASES, DTYPE_NAMES, OPTIONS, case_inputs, probe_config
 
 OUR_BACKENDS = ("triton", "cuda", "cpu")
 
@@ -57,6 +57,11 @@ def needs_grad(mode):
 # ---- our backends -------------------------------------------------------------------------------
 
 
+def _ours_form(case):
+    """The inputs flash_attention takes in ``case``: a varlen batch padded, a score option as keywords."""
+    return "padded" if case == "varlen" else "option-ours" if case in OPTIONS else "dense"
+
+
 def _ours_why_not(backend, case):
     @functools.lru_cache(maxsize=None)
     def why_not(device, dtype, head_dim, causal, mode):
@@ -65,7 +70,7 @@ def _ours_why_not(backend, case):
         # explain takes dense calls: a varlen call is probed as its padded twin, which meets the same
         # device, dtype and build limits (the reasons a backend gives).
         config = probe_config(case, DTYPE_NAMES[dtype], head_dim, causal)
-        q, k, v, extra = case_inputs(config, "padded" if case == "varlen" else "dense", device, requires_grad=False)
+        q, k, v, extra = case_inputs(config, _ours_form(case), device, requires_grad=False)
         try:
             choice = attention.explain(q, k, v, causal=causal, backend=backend, **extra)
         except (TypeError, ValueError) as exc:
@@ -77,16 +82,18 @@ def _ours_why_not(backend, case):
     return why_not
 
 
-def _ours(backend, case="grid"):
+def ours_provider(backend, case="grid"):
     """flash_attention: the grid's q, k, v; k and v of fewer heads (gqa); a padded batch with its
-    key_padding_mask (varlen, the dense path)."""
+    key_padding_mask (varlen, the dense path); the score option of an option case as its keywords.
+    ``backend`` may be "naive" too (the API's reference path), which the tests use where a kernel
+    does not take an option yet."""
 
-    def forward(q, k, v, causal, key_padding_mask=None):
-        return attention.flash_attention(q, k, v, causal=causal, backend=backend, key_padding_mask=key_padding_mask)
+    def forward(q, k, v, causal, **extra):
+        return attention.flash_attention(q, k, v, causal=causal, backend=backend, **extra)
 
-    form = "padded" if case == "varlen" else "dense"
-    described = f"attention.flash_attention(backend={backend!r})" + (", key_padding_mask" if case == "varlen" else "")
-    return Provider(backend, described, forward, _ours_why_not(backend, case), form, backend)
+    extras = {"varlen": ", key_padding_mask", **{option: f", {option} option" for option in OPTIONS}}
+    described = f"attention.flash_attention(backend={backend!r})" + extras.get(case, "")
+    return Provider(backend, described, forward, _ours_why_not(backend, case), _ours_form(case), backend)
 
 
 def _ours_varlen(backend):
@@ -111,20 +118,33 @@ _SDPA_BACKENDS = {
 _CUDA_ONLY_SDPA = ("sdpa-cudnn", "sdpa-efficient")
 
 
+# What SDPA is given in place of each score option (cases.option_arguments builds it; softcap: nothing).
+_SDPA_OPTION_FORMS = {
+    "window": ", the window as a bool attn_mask",
+    "alibi": ", ALiBi as a float attn_mask (bias)",
+    "dropout": ", dropout_p (its own random mask)",
+}
+
+
 def _sdpa(name, case="grid", gqa=False):
     """SDPA on the grid's q, k, v; for gqa on k, v expanded to q's heads, or with ``gqa`` on the
-    grouped k, v with enable_gqa=True; for varlen on the padded batch with a boolean attn_mask."""
+    grouped k, v with enable_gqa=True; for varlen on the padded batch with a boolean attn_mask; for
+    a score option with its equivalent: an explicit mask or bias, or SDPA's own dropout (softcap: none)."""
     backend = _SDPA_BACKENDS[name]
-    form = {"grid": "dense", "gqa": "dense" if gqa else "expanded", "varlen": "sdpa-mask"}[case]
+    form = {"grid": "dense", "gqa": "dense" if gqa else "expanded", "varlen": "sdpa-mask",
+            **{option: "option-sdpa" for option in OPTIONS}}[case]
 
-    def forward(q, k, v, causal, attn_mask=None):
-        # A varlen case's attn_mask has the causal triangle in it already: SDPA takes a mask or is_causal.
+    def forward(q, k, v, causal, attn_mask=None, dropout_p=0.0):
+        # A varlen or option case's attn_mask has the causal triangle in it already: SDPA takes a mask or
+        # is_causal.
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
-                                                  enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=causal and attn_mask is None, enable_gqa=gqa)
 
     @functools.lru_cache(maxsize=None)
     def why_not(device, dtype, head_dim, causal, mode):
+        if case == "softcap":
+            return "torch's SDPA has no softcap (the naive attention with softcap is this case's baseline)"
         if name in _CUDA_ONLY_SDPA and device.type != "cuda":
             return f"torch has this SDPA backend for CUDA tensors only, got {device.type}"
         # SDPA says why a forced backend cannot run only in warnings, then raises a generic error.
@@ -141,7 +161,8 @@ def _sdpa(name, case="grid", gqa=False):
                 return "; ".join(details) if details else str(exc).splitlines()[0]
         return None
 
-    described = {"dense": "", "expanded": ", k and v expanded to q's heads", "sdpa-mask": ", padded, boolean attn_mask"}
+    described = {"dense": "", "expanded": ", k and v expanded to q's heads", "sdpa-mask": ", padded, boolean attn_mask",
+                 "option-sdpa": _SDPA_OPTION_FORMS.get(case, "")}
     return Provider(f"{name}-gqa" if gqa else name,
                     f"torch SDPA forced to {backend.name}" + (", enable_gqa=True" if gqa else described[form]),
                     forward, why_not, form, name)
@@ -193,14 +214,16 @@ def _flex_why_not(device, dtype, head_dim, causal, mode):
 # ---- the plain O(N^2) baseline ------------------------------------------------------------------
 
 
-def _naive_forward(q, k, v, causal, key_padding_mask=None):
-    return attention.naive_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+def _naive_forward(q, k, v, causal, **extra):
+    return attention.naive_attention(q, k, v, causal=causal, **extra)
 
 
 def _naive(case="grid"):
-    """Grouped k, v are expanded inside (timed); a varlen batch is run padded, with its key_padding_mask."""
-    return Provider("naive", "attention.naive_attention in the input dtype", _naive_forward, lambda *_: None,
-                    "padded" if case == "varlen" else "dense", "naive")
+    """Grouped k, v are expanded inside (timed); a varlen batch is run padded, with its key_padding_mask;
+    a score option is passed as naive_attention's keywords (dropout: the keep-mask, made before timing)."""
+    form = "padded" if case == "varlen" else "option-naive" if case in OPTIONS else "dense"
+    return Provider("naive", "attention.naive_attention in the input dtype", _naive_forward, lambda *_: None, form,
+                    "naive")
 
 
 def all_providers():
@@ -214,24 +237,29 @@ def case_providers(case):
     gqa: ours and naive read the grouped k, v; SDPA gets them expanded to q's heads (the copy made
     before timing), and as "<sdpa>-gqa" grouped, with enable_gqa=True. varlen: ours packed
     ("<backend>-varlen") and dense with a key_padding_mask; SDPA and naive get the padded batch.
-    FlexAttention is in the grid only: on a CPU its compile alone would take this case's time budget.
+    Score options (window, softcap, alibi, dropout): ours and naive take the option as arguments,
+    SDPA the equivalent mask, bias or dropout_p (cases.FORMS). FlexAttention is in the grid only: on a
+    CPU its compile alone would take these cases' time budget.
     """
     sdpa = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math")
     if case == "grid":
         return [
-            *(_ours(name) for name in OUR_BACKENDS),
+            *(ours_provider(name) for name in OUR_BACKENDS),
             *(_sdpa(name) for name in sdpa[:3]),
             Provider("flex", "FlexAttention, torch.compile(dynamic=False)", _flex_forward, _flex_why_not),
             _sdpa("sdpa-math"),
             _naive(),
         ]
     if case == "gqa":
-        return [*(_ours(name, case) for name in OUR_BACKENDS),
+        return [*(ours_provider(name, case) for name in OUR_BACKENDS),
                 *(provider for name in sdpa for provider in (_sdpa(name, case), _sdpa(name, case, gqa=True))),
                 _naive(case)]
     if case == "varlen":
-        return [*(_ours_varlen(name) for name in OUR_BACKENDS), *(_ours(name, case) for name in OUR_BACKENDS),
+        return [*(_ours_varlen(name) for name in OUR_BACKENDS), *(ours_provider(name, case) for name in OUR_BACKENDS),
                 *(_sdpa(name, case) for name in sdpa), _naive(case)]
+    if case in OPTIONS:
+        return [*(ours_provider(name, case) for name in OUR_BACKENDS), *(_sdpa(name, case) for name in sdpa),
+                _naive(case)]
     raise ValueError(f"case must be one of {CASES}, got {case!r}")
 
 

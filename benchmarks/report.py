@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import matplotlib.ticker  # noqa: E402
 
-from .cases import CASES  # noqa: E402
+from .cases import CASES, DROPOUT_P, DROPOUT_SEED, SOFTCAP  # noqa: E402
 from .flops import MODES  # noqa: E402
 from .providers import OUR_BACKENDS  # noqa: E402
 from .run import COMPARISONS  # noqa: E402
@@ -28,6 +28,13 @@ CASE_NOTES = {
     "varlen": "varlen: a batch of B sequences of mixed lengths (listed), the longest N; <ours>-varlen packed, "
               "<ours> dense with key_padding_mask, sdpa-* and naive on the padded batch with a mask; "
               "FLOP/s count the real tokens only, the same work for every provider",
+    "window": "window: a sliding window (L, 0) with causal, (L, L) without; ours and naive given window=, sdpa-* the "
+              "same band as a bool attn_mask (N, N), made before timing; FLOP/s count the visible (query, key) pairs",
+    "softcap": f"softcap: ours and naive with softcap={SOFTCAP:g}; torch's SDPA has no softcap",
+    "alibi": "alibi: ours and naive with alibi_slopes 2^(-8h/H), h = 1..H; sdpa-* the float attn_mask "
+             "-slope * |i - j| (1, H, N, N) in the input dtype, -inf above the diagonal with causal, made before timing",
+    "dropout": f"dropout: p = {DROPOUT_P:g}; ours with dropout_seed={DROPOUT_SEED} (the keep-mask drawn inside), sdpa-* "
+               "with dropout_p (torch's own random mask), naive given the keep-mask of that seed, made before timing",
 }
 
 
@@ -109,6 +116,8 @@ def format_table(rows):
             lines.append("".join(f"{v:>{w}}" for v, w in zip(values, widths)))
         lengths = {r["seqlen"]: r["lengths"] for r in groups[key] if r.get("lengths")}
         lines += [f"  lengths at N={n}: {', '.join(map(str, lengths[n]))}" for n in sorted(lengths)]
+        windows = sorted({r["window"] for r in groups[key] if r.get("window") is not None})
+        lines += [f"  window L = {window}: ({window}, {0 if key[3] else window})" for window in windows]
     if not_run:
         lines += ["", "not run:"]
         lines += [f"  {name}: {' | '.join(sorted(reasons))}" for name, reasons in not_run.items()]

@@ -174,7 +174,7 @@ def busy_warning(rows):
 
 
 def _config_key(row):
-    keys = ("case", "mode", "batch", "heads", "kv_heads", "seqlen", "head_dim", "causal", "dtype", "lengths")
+    keys = ("case", "mode", "batch", "heads", "kv_heads", "seqlen", "head_dim", "causal", "dtype", "lengths", "window")
     return tuple(tuple(row.get(key) or ()) if key == "lengths" else row.get(key) for key in keys)
 
 

@@ -16,11 +16,14 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fused_attention, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, Tensor? key_padding_mask,"
-      " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k) -> (Tensor o, Tensor lse)");
+      " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k,"
+      " int window_left, int window_right, float softcap, Tensor? alibi_slopes,"
+      " float dropout_p, int dropout_seed, int dropout_offset) -> (Tensor o, Tensor lse)");
   m.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float softmax_scale,"
-      " Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k)"
-      " -> (Tensor dq, Tensor dk, Tensor dv)");
+      " Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k,"
+      " int window_left, int window_right, float softcap, Tensor? alibi_slopes,"
+      " float dropout_p, int dropout_seed, int dropout_offset) -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -72,6 +73,8 @@ REQUIRED_IN_CI = [
     ("the C++ CPU kernels (attention._C)", lambda: backend_problem("cpu", "cpu")),
     ("the Triton kernels" + ("" if GPU else " on Triton's interpreter"),
      lambda: backend_problem("triton", "cuda" if GPU else "cpu")),
+    ("transformers, the fused-attention[transformers] extra (tests/test_transformers_integration.py)",
+     lambda: None if importlib.util.find_spec("transformers") else 'not installed: pip install "transformers>=5.0"'),
 ]
 if GPU:
     REQUIRED_IN_CI.append(("the CUDA C++ kernels", lambda: backend_problem("cuda", "cuda")))

@@ -16,12 +16,23 @@ from benchmarks import callgrind as callgrind_cli
 from benchmarks import cpu_targets as targets_cli
 from benchmarks import profile as profile_cli
 from benchmarks.callgrind import instruction_count as callgrind_instructions
-from benchmarks.flops import attention_flops, tflops_per_second
+from benchmarks.flops import attention_flops, tflops_per_second, visible_pairs, windowed_attention_flops
 from benchmarks.profile import sweep
-from benchmarks.providers import Provider, case_providers, select_providers
+from benchmarks.providers import Provider, case_providers, ours_provider, select_providers
 from benchmarks.report import RUNS_DIR, default_out_dir, format_table, held_fixed, plot_results
-from benchmarks.cases import Config, case_inputs, key_padding_mask, varlen_lengths
-from benchmarks.run import add_comparisons, busy_warning, cpu_peak, measure
+from benchmarks.cases import (
+    DROPOUT_P,
+    DROPOUT_SEED,
+    OPTIONS,
+    SOFTCAP,
+    Config,
+    alibi_slopes,
+    case_inputs,
+    key_padding_mask,
+    varlen_lengths,
+    window_mask,
+)
+from benchmarks.run import add_comparisons, busy_warning, cpu_peak, measure, run_benchmarks
 from benchmarks.scaling import fit_exponent
 from benchmarks.timing import peak_memory_bytes, summarize, times_ms
 
@@ -29,7 +40,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = {
-    "provider", "mode", "case", "kv_heads", "lengths", "batch", "heads", "seqlen", "head_dim", "causal", "dtype", "status", "reason", "ms",
+    "provider", "mode", "case", "kv_heads", "lengths", "option", "window", "batch", "heads", "seqlen", "head_dim", "causal", "dtype", "status", "reason", "ms",
     "spread", "cpu_ms", "cpu_spread", "repeats", "tflops", "peak_memory_mib", "flops", "speedup_vs_naive",
     "ratio_vs_sdpa_flash", "ratio_vs_sdpa_cudnn", "device", "device_name", "peak_gflops", "peak_how", "torch_version",
     "triton_version", "cuda_version", "memory_method", "timestamp",
@@ -65,6 +76,32 @@ def test_flops_formula():
     assert math.isnan(tflops_per_second(1e12, float("nan")))
     with pytest.raises(ValueError, match="mode"):
         attention_flops(1, 1, 1, 1, 1, causal=False, mode="forward")
+
+
+@pytest.mark.parametrize("n_q, n_k, window", [(16, 16, (4, 0)), (16, 16, (-1, -1)), (16, 16, (-1, 0)), (5, 9, (2, 1)),
+                                             (9, 5, (0, 0)), (9, 5, (-1, 0)), (7, 7, (3, 3)), (8, 8, (100, 0))])
+def test_window_flops_count_the_visible_pairs(n_q, n_k, window):
+    pairs = int(window_mask(n_q, n_k, window, CPU).sum())
+    assert visible_pairs(n_q, n_k, window) == pairs
+    assert windowed_attention_flops(2, 3, n_q, n_k, 8, window, "fwd+bwd") == 3.5 * 4 * 2 * 3 * pairs * 8
+
+
+def test_a_fixed_window_does_work_linear_in_n():
+    config = Config(1, 4, 1024, 64, True, "fp32", option="window", window=256)
+    assert config.case == "window" and config.window_bounds == (256, 0)
+    # query i sees min(i, 256) + 1 keys
+    assert config.flops("fwd") == 4 * 4 * 64 * (sum(range(1, 257)) + (1024 - 256) * 257)
+    assert Config(1, 4, 64, 8, False, "fp32", option="window", window=3).window_bounds == (3, 3)
+    doubled = [visible_pairs(n, n, (256, 0)) for n in (1 << 14, 1 << 15)]
+    assert doubled[1] / doubled[0] == pytest.approx(2.0, abs=0.01)
+    softcap = Config(1, 4, 1024, 64, True, "fp32", option="softcap")
+    assert softcap.flops("fwd") == attention_flops(1, 4, 1024, 1024, 64, True, "fwd")
+    with pytest.raises(ValueError, match="window"):
+        Config(1, 4, 64, 8, True, "fp32", option="softcap", window=3)
+    with pytest.raises(ValueError, match="window"):
+        Config(1, 4, 64, 8, True, "fp32", option="window")
+    with pytest.raises(ValueError, match="option"):
+        Config(1, 4, 64, 8, True, "fp32", option="rope")
 
 
 def test_varlen_flops_count_each_sequence_at_its_own_length():
@@ -199,6 +236,87 @@ def test_every_provider_of_a_case_computes_the_same_attention(causal):
     assert mask.sum(1).tolist() == list(lengths) and mask[:, 0].all()
 
 
+def _option_outputs(config, names, backend):
+    """Each named provider's output on the option case of ``config``, from the same draws (seed 0);
+    "ours" is flash_attention through ``backend``."""
+    providers = {p.name: p for p in case_providers(config.case)}
+    providers["ours"] = ours_provider(backend, config.case)
+    outputs = {}
+    for name in names:
+        torch.manual_seed(0)
+        q, k, v, extra = case_inputs(config, providers[name].form, CPU, requires_grad=False)
+        if config.option == "softcap":  # scores of tens, where the cap changes them
+            q = q * 20
+        outputs[name] = providers[name].forward(q, k, v, config.causal, **extra)
+    return outputs
+
+
+@pytest.mark.parametrize("backend", ["naive", "cpu"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("option", OPTIONS)
+def test_the_option_cases_give_every_provider_the_same_attention(option, causal, backend):
+    """SDPA's mask or bias, the naive attention's arguments and ours (the API's reference path and the
+    C++ kernels) mean the same option: a wrong equivalence (a band off by one, a bias of the wrong sign
+    or head order, a mask not of our seed) fails here. The option must change the output, or the
+    comparison would prove nothing."""
+    reason = ours_provider(backend, option).why_not(CPU, torch.float32, 8, causal, "fwd")
+    if reason:
+        pytest.skip(reason)
+    config = Config(2, 3, 24, 8, causal, "fp32", option=option, window=5 if option == "window" else None)
+    sdpa = () if option in ("softcap", "dropout") else ("sdpa-flash", "sdpa-math")
+    outputs = _option_outputs(config, ("ours", "naive", *sdpa), backend)
+    for name in ("naive", *sdpa):
+        torch.testing.assert_close(outputs[name], outputs["ours"], atol=1e-5, rtol=1e-5, msg=f"{option}: {name}")
+    torch.manual_seed(0)
+    q, k, v, _ = case_inputs(config, "dense", CPU, requires_grad=False)
+    plain = attention.naive_attention(q * 20 if option == "softcap" else q, k, v, causal=causal)
+    assert (outputs["ours"] - plain).abs().max() > 1e-3
+
+
+def test_the_option_arguments_are_the_ones_the_notes_describe():
+    config = Config(2, 4, 16, 8, True, "fp32", option="alibi")
+    *_, ours = case_inputs(config, "option-ours", CPU, requires_grad=False)
+    torch.testing.assert_close(ours["alibi_slopes"], torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8]))
+    *_, sdpa = case_inputs(config, "option-sdpa", CPU, requires_grad=False)
+    bias = sdpa["attn_mask"]
+    assert bias.shape == (1, 4, 16, 16) and bias[0, 1, 5, 2] == -3 * 2.0**-4 and bias[0, 0, 2, 5] == float("-inf")
+    window = Config(1, 1, 16, 8, True, "fp32", option="window", window=3)
+    *_, sdpa = case_inputs(window, "option-sdpa", CPU, requires_grad=False)
+    assert sdpa["attn_mask"][9].nonzero().flatten().tolist() == [6, 7, 8, 9]
+    assert case_inputs(window, "option-ours", CPU, requires_grad=False)[3] == {"window": (3, 0)}
+    dropout = Config(1, 2, 16, 8, False, "fp32", option="dropout")
+    assert case_inputs(dropout, "option-ours", CPU, requires_grad=False)[3] == {
+        "dropout_p": DROPOUT_P, "dropout_seed": DROPOUT_SEED}
+    assert case_inputs(dropout, "option-sdpa", CPU, requires_grad=False)[3] == {"dropout_p": DROPOUT_P}
+    softcap = Config(1, 2, 16, 8, False, "fp32", option="softcap")
+    assert case_inputs(softcap, "option-naive", CPU, requires_grad=False)[3] == {"softcap": SOFTCAP}
+    with pytest.raises(ValueError, match="no softcap"):
+        case_inputs(softcap, "option-sdpa", CPU, requires_grad=False)
+
+
+def test_option_rows_run_and_report_sane_numbers():
+    """Each option, fwd and fwd+bwd, timed interleaved: ours (the C++ kernels), SDPA given the
+    equivalent, naive; times, FLOP/s and peak memory positive, SDPA not run on softcap, and the
+    window scored on its visible pairs."""
+    providers = {option: select_providers(["cpu", "sdpa-math", "naive"], option) for option in OPTIONS}
+    cases = [(Config(1, 2, 32, 8, True, "fp32", option=option, window=6 if option == "window" else None), mode)
+             for option in OPTIONS for mode in ("fwd", "fwd+bwd")]
+    rows = run_benchmarks(providers, cases, CPU, cpu_min_time_s=0.0, progress=False)
+    assert len(rows) == 3 * len(cases)
+    for row in rows:
+        if row["case"] == "softcap" and row["provider"] == "sdpa-math":
+            assert row["status"] == "skipped" and "no softcap" in row["reason"]
+            continue
+        assert row["status"] == "ok", row
+        assert row["ms"] > 0 and row["tflops"] > 0 and row["peak_memory_mib"] > 0 and row["repeats"] >= 5
+        assert math.isfinite(row["spread"]) and row["speedup_vs_naive"] > 0
+    window = next(r for r in rows if r["case"] == "window" and r["mode"] == "fwd")
+    assert window["window"] == 6 and window["flops"] == 4 * 2 * 8 * visible_pairs(32, 32, (6, 0))
+    table = format_table(rows)
+    assert "== window | fwd+bwd | fp32 | causal | d=8 ==" in table and "window L = 6: (6, 0)" in table
+    assert "sdpa-* the same band as a bool attn_mask" in table
+
+
 def test_a_provider_name_selects_its_variants_in_the_option_cases():
     assert [p.name for p in select_providers(["cpu", "sdpa-flash"], "varlen")] == ["cpu-varlen", "cpu", "sdpa-flash"]
     assert [p.name for p in select_providers(["cpu", "sdpa-flash"], "gqa")] == ["cpu", "sdpa-flash", "sdpa-flash-gqa"]
@@ -229,10 +347,13 @@ def test_comparisons_divide_the_other_providers_time_by_this_one():
         (benchmark_cli.main, ["--device", "cpu", "--providers", "fast"], "--providers: unknown provider(s) ['fast']"),
         (benchmark_cli.main, ["--seqlens", "1k"], "argument --seqlens: expected a comma list of integers, got '1k'"),
         (benchmark_cli.main, ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-        (benchmark_cli.main, ["--cases", "grid,mqa"], "--cases: 'mqa' is not one of grid,gqa,varlen"),
+        (benchmark_cli.main, ["--cases", "grid,mqa"],
+         "--cases: 'mqa' is not one of grid,gqa,varlen,window,softcap,alibi,dropout,options"),
+        (benchmark_cli.main, ["--window", "0"], "--window must be positive, got [0]"),
         (benchmark_cli.main, ["--gqa-heads", "8,3"], "--gqa-heads: want query heads,KV heads with the first a multiple"),
         (profile_cli.main, ["--fit-points", "1"], "--fit-points must be at least 2"),
         (profile_cli.main, ["--heads", "0"], "--heads must be positive, got 0"),
+        (profile_cli.main, ["--window", "-1"], "--window must be positive, got -1"),
         (profile_cli.main, ["--modes", "fwd,back"], "--modes: 'back' is not one of fwd,bwd,fwd+bwd"),
         (targets_cli.main, ["--threads", "0"], "--threads must be positive, got [0]"),
         (targets_cli.main, ["--dtypes", "fp64"], "--dtypes: 'fp64' is not one of fp16,bf16,fp32"),
@@ -249,7 +370,7 @@ def test_bad_arguments_are_refused_in_one_line(main, argv, message, capsys):
 
 
 @pytest.mark.parametrize("module, default", [
-    ("benchmarks", "(default: grid fwd,bwd,fwd+bwd, gqa and varlen fwd,fwd+bwd)"),
+    ("benchmarks", "(default: grid fwd,bwd,fwd+bwd, the others fwd,fwd+bwd)"),
     ("benchmarks.profile", "(default: GPU 16, CPU 4)"),
     ("benchmarks.cpu_targets", "(default: 1,2)"),
     ("benchmarks.callgrind", "(default: 512)"),
@@ -357,9 +478,9 @@ def test_benchmark_cli_quick_on_cpu(tmp_path):
     stdout = done.stdout
     assert "No GPU in use" in stdout
     # not a terminal: one progress line per case (grid: 2 seqlens x 2 masks x 3 modes; gqa: causal only x
-    # fwd, fwd+bwd; varlen: 2 masks x fwd, fwd+bwd), no bar
+    # fwd, fwd+bwd; varlen: 2 masks x fwd, fwd+bwd; the four options: causal only x fwd, fwd+bwd), no bar
     progress = [line for line in done.stderr.splitlines() if line.startswith(("fwd ", "bwd ", "fwd+bwd "))]
-    assert len(progress) == 12 + 2 + 4 and "\r" not in done.stderr
+    assert len(progress) == 12 + 2 + 4 + 4 * 2 and "\r" not in done.stderr
     assert "cpu " in progress[0] and " ms ±" in progress[0]
     assert sum(" gqa B=1 H=8/2 N=64 d=32" in line for line in progress) == 2
     wrote = [line.removeprefix("wrote ") for line in stdout.splitlines() if line.startswith("wrote ")]
@@ -368,7 +489,8 @@ def test_benchmark_cli_quick_on_cpu(tmp_path):
     all_rows = json.loads((tmp_path / "benchmark.json").read_text())
     assert all(set(row) == ROW_KEYS for row in all_rows)
     # each case: its providers (the named ones and their variants) x its cases
-    assert [sum(r["case"] == case for r in all_rows) for case in ("grid", "gqa", "varlen")] == [7 * 12, 10 * 2, 10 * 4]
+    assert [sum(r["case"] == case for r in all_rows) for case in ("grid", "gqa", "varlen", *OPTIONS)] == [
+        7 * 12, 10 * 2, 10 * 4, *[7 * 2] * 4]
     rows = [r for r in all_rows if r["case"] == "grid"]
     by_name = {}
     for row in rows:
@@ -406,6 +528,20 @@ def test_benchmark_cli_quick_on_cpu(tmp_path):
     assert f"lengths at N=64: {', '.join(map(str, lengths))}" in table and "FLOP/s count the real tokens only" in table
     assert any(line.split()[2:4] == ["8/2", "sdpa-flash-gqa"] for line in table.splitlines())
 
+    # issue 11's options, in the default cases: the baselines ran, SDPA where it has an equivalent
+    options = [r for r in all_rows if r["case"] in OPTIONS]
+    ran = {(r["case"], r["provider"]) for r in options if r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0}
+    assert ran >= {(option, name) for option in OPTIONS for name in ("cpu", "naive")}
+    assert ran >= {(option, "sdpa-math") for option in ("window", "alibi", "dropout")}
+    assert {r["status"] for r in options if r["case"] == "softcap" and r["provider"].startswith("sdpa")} == {"skipped"}
+    assert {r["window"] for r in options if r["case"] == "window"} == {16}
+    assert "== window | fwd | fp32 | causal | d=32 ==" in table and "== dropout | fwd+bwd | fp32 | causal | d=32 ==" in table
+
+
+def test_the_options_case_set_stands_for_its_cases():
+    assert benchmark_cli.parse_args(["--cases", "options,window"]).cases == list(OPTIONS)
+    assert benchmark_cli.parse_args([]).cases == ["grid", "gqa", "varlen", *OPTIONS]
+
 
 def test_profiler_on_cpu_tiny_sizes(tmp_path):
     stdout = run_module(
@@ -420,6 +556,25 @@ def test_profiler_on_cpu_tiny_sizes(tmp_path):
     assert "reached the last N=128" in stdout
     for name in ("profile_time.png", "profile_memory.png"):
         assert_png(tmp_path / name)
+
+
+def test_profiler_with_a_window_fits_the_exponents(tmp_path):
+    stdout = run_module(
+        "benchmarks.profile", "--device", "cpu", "--window", "8", "--providers", "naive,sdpa-math", "--modes", "fwd",
+        "--heads", "1", "--head-dim", "16", "--start", "32", "--max-seqlen", "256", "--fit-points", "3",
+        "--time-limit", "60", "--out", str(tmp_path), "--no-progress",
+    )
+    assert "B=1 H=1 d=16 fp32 causal window (8, 0)" in stdout
+    rows = json.loads((tmp_path / "profile.json").read_text())
+    assert {(r["case"], r["window"]) for r in rows} == {("window", 8)}
+    assert [r["seqlen"] for r in rows if r["provider"] == "naive"] == [32, 64, 128, 256]
+    fits = {line.split()[1]: line.split()[2:5] for line in stdout.splitlines() if line.startswith("     fwd")
+            and "reached the last N=256" in line}
+    assert set(fits) == {"naive", "sdpa-math"}
+    for time_exponent, _memory, work_exponent in fits.values():
+        assert math.isfinite(float(time_exponent))
+        # N·9 - 36 pairs: the work of a fixed window is linear in N, whatever these two providers spend
+        assert float(work_exponent) == pytest.approx(1.0, abs=0.05)
 
 
 def test_profiler_trace_names_each_call(tmp_path):

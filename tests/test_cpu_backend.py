@@ -2,8 +2,10 @@
 
 Held against a plain-torch float64 reference written here (the public API goes through the shared grid):
 odd lengths, Nq != Nk both ways, bottom-right causal masks, head dims up to 256, fp32 / bf16 / fp16,
-strided and NaN-padded inputs, rows that see no key, determinism, and the C++ input checks; and the
-options of issue 10: grouped-query heads, key padding masks and packed variable-length batches.
+strided and NaN-padded inputs, rows that see no key, determinism, and the C++ input checks; the
+options of issue 10: grouped-query heads, key padding masks and packed variable-length batches; and
+those of issue 11 (sliding windows and their tile skipping, softcap, ALiBi, dropout), held against the
+public float64 reference attention.naive_attention, dropout given attention.dropout_mask.
 """
 import functools
 import itertools
@@ -12,6 +14,9 @@ import math
 import pytest
 import torch
 
+import attention
+from attention.reference import naive_attention_varlen
+
 from grid import assert_within_rule, max_err
 
 pytest.importorskip("attention._C", reason="the C++ extension attention._C is not built")
@@ -19,17 +24,30 @@ pytest.importorskip("attention._C", reason="the C++ extension attention._C is no
 
 
 def fwd(q, k, v, causal, scale, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-        max_seqlen_k=0):
-    """The raw forward op, with the options of issue 10 defaulting to off."""
+        max_seqlen_k=0, window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0,
+        dropout_offset=0):
+    """The raw forward op, with the options of issues 10 and 11 defaulting to off. causal=True passes the window's
+    right bound as 0, as the Python layer does."""
     return torch.ops.fused_attention.fwd(q, k, v, causal, scale, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                                         max_seqlen_q, max_seqlen_k)
+                                         max_seqlen_q, max_seqlen_k, *score_options(causal, window, softcap,
+                                                                                   alibi_slopes, dropout_p,
+                                                                                   dropout_seed, dropout_offset))
 
 
 def bwd(dout, q, k, v, o, lse, causal, scale, key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None,
-        max_seqlen_q=0, max_seqlen_k=0):
-    """The raw backward op, with the options of issue 10 defaulting to off."""
+        max_seqlen_q=0, max_seqlen_k=0, window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+        dropout_seed=0, dropout_offset=0):
+    """The raw backward op, with the options of issues 10 and 11 defaulting to off."""
     return torch.ops.fused_attention.bwd(dout, q, k, v, o, lse, causal, scale, key_padding_mask, cu_seqlens_q,
-                                         cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                                         cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         *score_options(causal, window, softcap, alibi_slopes, dropout_p,
+                                                        dropout_seed, dropout_offset))
+
+
+def score_options(causal, window, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset):
+    """The ops' arguments window_left .. dropout_offset."""
+    left, right = window
+    return left, 0 if causal else right, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -510,3 +528,256 @@ def test_option_checks_name_the_argument(inputs, message):
     dout, o, lse = torch.randn_like(q), torch.randn_like(q), torch.randn(q.shape[:3])
     with pytest.raises(RuntimeError, match=message):
         bwd(dout, q, k, v, o, lse, False, 0.25, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding windows, softcap, ALiBi and dropout (issue 11), against attention.naive_attention in float64
+
+
+def public_reference(q, k, v, dout, causal, scale, dtype, key_padding_mask=None, dropout_seed=0, **options):
+    """o, lse, dq, dk, dv of attention.naive_attention in dtype (autograd for the gradients), with the dropout mask
+    of attention.dropout_mask(p, dropout_seed, offset 0) when options hold a dropout_p."""
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    p = options.get("dropout_p", 0.0)
+    mask = attention.dropout_mask(p, dropout_seed, 0, *q.shape[:3], k.shape[2]) if p > 0 else None
+    o, lse = attention.naive_attention(q, k, v, causal, scale, return_lse=True, key_padding_mask=key_padding_mask,
+                                       dropout_mask=mask, **options)
+    o.backward(dout.to(dtype))
+    return o.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def public_reference_varlen(q, k, v, dout, cu_q, cu_k, causal, scale, dtype, dropout_seed=0, **options):
+    """The same for packed (1, H, total, D) inputs, through attention.reference.naive_attention_varlen."""
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    p = options.get("dropout_p", 0.0)
+    lengths_q, lengths_k = (torch.diff(cu).tolist() for cu in (cu_q, cu_k))
+    mask = (attention.dropout_mask(p, dropout_seed, 0, len(lengths_q), q.shape[1], max(lengths_q), max(lengths_k))
+            if p > 0 else None)
+    packed_rows = lambda x: x[0].transpose(0, 1)  # (1, H, total, D) -> (total, H, D)
+    o, lse = naive_attention_varlen(*map(packed_rows, (q, k, v)), cu_q, cu_k, causal, scale,
+                                    return_lse=True, dropout_mask=mask, **options)
+    o.backward(packed_rows(dout.to(dtype)))
+    return o.detach().transpose(0, 1)[None], lse.detach()[None], q.grad, k.grad, v.grad
+
+
+def run_options(q, k, v, dout, causal, scale, key_padding_mask=None, varlen=(None, None, 0, 0), **options):
+    """Our o, lse and gradients with the options of issue 11 (window, softcap, alibi_slopes, dropout_p / _seed)."""
+    o, lse = fwd(q, k, v, causal, scale, key_padding_mask, *varlen, **options)
+    return o, lse, bwd(dout, q, k, v, o, lse, causal, scale, key_padding_mask, *varlen, **options)
+
+
+def assert_options_match(q, k, v, dout, causal, scale, key_padding_mask=None, **options):
+    o, lse, grads = run_options(q, k, v, dout, causal, scale, key_padding_mask, **options)
+    reference = functools.partial(public_reference, q, k, v, dout, causal, scale, key_padding_mask=key_padding_mask,
+                                  **options)
+    assert_matches(reference, q.dtype, o, lse, grads)
+    return o, lse, grads
+
+
+# Windows (left, right): both sides bounded, a single key (i + shift only), one side unbounded, one side wider
+# than the 64-key tiles, and bounds that reach past every key.
+WINDOWS = [(5, 3), (0, 0), (10, -1), (-1, 7), (70, 2), (200, 300)]
+
+
+@pytest.mark.parametrize("n_q, n_k", [(150, 170), (170, 130)], ids=["nq<nk", "nq>nk"])
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+def test_window(window, n_q, n_k):
+    q, k, v, dout = random_inputs((1, 2, n_q, n_k, 16), torch.float32, seed=n_q)
+    assert_options_match(q, k, v, dout, False, 0.3, window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_window_with_causal_gqa_and_padding(dtype):
+    q, k, v, dout = random_inputs((4, 4, 65, 150, 16), dtype, kv_heads=2)
+    mask = padding_masks(150)
+    o, lse, grads = assert_options_match(q, k, v, dout, True, 0.3, mask, window=(40, 0))
+    assert torch.equal(o[3], torch.zeros_like(o[3])) and (lse[3] == -math.inf).all()
+
+
+def test_window_that_hides_nothing_is_the_plain_path():
+    """Bounds at or past every key run the plain loops: the same bits; a right bound 0 is causal."""
+    q, k, v, dout = random_inputs((1, 2, 70, 90, 16), torch.float32)
+    plain = run_options(q, k, v, dout, False, 0.3)
+    for window in [(89, 69), (1000, -1), (-1, 1000)]:
+        ours = run_options(q, k, v, dout, False, 0.3, window=window)
+        assert torch.equal(ours[0], plain[0]) and torch.equal(ours[1], plain[1])
+        assert all(torch.equal(a, b) for a, b in zip(ours[2], plain[2]))
+    causal = run_options(q, k, v, dout, True, 0.3)
+    right_bound_0 = torch.ops.fused_attention.fwd(q, k, v, False, 0.3, None, None, None, 0, 0, -1, 0, 0.0, None, 0.0,
+                                                  0, 0)
+    assert torch.equal(right_bound_0[0], causal[0]) and torch.equal(right_bound_0[1], causal[1])
+
+
+def test_window_hides_every_key_of_some_rows():
+    """Rows whose window holds no key (before the first key; onto padding keys) give o 0, lse -inf, dq 0."""
+    q, k, v, dout = random_inputs((2, 2, 100, 40, 16), torch.float32)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 10:20] = False
+    o, lse, (dq, dk, dv) = assert_options_match(q, k, v, dout, False, 0.3, mask, window=(0, 0))
+    # Query i sees key i - 60 alone: none for i < 60, and in batch element 1 none for 70 <= i < 80.
+    blind = torch.zeros(2, 100, dtype=torch.bool)
+    blind[:, :60] = True
+    blind[1, 70:80] = True
+    blind = blind[:, None, :].expand(lse.shape)
+    assert (lse[blind] == -math.inf).all() and torch.isfinite(lse[~blind]).all()
+    assert not o[blind].any() and not dq[blind].any()
+    assert not dk[1, :, 10:20].any() and not dv[1, :, 10:20].any()
+
+
+def test_window_skips_tiles_outside_it():
+    """The tiles outside every window of a tile are never read: NaN there leaves the results of the rows whose tiles
+    do not reach it bit-for-bit those of clean inputs. 64-row tiles, window (10, 10): the query tile [128, 192) sees
+    the keys [118, 202) alone, the key tile [128, 192) is seen by the queries [118, 202) alone."""
+    q, k, v, dout = random_inputs((1, 2, 320, 320, 16), torch.float32)
+    o, lse, (dq, dk, dv) = run_options(q, k, v, dout, False, 0.3, window=(10, 10))
+    poisoned_v, poisoned_dout = v.clone(), dout.clone()
+    poisoned_v[:, :, [10, 300]] = math.nan  # in key tiles 0 and 4
+    poisoned_dout[:, :, [10, 300]] = math.nan  # in query tiles 0 and 4
+    o_poisoned, lse_poisoned = fwd(q, k, poisoned_v, False, 0.3, window=(10, 10))
+    dq_poisoned, dk_poisoned, dv_poisoned = bwd(poisoned_dout, q, k, v, o, lse, False, 0.3, window=(10, 10))
+    middle = slice(128, 192)
+    assert torch.equal(o_poisoned[:, :, middle], o[:, :, middle]) and torch.equal(lse_poisoned, lse)
+    assert torch.equal(dk_poisoned[:, :, middle], dk[:, :, middle])
+    assert torch.equal(dv_poisoned[:, :, middle], dv[:, :, middle])
+    # Rows that see a poisoned key (forward) or are seen by a poisoned query (backward) do turn NaN: the
+    # poison is where it should be read.
+    assert o_poisoned[:, :, 5].isnan().all() and dv_poisoned[:, :, 5].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_softcap(causal, dtype):
+    """Scores up to about 40 against a cap of 5: tanh saturates, and its derivative vanishes there."""
+    q, k, v, dout = random_inputs((2, 2, 70, 90, 16), dtype)
+    assert_options_match(q * 4, k, v, dout, causal, 0.5, softcap=5.0)
+
+
+def test_softcap_with_gqa_and_padding():
+    q, k, v, dout = random_inputs((4, 4, 65, 150, 16), torch.float32, kv_heads=1)
+    assert_options_match(q * 4, k, v, dout, False, 0.5, padding_masks(150), softcap=2.0)
+
+
+@pytest.mark.parametrize("per_batch", [False, True], ids=["per-head", "per-batch-and-head"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_alibi(causal, per_batch):
+    """The op takes (B, Hq) slopes; per head is the same row for every batch element."""
+    q, k, v, dout = random_inputs((2, 4, 70, 90, 16), torch.float32, kv_heads=2)
+    slopes = 2.0 ** -torch.arange(1.0, 5.0)  # BLOOM's geometric slopes, one per head
+    slopes = slopes * torch.tensor([[1.0], [0.3]]) if per_batch else slopes.expand(2, 4).contiguous()
+    assert_options_match(q, k, v, dout, causal, 0.3, alibi_slopes=slopes)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).removeprefix("torch."))
+def test_alibi_with_padding(dtype):
+    q, k, v, dout = random_inputs((4, 2, 65, 150, 16), dtype)
+    slopes = torch.rand(4, 2, generator=torch.Generator().manual_seed(3))
+    assert_options_match(q, k, v, dout, False, 0.3, padding_masks(150), alibi_slopes=slopes)
+
+
+def test_dropout_mask_is_philox():
+    """Uniform probabilities 1 / Nk and v the identity make o[i, j] = keep_ij / ((1 - p) Nk): the kernel's keep-mask,
+    read off exactly, is attention.dropout_mask's (several key groups of 4 per tile, several heads and queries)."""
+    batch, heads, n_q, n_k, p, seed = 2, 3, 70, 90, 0.3, 2**40 + 12345
+    q = torch.zeros(batch, heads, n_q, n_k)
+    v = torch.eye(n_k).expand(batch, 1, n_k, n_k)
+    k = torch.zeros_like(v)
+    o, lse = fwd(q, k, v, False, 1.0, dropout_p=p, dropout_seed=seed, dropout_offset=7)
+    expected = attention.dropout_mask(p, seed, 7, batch, heads, n_q, n_k)
+    assert torch.equal(o != 0, expected)
+    torch.testing.assert_close(o[expected], torch.full_like(o[expected], 1 / ((1 - p) * n_k)))
+    assert torch.allclose(lse, torch.full_like(lse, math.log(n_k)))  # lse ignores dropout
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dropout(causal, dtype):
+    q, k, v, dout = random_inputs((2, 4, 70, 90, 16), dtype, kv_heads=2)
+    assert_options_match(q, k, v, dout, causal, 0.3, dropout_p=0.2, dropout_seed=11)
+
+
+def test_dropout_with_padding():
+    q, k, v, dout = random_inputs((4, 2, 65, 150, 16), torch.float32)
+    assert_options_match(q, k, v, dout, False, 0.3, padding_masks(150), dropout_p=0.5, dropout_seed=3)
+
+
+def test_dropout_seeds():
+    """One seed gives one result, run after run; another seed another; p = 0 ignores the seed."""
+    q, k, v, dout = random_inputs((1, 2, 70, 90, 16), torch.float32)
+    first, again, other = (run_options(q, k, v, dout, False, 0.3, dropout_p=0.3, dropout_seed=s) for s in (1, 1, 2))
+    assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[2], again[2]))
+    assert not torch.equal(first[0], other[0])
+    plain, seeded = run_options(q, k, v, dout, False, 0.3), run_options(q, k, v, dout, False, 0.3, dropout_seed=5)
+    assert torch.equal(plain[0], seeded[0])
+
+
+ALL_OPTIONS = {"window": (30, 5), "softcap": 3.0, "dropout_p": 0.25, "dropout_seed": 9}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_every_option_with_gqa_and_padding(dtype):
+    q, k, v, dout = random_inputs((4, 4, 100, 150, 16), dtype, kv_heads=2)
+    slopes = torch.rand(4, 4, generator=torch.Generator().manual_seed(4))
+    assert_options_match(q * 2, k, v, dout, False, 0.3, padding_masks(150), alibi_slopes=slopes, **ALL_OPTIONS)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_every_option_varlen(dtype, causal):
+    """Packed sequences: positions, ALiBi slopes and the dropout mask counted per sequence."""
+    lengths_q, lengths_k = zip(*VARLEN_LENGTHS)
+    q, dout = (packed(lengths_q, 4, 16, dtype, seed) for seed in (0, 1))
+    k, v = (packed(lengths_k, 2, 16, dtype, seed) for seed in (2, 3))
+    cu_q, cu_k = cu_seqlens(lengths_q), cu_seqlens(lengths_k)
+    slopes = torch.rand(len(lengths_q), 4, generator=torch.Generator().manual_seed(5))
+    options = {**ALL_OPTIONS, "alibi_slopes": slopes}
+    o, lse, grads = run_options(q * 2, k, v, dout, causal, 0.3, None, (cu_q, cu_k, max(lengths_q), max(lengths_k)),
+                                **options)
+    reference = functools.partial(public_reference_varlen, q * 2, k, v, dout, cu_q, cu_k, causal, 0.3, **options)
+    assert_matches(reference, dtype, o, lse, grads)
+
+
+def test_options_repeatable_bit_for_bit():
+    """With every option on, the backward stays deterministic: the same bits run after run at a thread count."""
+    q, k, v, dout = random_inputs((1, 2, 300, 280, 32), torch.float32, kv_heads=1)
+    slopes = torch.rand(1, 2)
+    runs = [run_options(q, k, v, dout, False, 0.2, alibi_slopes=slopes, **ALL_OPTIONS) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip([*runs[0][:2], *runs[0][2]], [*runs[1][:2], *runs[1][2]]))
+
+
+BAD_SCORE_OPTIONS = [
+    pytest.param({"window": (-2, 0)}, "window_left and window_right must be >= -1", id="window"),
+    pytest.param({"softcap": -1.0}, "softcap must be finite and >= 0", id="softcap-negative"),
+    pytest.param({"softcap": math.inf}, "softcap must be finite and >= 0", id="softcap-inf"),
+    pytest.param({"dropout_p": 1.0}, r"dropout_p must be in \[0, 1\)", id="dropout_p"),
+    pytest.param({"dropout_p": 0.1, "dropout_seed": -1}, "dropout_seed must be >= 0", id="dropout_seed"),
+    pytest.param({"dropout_offset": 2**32}, r"dropout_offset must be in \[0, 2\^32\)", id="dropout_offset"),
+    pytest.param({"alibi_slopes": torch.ones(3)}, r"alibi_slopes must have shape \(batch, heads\) \(2, 3\)",
+                 id="alibi-shape"),
+    pytest.param({"alibi_slopes": torch.ones(2, 3).double()}, "alibi_slopes must be float32", id="alibi-dtype"),
+    pytest.param({"alibi_slopes": torch.ones(3, 2).t()}, "alibi_slopes must be contiguous", id="alibi-strided"),
+]
+
+
+@pytest.mark.parametrize("options, message", BAD_SCORE_OPTIONS)
+def test_score_option_checks_name_the_argument(options, message):
+    q, k, v = _inputs()
+    with pytest.raises(RuntimeError, match=message):
+        fwd(q, k, v, False, 0.25, **options)
+    dout, o, lse = torch.randn_like(q), torch.randn_like(q), torch.randn(q.shape[:3])
+    with pytest.raises(RuntimeError, match=message):
+        bwd(dout, q, k, v, o, lse, False, 0.25, **options)
+
+
+def test_varlen_alibi_slopes_are_per_sequence():
+    (q, k, v), options = _varlen_inputs()
+    with pytest.raises(RuntimeError, match=r"alibi_slopes must have shape \(batch, heads\) \(2, 3\)"):
+        fwd(q, k, v, False, 0.25, **options, alibi_slopes=torch.ones(1, 3))
+
+
+def test_softcap_tanh_is_accurate_across_its_range():
+    """One query against keys whose capped scores are tanh(x) for x in [-12, 12] (both of the kernel's tanh
+    formulas, and saturation): lse within float rounding of the float64 value."""
+    x = torch.linspace(-12, 12, 4001)
+    q, k, v = torch.ones(1, 1, 1, 1), x.reshape(1, 1, -1, 1), torch.ones(1, 1, x.numel(), 1)
+    _, lse = fwd(q, k, v, False, 1.0, softcap=1.0)
+    assert abs(lse.item() - torch.logsumexp(torch.tanh(x.double()), 0).item()) < 1e-6

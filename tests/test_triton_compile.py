@@ -1,8 +1,9 @@
 """The Triton compile gate: what every kept config compiles to on sm_80 and sm_90, checked without a GPU.
 
 Each kernel is compiled, at head dims 64, 128 and 256, with every fp16/bf16 config it keeps for that head
-dim, and its key-padding and varlen variants at head dim 128 (triton_kernels/resources.py, VARIANTS; it also
-writes the committed table triton_kernels/RESOURCES.md):
+dim, its key-padding and varlen variants at head dim 128, and its score-option variants (sliding window,
+softcap with ALiBi, dropout) at head dim 128 on sm_90 (triton_kernels/resources.py, VARIANTS; it also writes
+the committed table triton_kernels/RESOURCES.md):
 - no register spills, on either architecture;
 - sm_90: every tl.dot a warp-group MMA (wgmma), no mma.sync fallback;
 - sm_80: mma.sync, with cp.async loads;

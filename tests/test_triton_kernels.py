@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 tl = triton.language
 
-from attention.reference import naive_attention  # noqa: E402
+from attention.dropout import dropout_mask, philox4x32  # noqa: E402
+from attention.reference import naive_attention, naive_attention_varlen  # noqa: E402
 from grid import assert_within_rule  # noqa: E402
 from attention.triton_kernels import attention_backward, attention_forward, backward, common, forward  # noqa: E402
 
@@ -225,7 +226,9 @@ def test_flash_attention_deterministic_keyword():
         grads[deterministic] = [x.grad for x in leaves]
     for exact, fused in zip(grads[True], grads[False]):
         torch.testing.assert_close(fused, exact, rtol=1e-5, atol=1e-6)
-    torch.library.opcheck(torch.ops.fused_attention_triton.fwd, (q, k, v, True, 0.25, None, None, None, 0, 0, False))
+    no_options = (-1, 0, 0.0, None, 0.0, 0, 0)  # window (-1, 0): causal; no softcap, ALiBi or dropout
+    torch.library.opcheck(torch.ops.fused_attention_triton.fwd,
+                          (q, k, v, True, 0.25, None, None, None, 0, 0, *no_options, False))
     with pytest.raises(TypeError, match="deterministic must be a bool"):
         attention.flash_attention(q, k, v, deterministic=1)
 
@@ -604,3 +607,245 @@ def test_varlen_never_reads_outside_the_views(causal):
     cu_q, cu_k = (torch.tensor([0, *x], device=DEVICE).cumsum(0).to(torch.int32) for x in (lengths_q, lengths_k))
     results = check_options_against_plain(q, k, v, do, causal, 0.3, True, None, cu_q, cu_k, 20, 13)
     assert not any(x.isnan().any() for x in results)
+
+
+# The score options (sliding window, softcap, ALiBi, dropout), alone and with causal, grouped-query heads, key
+# padding and varlen, against attention.naive_attention in float64 (the 2x/3x rule; dropout exactly, given
+# the reference's attention.dropout_mask). Shapes stay tiny: the interpreter is slow.
+
+
+def reference_results(q, k, v, do, causal, scale, dtype, options, key_padding_mask=None, cu_seqlens=None):
+    """Output, lse and gradients of naive_attention (naive_attention_varlen with cu_seqlens) in `dtype`.
+    options: its score keywords (window, softcap, alibi_slopes, dropout_p, dropout_mask)."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    if cu_seqlens is None:
+        o, lse = naive_attention(*leaves, causal, scale, return_lse=True, key_padding_mask=key_padding_mask,
+                                 **options)
+    else:  # (1, H, total, D) views <-> the packed (total, H, D) layout
+        packed = [x[0].transpose(0, 1) for x in leaves]
+        o, lse = naive_attention_varlen(*packed, *cu_seqlens, causal, scale, return_lse=True, **options)
+        o, lse = o.transpose(0, 1)[None], lse[None]
+    o.backward(do.to(dtype))
+    return o.detach(), lse.detach(), *(x.grad for x in leaves)
+
+
+def check_score_options(q, k, v, do, causal, scale, window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                        seed=0, offset=0, deterministic=True, key_padding_mask=None, cu_seqlens_q=None,
+                        cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    """Our forward and backward with the score options, held to the tolerance rule against the float64
+    reference given the same dropout mask; rows that see no key must give o = 0, lse = -inf, dq = 0."""
+    left, right = window[0], 0 if causal else window[1]  # causal arrives as right bound 0
+    layout = (key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    options = (left, right, softcap, alibi_slopes, dropout_p, seed, offset)
+    o, lse = attention_forward(q, k, v, causal, scale, *layout, *options)
+    dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal, scale, deterministic, *layout, *options)
+    varlen = cu_seqlens_q is not None
+    batch, n_q, n_k = ((cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k) if varlen
+                       else (q.shape[0], q.shape[2], k.shape[2]))
+    mask = dropout_mask(dropout_p, seed, offset, batch, q.shape[1], n_q, n_k, q.device) if dropout_p > 0 else None
+    reference = dict(window=(left, right), softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                     dropout_mask=mask)
+    cu_seqlens = (cu_seqlens_q, cu_seqlens_k) if varlen else None
+    ref = reference_results(q, k, v, do, causal, scale, torch.float64, reference, key_padding_mask, cu_seqlens)
+    low = reference_results(q, k, v, do, causal, scale, q.dtype, reference, key_padding_mask, cu_seqlens)
+    assert_within_rule("o", o, ref[0], low[0], 2)
+    assert_lse_within_rule(lse, ref[1], low[1])
+    for name, ours, ref_grad, low_grad in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:], low[2:]):
+        assert_within_rule(name, ours, ref_grad, low_grad, 3)
+    blind = lse == float("-inf")
+    assert torch.all(o[blind] == 0) and torch.all(dq[blind] == 0), "rows that see no key: o = 0, dq = 0"
+    return o, lse, dq, dk, dv
+
+
+def slopes(batch, heads, seed):
+    """ALiBi slopes, float32 (batch, heads), different for every (batch, head)."""
+    return torch.rand(batch, heads, generator=torch.Generator().manual_seed(seed)).to(DEVICE) * 0.5 + 0.05
+
+
+# Each option's arguments: a window narrower than the sequences on both sides (shift != 0), a softcap below
+# the scores' range, ALiBi per (batch, head), dropout with Nk not a multiple of 4 (a partial Philox group).
+SCORE_OPTIONS = {
+    "window": dict(window=(6, 3)),
+    "softcap": dict(softcap=0.7),
+    "alibi": dict(alibi_slopes=True),
+    "dropout": dict(dropout_p=0.3, seed=2**40 + 123, offset=2**31 + 5),
+}
+
+
+def score_options(name, batch, heads):
+    options = dict(SCORE_OPTIONS[name])
+    if options.get("alibi_slopes"):
+        options["alibi_slopes"] = slopes(batch, heads, seed=batch * heads)
+    return options
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("option", SCORE_OPTIONS)
+def test_score_option(option, dtype):
+    """Each option alone, grouped-query heads (2 query heads per K/V head), Nq < Nk."""
+    q, k, v, do = grouped_inputs(2, 2, 1, 17, 29, 16, dtype, seed=5)
+    check_score_options(q, k, v, do, False, 0.3, **score_options(option, 2, 2))
+
+
+@pytest.mark.parametrize("option", SCORE_OPTIONS)
+def test_score_option_with_causal(option):
+    """Causal (right bound 0; with the window, window (6, 0)) and Nq > Nk: the first rows see no key."""
+    q, k, v, do = grouped_inputs(1, 2, 2, 37, 20, 16, torch.float16, seed=6)
+    check_score_options(q, k, v, do, True, 0.3, **score_options(option, 1, 2))
+
+
+# Padding keys are unmasked in the dK/dV loops: their rows may turn inf/NaN (numpy warns under the
+# interpreter), rows the kernel never stores.
+@pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered in exp2")
+@pytest.mark.parametrize("option", SCORE_OPTIONS)
+def test_score_option_with_key_padding(option):
+    """Left, right, holes and no real key at all (padding_patterns), grouped heads, the atomic dQ."""
+    mask = padding_patterns(21)
+    q, k, v, do = grouped_inputs(4, 2, 1, 13, 21, 16, torch.float32, seed=7)
+    o, lse, dq, dk, dv = check_score_options(q, k, v, do, False, 0.3, deterministic=False, key_padding_mask=mask,
+                                             **score_options(option, 4, 2))
+    hidden = ~mask[:, None, :, None]
+    assert torch.all(dk.masked_select(hidden) == 0) and torch.all(dv.masked_select(hidden) == 0)
+
+
+@pytest.mark.parametrize("option", SCORE_OPTIONS)
+def test_score_option_varlen(option):
+    """Packed sequences (an empty one, Nq > Nk and Nq < Nk): positions, ALiBi slopes and dropout counters
+    are per sequence."""
+    lengths_q, lengths_k = (9, 0, 20, 3), (14, 5, 6, 0)
+    q, k, v, do, cu_q, cu_k = packed_inputs(lengths_q, lengths_k, 2, 1, 16, torch.bfloat16, seed=8)
+    check_score_options(q, k, v, do, False, 0.3, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=20,
+                        max_seqlen_k=14, **score_options(option, 4, 2))
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+def test_all_score_options_together(deterministic):
+    """Window, softcap, ALiBi and dropout in one call, with causal and grouped heads."""
+    q, k, v, do = grouped_inputs(1, 4, 2, 23, 30, 16, torch.float16, seed=9)
+    check_score_options(q, k, v, do, True, 0.3, window=(9, -1), softcap=1.5, alibi_slopes=slopes(1, 4, seed=1),
+                        dropout_p=0.2, seed=77, deterministic=deterministic)
+
+
+def test_score_options_through_the_op():
+    """The Triton op with every score option: its fake and autograd registrations (opcheck), and gradients
+    through autograd equal to the launchers' (the same seed and offset give the same mask)."""
+    q, k, v, do = grouped_inputs(1, 2, 1, 9, 14, 16, torch.float32, seed=14)
+    alibi = slopes(1, 2, seed=4)
+    options = (4, 2, 1.5, alibi, 0.25, 2**35 + 1, 3)
+    torch.library.opcheck(torch.ops.fused_attention_triton.fwd,
+                          (q, k, v, False, 0.25, None, None, None, 0, 0, *options, True))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, _ = torch.ops.fused_attention_triton.fwd(*leaves, False, 0.25, None, None, None, 0, 0, *options, True)
+    o.backward(do)
+    expected_o, lse = attention_forward(q, k, v, False, 0.25, None, None, None, 0, 0, *options)
+    expected = attention_backward(do, q, k, v, expected_o, lse, False, 0.25, True, None, None, None, 0, 0, *options)
+    assert torch.equal(o, expected_o)
+    assert all(torch.equal(x.grad, g) for x, g in zip(leaves, expected))
+
+
+@pytest.mark.parametrize("tile", [(16, 16), (16, 64)], ids=str)
+def test_window_tile_ranges(tile, monkeypatch):
+    """Windows over several tiles with other tile shapes: the masked tiles left of those every query of a
+    tile sees whole, those tiles (unmasked), and the masked ones right of them; windows bounded on one side."""
+    config = triton.Config({"BLOCK_M": tile[0], "BLOCK_N": tile[1]}, num_warps=4, num_stages=2)
+    for kernel in (forward._forward_kernel, backward._dkdv_kernel, backward._dq_kernel):
+        monkeypatch.setattr(kernel, "configs", [config])
+    q, k, v, do = grouped_inputs(1, 1, 1, 50, 50, 16, torch.float32, seed=10)
+    # (24, 16), 16 x 16 tiles: query tile 32 .. 47 sees key tiles 0 .. 1 masked, 2 whole, 3 masked.
+    for window in ((24, 16), (17, -1), (-1, 18)):
+        check_score_options(q, k, v, do, False, 0.3, window=window)
+
+
+def test_windows_hiding_every_key_of_some_rows(monkeypatch):
+    """K/V rows no query sees and q/dO rows that see no key are NaN: the tiles of both must be skipped (a
+    tile that were not would spread the NaN through 0 * NaN), with output 0, lse -inf and zero gradients for
+    those rows. Nq < Nk: window (8, 0) sees only the last 24 keys; Nq > Nk: the first 48 queries see none."""
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2)
+    for kernel in (forward._forward_kernel, backward._dkdv_kernel, backward._dq_kernel):
+        monkeypatch.setattr(kernel, "configs", [config])
+    for n_q, n_k in ((16, 64), (64, 16)):
+        q, k, v, do = grouped_inputs(1, 1, 1, n_q, n_k, 16, torch.float32, seed=n_q)
+        expected = check_score_options(q, k, v, do, True, 0.3, window=(8, 0))
+        q, k, v, do = (x.clone() for x in (q, k, v, do))
+        if n_q < n_k:
+            for x in (k, v):
+                x[:, :, :32] = float("nan")  # key tiles 0 and 1: keys 40 .. 63 only are seen
+        else:
+            for x in (q, do):
+                x[:, :, :48] = float("nan")  # query tiles 0 .. 2 see no key
+        o, lse = attention_forward(q, k, v, True, 0.3, None, None, None, 0, 0, 8, 0)
+        grads = attention_backward(do, q, k, v, o, lse, True, 0.3, True, None, None, None, 0, 0, 8, 0)
+        for ours, theirs in zip((o, lse, *grads), expected):
+            assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_softcap_with_large_scores(dtype):
+    """Scores in the hundreds capped at 5: tanh saturates (and must not overflow), its derivative vanishes."""
+    q, k, v, do = grouped_inputs(1, 2, 1, 17, 29, 16, dtype, seed=11)
+    check_score_options(q * 6, k * 6, v, do, False, 1.0, softcap=5.0)
+
+
+def test_alibi_per_head():
+    """Slopes shared by the batch, as the API passes (Hq,) slopes (expanded to (B, Hq)); every other ALiBi
+    test has different slopes for every (batch, head)."""
+    q, k, v, do = grouped_inputs(2, 2, 1, 17, 29, 16, torch.float32, seed=12)
+    per_head = torch.tensor([0.5, 0.0625], device=DEVICE)
+    check_score_options(q, k, v, do, True, 0.3, alibi_slopes=per_head.expand(2, 2).contiguous())
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_dropout_keeps_exactly_the_reference_mask(varlen):
+    """q = k = 0 (every visible P = 1/Nk) and v = the identity: o[i, j] = keep_ij / (1 - p) / Nk, so the
+    kernel's keep-mask can be read off o and must be attention.dropout_mask's, bit for bit (query heads
+    in the counter, not K/V heads; positions and the batch index per sequence in varlen)."""
+    p, seed, offset, heads = 0.4, 2**62 + 2**33 + 9, 2**32 - 3, 2
+    if varlen:
+        lengths_q, lengths_k = (7, 13), (22, 5)
+        cu_q, cu_k = (torch.tensor([0, *x], device=DEVICE).cumsum(0).to(torch.int32) for x in (lengths_q, lengths_k))
+        layout = (None, cu_q, cu_k, 13, 22)
+        q = torch.zeros(1, heads, sum(lengths_q), 32, device=DEVICE)
+        k = torch.zeros(1, 1, sum(lengths_k), 32, device=DEVICE)
+        v = torch.eye(sum(lengths_k), 32, device=DEVICE)[None, None]
+    else:
+        lengths_q, lengths_k = (13, 13), (29, 29)
+        layout = (None, None, None, 0, 0)
+        q = torch.zeros(2, heads, 13, 32, device=DEVICE)
+        k = torch.zeros(2, 1, 29, 32, device=DEVICE)
+        v = torch.eye(29, 32, device=DEVICE).expand(2, 1, 29, 32)
+    o, _ = attention_forward(q, k, v, False, 1.0, *layout, -1, -1, 0.0, None, p, seed, offset)
+    expected = dropout_mask(p, seed, offset, 2, heads, max(lengths_q), max(lengths_k), DEVICE)
+    first_q, first_k = 0, 0
+    for b, (n_q, n_k) in enumerate(zip(lengths_q, lengths_k)):
+        rows = o[0, :, first_q:first_q + n_q] if varlen else o[b]
+        kept = rows[:, :, first_k:first_k + n_k] if varlen else rows[:, :, :n_k]
+        assert torch.equal(kept > 0, expected[b, :, :n_q, :n_k]), f"sequence {b}: keep-mask differs"
+        torch.testing.assert_close(kept[kept > 0], torch.full_like(kept[kept > 0], 1 / (1 - p) / n_k))
+        if varlen:
+            first_q, first_k = first_q + n_q, first_k + n_k
+    assert 0.3 < 1 - expected.float().mean() < 0.5, "the mask drops about p = 0.4 of the entries"
+
+
+@triton.jit
+def _philox_kernel(COUNTERS, KEYS, WORDS, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    counter = [tl.load(COUNTERS + i * N + offs).to(tl.uint32) for i in tl.static_range(4)]
+    key = [tl.load(KEYS + i * N + offs).to(tl.uint32) for i in tl.static_range(2)]
+    words = common.philox4x32(*counter, *key)
+    for i in tl.static_range(4):
+        tl.store(WORDS + i * N + offs, words[i].to(tl.int64))
+
+
+def test_philox_matches_reference():
+    """common.philox4x32 against attention.dropout.philox4x32 on random counters and keys (uint32 values
+    held in int64), and Philox4x32-10's known answer for counter 0, key 0."""
+    n = 256
+    gen = torch.Generator().manual_seed(13)
+    counters = torch.randint(0, 2**32, (4, n), generator=gen, dtype=torch.int64)
+    keys = torch.randint(0, 2**32, (2, n), generator=gen, dtype=torch.int64)
+    counters[:, 0], keys[:, 0] = 0, 0
+    words = torch.empty(4, n, dtype=torch.int64)
+    _philox_kernel[(1,)](counters.to(DEVICE), keys.to(DEVICE), words.to(DEVICE), N=n)
+    expected = torch.stack(philox4x32(tuple(counters), tuple(keys)))
+    assert torch.equal(words.cpu(), expected)
+    assert words[:, 0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]

@@ -17,13 +17,17 @@ from .common import (
     INTERPRETING,
     LOG2E,
     KernelConfigs,
+    alibi_slope_log2,
     any_key,
     batch_stride,
     dot_precision,
+    dropout_keep,
     key_range,
     load_rows,
+    modified_scores,
     n_bucket,
     new_rows,
+    option_arguments,
     padded_head_dim,
     program_grid,
     program_tile,
@@ -111,16 +115,18 @@ def _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q):
 @triton.autotune(
     configs=DKDV_CONFIGS.all(),
     # lengths as buckets, as in the forward
-    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "FUSED_DQ", "q_bucket", "k_bucket"],
+    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "FUSED_DQ", "q_bucket",
+         "k_bucket"],
     prune_configs_by={"early_config_prune": DKDV_CONFIGS.prune},
     reset_to_zero=["DQ_ACCUM"],  # the timing runs of the autotuner add to it too
 )
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])  # as the forward's
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     DQ_ACCUM,  # FUSED_DQ: float32, zeroed, for dQ / softmax_scale; laid out as LSE with HEAD_DIM per row
     KEY_MASK,  # PADDED: the bool (B, n_k) key padding mask, True for a real key
     CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: int32 (B + 1,) first rows of the sequences in the packed tensors
+    ALIBI_SLOPES,  # ALIBI: float32 (B, n_kv_heads * group)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -132,11 +138,20 @@ def _dkdv_kernel(
     q_bucket, k_bucket,  # autotune key only
     softmax_scale,
     scale_log2,
+    window_left, window_right,  # WINDOW: keys seen before and after the diagonal (see `visible`)
+    softcap_log2,  # SOFTCAP: softcap times log2(e)
+    dropout_seed: tl.int64, dropout_offset: tl.int64,  # DROPOUT: the Philox key and counter word 3
+    dropout_threshold: tl.int64,  # DROPOUT: the smallest kept Philox word, floor(p * 2**32)
+    dropout_scale,  # DROPOUT: 1 / (1 - p)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     PADDED: tl.constexpr,
     VARLEN: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -168,22 +183,36 @@ def _dkdv_kernel(
     if PADDED:
         if not any_key(real_keys(key_mask_row, offs_n, n_k, PADDED)):  # padding only: its rows stay zero
             return
-    masked_start, unmasked_start = query_range(start_n, n_q, n_k, BLOCK_M, BLOCK_N, CAUSAL)
-    # Query rows past n_q need no mask in either loop: their q and dO load as zeros (see _load_row_stats).
+    masked_start, unmasked_start, unmasked_end, visible_end = query_range(
+        start_n, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    # Query rows past n_q need no mask in any loop: their q and dO load as zeros (see _load_row_stats).
     q_base = Q + batch * stride_qb + q_first * stride_qn
     do_base = DO + batch * stride_dob + q_first * stride_don
     row_offset = batch * stride_lseb + q_first
     first_head = kv_head * group
+    # The options' values, bundled for the loops (unused ones are never read); the heads' ALiBi slopes and
+    # dropout counters are the loop's, which runs over several query heads.
+    options = (window_left, window_right, softcap_log2, ALIBI_SLOPES, batch, n_kv_heads * group, dropout_seed,
+               dropout_offset, dropout_threshold, dropout_scale)
     dk, dv = _accumulate_dkdv(
         dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
-        stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
-        masked_start, unmasked_start, True, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
+        stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
+        options, masked_start, unmasked_start, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
+        DOT_PRECISION, FUSED_DQ, BLOCK_M, BLOCK_N,
     )
     dk, dv = _accumulate_dkdv(
         dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
-        stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
-        unmasked_start, n_q, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, FUSED_DQ, BLOCK_M,
+        stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
+        options, unmasked_start, unmasked_end, False, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
+        DOT_PRECISION, FUSED_DQ, BLOCK_M, BLOCK_N,
     )
+    if WINDOW:  # the query tiles below those that see the key tile whole
+        dk, dv = _accumulate_dkdv(
+            dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
+            stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
+            options, unmasked_end, visible_end, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
+            DOT_PRECISION, FUSED_DQ, BLOCK_M, BLOCK_N,
+        )
 
     dk_base = DK + batch * stride_dkb + kv_head * stride_dkh + k_first * stride_dkn
     dv_base = DV + batch * stride_dvb + kv_head * stride_dvh + k_first * stride_dvn
@@ -202,17 +231,23 @@ def _dkdv_kernel(
 @triton.jit
 def _accumulate_dkdv(
     dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
-    stride_lseh, DQ_ACCUM, first_head, group, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2, start, end,
+    stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2, options,
+    start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     PADDED: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Add query tiles [start, end) of query heads first_head .. first_head + group - 1 (those that read this
-    K/V head) to dK (unscaled) and dV; mask (bounds, causal) only when MASKED.
+    K/V head) to dK (unscaled) and dV; mask (bounds, causal, window) only when MASKED.
     With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM, atomically.
 
     The group's heads are summed one after the other into the same accumulators: in a fixed order, with no
@@ -223,7 +258,14 @@ def _accumulate_dkdv(
     Every computed tile is then already the left operand its next product needs, where q.kT would need pT
     and dsT transposed in registers (a round trip through shared memory each). The transposes left, of
     q and dO, are of tiles loaded into shared memory for the dots: a change of view, not a copy.
+
+    options: (window_left, window_right, softcap_log2, ALIBI_SLOPES, batch, n_heads, dropout_seed,
+    dropout_offset, dropout_threshold, dropout_scale), as _dkdv_kernel bundles them. Dropout: dV takes the
+    kept P scaled by 1 / (1 - p), and dP the same factor (SPEC's dP = keep / (1 - p) * dO.v); the keep-mask
+    is the forward's, drawn for (query, key) and transposed. Softcap: dS times 1 - tanh^2 of the capped score.
     """
+    window_left, window_right, softcap_log2, ALIBI_SLOPES, batch, n_heads, seed, offset, threshold, dropout_scale = \
+        options
     n_tiles = tl.cdiv(end - start, BLOCK_M)
     for index in range(0, group * n_tiles):
         head = first_head + index // n_tiles
@@ -234,16 +276,31 @@ def _accumulate_dkdv(
         lse, delta = _load_row_stats(LSE, DELTA, head_rows, offs_m, n_q)
 
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
+        if SOFTCAP or ALIBI:
+            slope_log2 = alibi_slope_log2(ALIBI_SLOPES, batch, head, n_heads, ALIBI)
+            s_t, tanh_t = modified_scores(s_t, offs_m[None, :], offs_n[:, None], n_k - n_q, scale_log2, softcap_log2,
+                                          slope_log2, SOFTCAP, ALIBI)
+            p_t = tl.math.exp2(s_t - lse[None, :])
+        else:
+            p_t = tl.math.exp2(s_t * scale_log2 - lse[None, :])
         if MASKED:
             # Key padding needs no mask here: a padding key's P and dS reach only its own dK/dV rows, which
             # _dkdv_kernel zeroes. Masking them in this loop costs spills (sm_80, head dim 128).
             in_bounds = offs_n[:, None] < n_k
-            p_t = tl.where(visible(offs_m[None, :], offs_n[:, None], in_bounds, n_q, n_k, CAUSAL), p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            p_t = tl.where(visible(offs_m[None, :], offs_n[:, None], in_bounds, n_q, n_k, window_left, window_right,
+                                   CAUSAL, WINDOW), p_t, 0.0)
+        if DROPOUT:
+            keep_t = tl.trans(dropout_keep(seed, offset, batch * n_heads + head, offs_m, start_n, threshold, BLOCK_N))
+            dv = tl.dot((tl.where(keep_t, p_t, 0.0) * dropout_scale).to(do.dtype), do, dv,
+                        input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - tanh_t * tanh_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
         if FUSED_DQ:
             # Keys past n_k load as zeros but their ds may be inf (see _dkdv_kernel), and padding keys are
@@ -260,15 +317,16 @@ def _accumulate_dkdv(
 
 @triton.autotune(
     configs=DQ_CONFIGS.all(),
-    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "q_bucket", "k_bucket"],
+    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "q_bucket", "k_bucket"],
     prune_configs_by={"early_config_prune": DQ_CONFIGS.prune},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])  # as the forward's
 def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     KEY_MASK,  # PADDED: the bool (B, n_k) key padding mask, True for a real key
     KEY_BOUNDS,  # PADDED: int32 (B, 2), each batch element's first real key and last real key + 1
     CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: int32 (B + 1,) first rows of the sequences in the packed tensors
+    ALIBI_SLOPES,  # ALIBI: float32 (B, n_heads)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -279,11 +337,20 @@ def _dq_kernel(
     q_bucket, k_bucket,  # autotune key only
     softmax_scale,
     scale_log2,
+    window_left, window_right,  # WINDOW: keys seen before and after the diagonal (see `visible`)
+    softcap_log2,  # SOFTCAP: softcap times log2(e)
+    dropout_seed: tl.int64, dropout_offset: tl.int64,  # DROPOUT: the Philox key and counter word 3
+    dropout_threshold: tl.int64,  # DROPOUT: the smallest kept Philox word, floor(p * 2**32)
+    dropout_scale,  # DROPOUT: 1 / (1 - p)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     PADDED: tl.constexpr,
     VARLEN: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -315,14 +382,27 @@ def _dq_kernel(
 
     # Same key ranges as the forward. Keys past n_k must be masked here: with zero k their P would be
     # exp2(-lse), which overflows to inf for very negative lse and turns into NaN against k = 0.
-    start_n, unmasked_end, visible_end = key_range(start_m, n_q, n_k, key_bounds, BLOCK_M, BLOCK_N, CAUSAL, PADDED)
+    start_n, unmasked_start, unmasked_end, visible_end = key_range(
+        start_m, n_q, n_k, key_bounds, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL, PADDED, WINDOW)
+    # The options' per-program values, bundled for the loops (unused ones are never read).
+    slope_log2 = alibi_slope_log2(ALIBI_SLOPES, batch, head, n_heads, ALIBI)
+    options = (window_left, window_right, softcap_log2, slope_log2, dropout_seed, dropout_offset,
+               batch * n_heads + head, dropout_threshold, dropout_scale)
+    if WINDOW:  # the key tiles left of those every query sees whole
+        dq = _accumulate_dq(
+            dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+            scale_log2, options, start_n, unmasked_start, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT,
+            HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        )
     dq = _accumulate_dq(
         dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
-        scale_log2, start_n, unmasked_end, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        scale_log2, options, unmasked_start, unmasked_end, False, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT,
+        HEAD_DIM, DOT_PRECISION, BLOCK_N,
     )
     dq = _accumulate_dq(
         dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
-        scale_log2, unmasked_end, visible_end, True, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        scale_log2, options, unmasked_end, visible_end, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT,
+        HEAD_DIM, DOT_PRECISION, BLOCK_N,
     )
 
     dq_base = DQ + batch * stride_dqb + head * stride_dqh + q_first * stride_dqn
@@ -332,38 +412,60 @@ def _dq_kernel(
 @triton.jit
 def _accumulate_dq(
     dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
-    start, end,
+    options, start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     PADDED: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Add key tiles [start, end) to dQ (unscaled); mask keys (bounds, causal, padding) only when MASKED."""
+    """Add key tiles [start, end) to dQ (unscaled); mask keys (bounds, causal, window, padding) only when
+    MASKED. options: (window_left, window_right, softcap_log2, slope_log2, dropout_seed, dropout_offset,
+    batch * Hq + head, dropout_threshold, dropout_scale), as _dq_kernel bundles them; the options' gradient
+    terms as in _accumulate_dkdv."""
+    window_left, window_right, softcap_log2, slope_log2, seed, offset, batch_head, threshold, dropout_scale = options
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
         v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(s * scale_log2 - lse[:, None])
+        if SOFTCAP or ALIBI:
+            s, tanh_s = modified_scores(s, offs_m[:, None], offs_n[None, :], n_k - n_q, scale_log2, softcap_log2,
+                                      slope_log2, SOFTCAP, ALIBI)
+            p = tl.math.exp2(s - lse[:, None])
+        else:
+            p = tl.math.exp2(s * scale_log2 - lse[:, None])
         if MASKED:
             real = real_keys(key_mask_row, offs_n, n_k, PADDED)
-            p = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, CAUSAL), p, 0.0)
+            p = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, window_left, window_right,
+                                 CAUSAL, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, offset, batch_head, offs_m, start_n, threshold, BLOCK_N)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tanh_s * tanh_s)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
 def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, deterministic: bool = True,
-                       key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+                       key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
+                       window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0,
+                       dropout_offset=0):
     """Gradients of fused attention: dq, dk, dv new tensors shaped and typed like q, k, v, laid out as
     attention_forward lays out o (contiguous; in varlen, views of contiguous (total, H, D) tensors).
 
-    q, k, v, causal, softmax_scale, key_padding_mask and the varlen arguments are the forward's inputs
-    (see attention_forward); o and lse (contiguous float32 (B, Hq, Nq)) its outputs. do is the gradient of
+    q, k, v, causal, softmax_scale, key_padding_mask, the varlen arguments and the score options (window,
+    softcap, ALiBi, dropout: the forward's keep-mask is drawn again) are the forward's inputs (see
+    attention_forward); o and lse (contiguous float32 (B, Hq, Nq)) its outputs. do is the gradient of
     o, any strides with a contiguous last dim. With grouped-query heads, dk and dv sum over the query heads
     of each K/V head, in a fixed order.
     deterministic=True: the dK/dV and dQ kernels each own their accumulators; for a given config the same
@@ -383,6 +485,8 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
     block_d = padded_head_dim(head_dim)
     precision = dot_precision(q.dtype)
     scale_log2 = softmax_scale * LOG2E.value
+    options = option_arguments(causal, n_q, n_k, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                               dropout_seed, dropout_offset)
 
     # Per row of o: varlen's packed rows need no sequence bounds here.
     delta = torch.empty((rows_batch, heads, rows_q), device=q.device, dtype=torch.float32)
@@ -413,6 +517,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
         q, k, v, do, lse, delta, dk, dv,
         dq_accum,
         key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+        alibi_slopes,
         batch_stride(q, varlen), q.stride(1), q.stride(2),
         batch_stride(k, varlen), k.stride(1), k.stride(2),
         batch_stride(v, varlen), v.stride(1), v.stride(2),
@@ -426,10 +531,10 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
         scale_log2,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
-        CAUSAL=causal,
         PADDED=padded,
         VARLEN=varlen,
         DOT_PRECISION=precision,
+        **options,
         FUSED_DQ=fused_dq,
     )
     if fused_dq:
@@ -440,6 +545,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
     _dq_kernel[program_grid(n_q, heads, batch, "BLOCK_M")](
         q, k, v, do, lse, delta, dq,
         key_padding_mask, key_bounds, cu_seqlens_q, cu_seqlens_k,
+        alibi_slopes,
         batch_stride(q, varlen), q.stride(1), q.stride(2),
         batch_stride(k, varlen), k.stride(1), k.stride(2),
         batch_stride(v, varlen), v.stride(1), v.stride(2),
@@ -452,9 +558,9 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
         scale_log2,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
-        CAUSAL=causal,
         PADDED=padded,
         VARLEN=varlen,
         DOT_PRECISION=precision,
+        **options,
     )
     return dq, dk, dv

@@ -1,5 +1,6 @@
-"""Pieces shared by the forward and backward kernels: tile loads, which keys a query sees (causal, key
-padding, varlen sequences), config rules."""
+"""Pieces shared by the forward and backward kernels: tile loads, which keys a query sees (causal, sliding
+window, key padding, varlen sequences), the score modifications (softcap, ALiBi), the dropout keep-mask,
+config rules."""
 import functools
 import math
 import os
@@ -190,70 +191,234 @@ def any_key(real):
 
 
 @triton.jit
-def key_range(start_m, n_q, n_k, key_bounds, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-              PADDED: tl.constexpr):
-    """Keys a query tile [start_m, start_m + BLOCK_M) works on, as (start, unmasked_end, visible_end).
+def key_range(start_m, n_q, n_k, key_bounds, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, PADDED: tl.constexpr, WINDOW: tl.constexpr):
+    """Keys a query tile [start_m, start_m + BLOCK_M) works on, as (start, unmasked_start, unmasked_end,
+    visible_end).
 
-    Key tiles in [start, unmasked_end) are in bounds and visible to every query of the tile, so they need no
-    mask; tiles in [unmasked_end, visible_end) straddle the causal diagonal or the end of the keys, or may
-    hold padding, and must be masked; keys before start or from visible_end on are hidden from every query
-    of the tile and are skipped. Causal is bottom-right aligned: query i sees key j when j <= i + n_k - n_q.
+    Key tiles in [unmasked_start, unmasked_end) are in bounds and visible to every query of the tile, so they
+    need no mask; tiles in [start, unmasked_start) and [unmasked_end, visible_end) straddle the causal
+    diagonal, a window edge or the end of the keys, or may hold padding, and must be masked; keys before
+    start or from visible_end on are hidden from every query of the tile and are skipped. Causal is
+    bottom-right aligned: query i sees key j when j <= i + n_k - n_q. Without WINDOW, unmasked_start is start.
+    WINDOW: query i sees keys i + shift - left .. i + shift + right (`visible`), so the tile's keys span
+    about BLOCK_M + left + right and a fixed window costs O(n_q * window), not O(n_q * n_k).
     PADDED: key_bounds points to the batch element's (first real key, last real key + 1) (`real_key_bounds`):
     the key tiles before and after them, left and right padding, are skipped; the others are all masked.
     Padding tiles between real keys are masked, not skipped: a branch around a tile's dots in the loop stops
     Triton's software pipelining of the K/V loads (no cp.async, sm_80 spills), a price every padded call
     would pay for the rare batch with a hole of a whole tile.
     """
-    if CAUSAL:
+    if WINDOW:
         shift = n_k - n_q
-        unmasked_end = tl.minimum(tl.maximum(start_m + shift + 1, 0), n_k)
-        visible_end = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), n_k)
+        first_diagonal = start_m + shift  # key on the diagonal of the tile's first query, and its last one
+        last_diagonal = start_m + BLOCK_M - 1 + shift
+        # Clamped to [0, n_k] before any division: integer division rounds toward zero on the GPU.
+        first_key = tl.minimum(tl.maximum(first_diagonal - left, 0), n_k)
+        visible_end = tl.minimum(tl.maximum(last_diagonal + right + 1, 0), n_k)
+        start = (first_key // BLOCK_N) * BLOCK_N
+        if PADDED:  # all masked, as without a window
+            start = tl.maximum(start, (tl.load(key_bounds) // BLOCK_N) * BLOCK_N)
+            visible_end = tl.minimum(visible_end, tl.load(key_bounds + 1))
+            unmasked_start = start
+            unmasked_end = start
+        else:
+            # Keys every query of the tile sees: last_diagonal - left .. first_diagonal + right.
+            unmasked_start = tl.cdiv(tl.minimum(tl.maximum(last_diagonal - left, 0), n_k), BLOCK_N) * BLOCK_N
+            unmasked_end = (tl.minimum(tl.maximum(first_diagonal + right + 1, 0), n_k) // BLOCK_N) * BLOCK_N
+            # No whole tile seen by every query: every tile goes to the masked loop from start.
+            none_unmasked = unmasked_end <= unmasked_start
+            unmasked_start = tl.where(none_unmasked, start, unmasked_start)
+            unmasked_end = tl.where(none_unmasked, start, unmasked_end)
     else:
-        unmasked_end = n_k
-        visible_end = n_k
-    if PADDED:
-        start = (tl.load(key_bounds) // BLOCK_N) * BLOCK_N
-        visible_end = tl.minimum(visible_end, tl.load(key_bounds + 1))
-        return start, start, visible_end
-    else:
-        return 0, (unmasked_end // BLOCK_N) * BLOCK_N, visible_end
+        if CAUSAL:
+            shift = n_k - n_q
+            unmasked_end = tl.minimum(tl.maximum(start_m + shift + 1, 0), n_k)
+            visible_end = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), n_k)
+        else:
+            unmasked_end = n_k
+            visible_end = n_k
+        if PADDED:
+            start = (tl.load(key_bounds) // BLOCK_N) * BLOCK_N
+            visible_end = tl.minimum(visible_end, tl.load(key_bounds + 1))
+            unmasked_end = start
+        else:
+            start = 0
+            unmasked_end = (unmasked_end // BLOCK_N) * BLOCK_N
+        unmasked_start = start
+    return start, unmasked_start, unmasked_end, visible_end
 
 
 @triton.jit
-def query_range(start_n, n_q, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """Queries a key tile [start_n, start_n + BLOCK_N) works on, as (masked_start, unmasked_start), the
-    mirror of key_range.
+def query_range(start_n, n_q, n_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr):
+    """Queries a key tile [start_n, start_n + BLOCK_N) works on, as (masked_start, unmasked_start,
+    unmasked_end, visible_end), the mirror of key_range.
 
-    Query tiles before masked_start see none of the tile's keys and are skipped; tiles in [masked_start,
-    unmasked_start) must be masked; tiles from unmasked_start on see every key of the tile. Key padding
-    changes neither: the dK/dV kernel skips a key tile of padding only, and zeroes padding keys' rows.
+    Query tiles before masked_start or from visible_end on see none of the tile's keys and are skipped; tiles
+    in [masked_start, unmasked_start) and [unmasked_end, visible_end) must be masked; tiles in
+    [unmasked_start, unmasked_end) see every key of the tile. Without WINDOW, unmasked_end and visible_end are
+    n_q. Key padding changes nothing here: the dK/dV kernel skips a key tile of padding only, and zeroes
+    padding keys' rows.
     """
-    if CAUSAL:
-        # Query i sees key j when i >= j - (n_k - n_q): the first query tile that sees key start_n, and the
-        # first one that sees the tile's last key.
+    if WINDOW:
+        # Query i sees key j when j - shift - right <= i <= j - shift + left (clamped to [0, n_q] before any
+        # division, which rounds toward zero on the GPU).
         shift = n_k - n_q
-        first_seeing = tl.minimum(tl.maximum(start_n - shift, 0), n_q)
-        all_seeing = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), n_q)
+        last_key = start_n + BLOCK_N - 1
+        first_seeing = tl.minimum(tl.maximum(start_n - shift - right, 0), n_q)
+        visible_end = tl.minimum(tl.maximum(last_key - shift + left + 1, 0), n_q)
         masked_start = (first_seeing // BLOCK_M) * BLOCK_M
-        unmasked_start = tl.cdiv(all_seeing, BLOCK_M) * BLOCK_M
+        # Queries that see every key of the tile: last_key - shift - right .. start_n - shift + left.
+        unmasked_start = tl.cdiv(tl.minimum(tl.maximum(last_key - shift - right, 0), n_q), BLOCK_M) * BLOCK_M
+        unmasked_end = (tl.minimum(tl.maximum(start_n - shift + left + 1, 0), n_q) // BLOCK_M) * BLOCK_M
+        none_unmasked = unmasked_end <= unmasked_start
+        unmasked_start = tl.where(none_unmasked, masked_start, unmasked_start)
+        unmasked_end = tl.where(none_unmasked, masked_start, unmasked_end)
     else:
-        masked_start = 0
-        unmasked_start = 0
-    return masked_start, unmasked_start
+        if CAUSAL:
+            # Query i sees key j when i >= j - (n_k - n_q): the first query tile that sees key start_n, and
+            # the first one that sees the tile's last key.
+            shift = n_k - n_q
+            first_seeing = tl.minimum(tl.maximum(start_n - shift, 0), n_q)
+            all_seeing = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), n_q)
+            masked_start = (first_seeing // BLOCK_M) * BLOCK_M
+            unmasked_start = tl.cdiv(all_seeing, BLOCK_M) * BLOCK_M
+        else:
+            masked_start = 0
+            unmasked_start = 0
+        unmasked_end = n_q
+        visible_end = n_q
+    return masked_start, unmasked_start, unmasked_end, visible_end
 
 
 @triton.jit
-def visible(query, key, real, n_q, n_k, CAUSAL: tl.constexpr):
+def visible(query, key, real, n_q, n_k, left, right, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """Mask of the (query, key) pairs that count: a real key (`real_keys` of key) and, if causal, not after
-    the query's diagonal.
+    the query's diagonal; with WINDOW, within left keys before and right keys after it (the launchers pass
+    CAUSAL False and right 0 for a causal window, and turn an unbounded side into a bound past every key).
 
     query and key are index tensors that broadcast to the tile: (M, 1) and (1, N) for a scores tile,
     (1, M) and (N, 1) for a transposed one; real has key's shape.
     """
     mask = real
-    if CAUSAL:
+    if WINDOW:
+        diagonal = query + (n_k - n_q)
+        mask = mask & (key >= diagonal - left) & (key <= diagonal + right)
+    elif CAUSAL:
         mask = mask & (key <= query + (n_k - n_q))
     return mask
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp2 (Triton has no tanh of its own; libdevice's does not run on the interpreter).
+
+    Odd, and computed at -|x| so that exp2 never overflows. Its absolute error is a few float32 ulps of 1,
+    like that of tanh itself near +-1, where softcapped scores live.
+    """
+    e = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def modified_scores(qk, query, key, shift, scale_log2, softcap_log2, slope_log2, SOFTCAP: tl.constexpr,
+                    ALIBI: tl.constexpr):
+    """Scores in base 2 (natural-log scores times log2(e)) of the raw products qk = q.k, and tanh of the
+    capped ones (the softcap's derivative is 1 - tanh^2; 0.0 without SOFTCAP).
+
+    SOFTCAP: softcap_log2 = softcap * log2(e), s = softcap * tanh(scale * qk / softcap). ALIBI: s -= slope *
+    |query + shift - key|, slope_log2 = slope * log2(e); query and key are index tensors as for `visible`.
+    """
+    if SOFTCAP:
+        t = tanh(qk * (scale_log2 / softcap_log2))
+        s = t * softcap_log2
+    else:
+        t = 0.0
+        s = qk * scale_log2
+    if ALIBI:
+        s = s - slope_log2 * tl.abs(query + shift - key).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def alibi_slope_log2(ALIBI_SLOPES, batch, head, n_heads, ALIBI: tl.constexpr):
+    """Query head `head`'s ALiBi slope in batch element (varlen: sequence) `batch`, times log2(e), from the
+    float32 (B, Hq) slopes; 0.0 without ALIBI."""
+    if ALIBI:
+        return tl.load(ALIBI_SLOPES + batch * n_heads + head) * LOG2E
+    else:
+        return 0.0
+
+
+@triton.jit
+def philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Salmon et al., SC'11) on uint32 tensors that broadcast together: the four output words
+    of counter (c0, c1, c2, c3) under key (k0, k1). The same function as attention.dropout.philox4x32.
+
+    The rounds are unrolled, so the words only take the broadcast shape of the counters that reach them:
+    while a counter word is per-row or per-column, so is its work.
+    """
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def dropout_keep(seed, offset, batch_head, query, start_n, threshold, BLOCK_N: tl.constexpr):
+    """The dropout keep-mask of queries `query` (a 1-D index tensor) against keys start_n .. start_n +
+    BLOCK_N - 1, (len(query), BLOCK_N) bool, True where P is kept (attention.dropout_mask's bits).
+
+    Counter (j >> 2, i, batch * Hq + head, offset), key (seed's low and high words): one Philox call per
+    query and group of 4 keys (start_n is a multiple of BLOCK_N, hence of 4), on a (len(query), BLOCK_N // 4)
+    tile whose 4 words are then interleaved along the keys: key j takes word j & 3.
+    """
+    groups = (start_n // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.uint32)
+    seed = seed.to(tl.int64)  # the interpreter passes a small seed as int32, whose >> 32 is undefined
+    w0, w1, w2, w3 = philox4x32(
+        groups[None, :], query.to(tl.uint32)[:, None], batch_head.to(tl.uint32), offset.to(tl.uint32),
+        (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32),
+    )
+    # join(join(w0, w2), join(w1, w3))[..., x, y] is word 2x + y: row-major, the 4 words of a group in order.
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (query.shape[0], BLOCK_N))
+    return words >= threshold.to(tl.uint32)
+
+
+def option_arguments(causal, n_q, n_k, window_left, window_right, softcap, alibi_slopes, dropout_p, dropout_seed,
+                     dropout_offset):
+    """The kernels' keyword arguments for the score options (attention_forward lists them): runtime values
+    and the constexpr flags that compile an option's code in, so that a call without options runs the code
+    it ran before they existed.
+
+    causal arrives as window_right == 0 (or with window_right -1, the same). A window with a bound on the
+    left, or on the right of a non-causal call, runs the WINDOW code (CAUSAL off: its bounds include the
+    causal one); an unbounded side becomes a bound past every key of the longest sequences (n_k keys on the
+    left, n_q on the right), so the kernels never test for -1.
+    """
+    window = window_left >= 0 or (window_right >= 0 and not causal)
+    right = 0 if causal else window_right
+    return dict(
+        window_left=window_left if window_left >= 0 else n_k,
+        window_right=right if right >= 0 else n_q,
+        softcap_log2=softcap * LOG2E.value,
+        dropout_seed=dropout_seed,
+        dropout_offset=dropout_offset,
+        # floor(p * 2**32) in double (a Python float), < 2**32 for p < 1: attention.dropout's threshold.
+        dropout_threshold=math.floor(dropout_p * 4294967296.0),
+        dropout_scale=1.0 / (1.0 - dropout_p),
+        CAUSAL=causal and not window,
+        WINDOW=window,
+        SOFTCAP=softcap > 0,
+        ALIBI=alibi_slopes is not None,
+        DROPOUT=dropout_p > 0,
+    )
 
 
 def batch_stride(x, varlen):

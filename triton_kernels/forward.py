@@ -7,12 +7,16 @@ from .common import (
     LN2,
     LOG2E,
     KernelConfigs,
+    alibi_slope_log2,
     batch_stride,
     dot_precision,
+    dropout_keep,
     key_range,
     load_rows,
+    modified_scores,
     n_bucket,
     new_rows,
+    option_arguments,
     padded_head_dim,
     program_grid,
     program_tile,
@@ -48,15 +52,17 @@ CONFIGS = KernelConfigs(
     configs=CONFIGS.all(),
     # The lengths only as buckets (n_bucket): retuning and recompiling for every new length would stall
     # training on variable-length batches. The autotuner adds the tensors' dtypes to the key itself.
-    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "q_bucket", "k_bucket"],
+    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "q_bucket", "k_bucket"],
     prune_configs_by={"early_config_prune": CONFIGS.prune},
 )
-@triton.jit
+# A new seed or offset (every training step) must not compile a new specialization.
+@triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])
 def _forward_kernel(
     Q, K, V, O, LSE,
     KEY_MASK,  # PADDED: the bool (B, n_k) key padding mask, True for a real key
     KEY_BOUNDS,  # PADDED: int32 (B, 2), each batch element's first real key and last real key + 1
     CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: int32 (B + 1,) first rows of the sequences in the packed tensors
+    ALIBI_SLOPES,  # ALIBI: float32 (B, n_heads)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -65,11 +71,20 @@ def _forward_kernel(
     n_heads, group, n_q, n_k,  # VARLEN: n_q, n_k are the longest sequences' lengths, for the grid
     q_bucket, k_bucket,  # autotune key only
     scale_log2,  # softmax scale times log2(e): scores come out in base 2, ready for exp2
+    window_left, window_right,  # WINDOW: keys seen before and after the diagonal (see `visible`)
+    softcap_log2,  # SOFTCAP: softcap times log2(e)
+    dropout_seed: tl.int64, dropout_offset: tl.int64,  # DROPOUT: the Philox key and counter word 3
+    dropout_threshold: tl.int64,  # DROPOUT: the smallest kept Philox word, floor(p * 2**32)
+    dropout_scale,  # DROPOUT: 1 / (1 - p)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     PADDED: tl.constexpr,
     VARLEN: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -99,26 +114,42 @@ def _forward_kernel(
         # scale (allowed, if unusual) is folded into q, once per program: negation is exact in every dtype.
         q = -q
         scale_log2 = -scale_log2
+    # The options' per-program values, bundled for the loops (unused ones are never read).
+    slope_log2 = alibi_slope_log2(ALIBI_SLOPES, batch, head, n_heads, ALIBI)
+    scores = (window_left, window_right, softcap_log2, slope_log2)
+    dropout = (dropout_seed, dropout_offset, batch * n_heads + head, dropout_threshold)
 
     # Running row max (base-2 units), row sum of exp2(score - max), and the unnormalized output.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    start_n, unmasked_end, visible_end = key_range(start_m, n_q, n_k, key_bounds, BLOCK_M, BLOCK_N, CAUSAL, PADDED)
+    start_n, unmasked_start, unmasked_end, visible_end = key_range(
+        start_m, n_q, n_k, key_bounds, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL, PADDED, WINDOW)
+    if WINDOW:  # the tiles left of those every query sees whole
+        acc, l_i, m_i = _attend_key_tiles(
+            acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+            scale_log2, scores, dropout, start_n, unmasked_start, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI,
+            DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        )
     acc, l_i, m_i = _attend_key_tiles(
         acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
-        scale_log2, start_n, unmasked_end, False, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        scale_log2, scores, dropout, unmasked_start, unmasked_end, False, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI,
+        DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N,
     )
     acc, l_i, m_i = _attend_key_tiles(
         acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
-        scale_log2, unmasked_end, visible_end, True, CAUSAL, PADDED, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        scale_log2, scores, dropout, unmasked_end, visible_end, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI,
+        DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N,
     )
 
     # l_i is 0 exactly for rows that saw no key (any visible key adds exp2(0) = 1): output 0, lse -inf.
     no_key = l_i == 0.0
     l_safe = tl.where(no_key, 1.0, l_i)
-    o = acc / l_safe[:, None]
+    if DROPOUT:  # acc summed the kept P only; l_i all of them, as lse must
+        o = acc * (dropout_scale / l_safe)[:, None]
+    else:
+        o = acc / l_safe[:, None]
     lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
 
     o_base = O + batch * stride_ob + head * stride_oh + q_first * stride_on
@@ -130,15 +161,25 @@ def _forward_kernel(
 @triton.jit
 def _attend_key_tiles(
     acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
-    start, end,
+    scores, dropout, start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     PADDED: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Fold key tiles [start, end) into the online softmax state; mask scores only when MASKED."""
+    """Fold key tiles [start, end) into the online softmax state; mask scores only when MASKED.
+
+    scores: (window_left, window_right, softcap_log2, slope_log2) and dropout: (seed, offset, batch * Hq +
+    head, threshold), the option values _forward_kernel bundles.
+    """
+    window_left, window_right, softcap_log2, slope_log2 = scores
+    seed, offset, batch_head, threshold = dropout
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
@@ -147,12 +188,21 @@ def _attend_key_tiles(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
             real = real_keys(key_mask_row, offs_n, n_k, PADDED)
-            s = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, CAUSAL),
-                         qk * scale_log2, float("-inf"))
+            s, _ = modified_scores(qk, offs_m[:, None], offs_n[None, :], n_k - n_q, scale_log2, softcap_log2,
+                                   slope_log2, SOFTCAP, ALIBI)
+            s = tl.where(visible(offs_m[:, None], offs_n[None, :], real[None, :], n_q, n_k, window_left,
+                                 window_right, CAUSAL, WINDOW), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with no visible key so far has m_new = -inf, and -inf - -inf is NaN: subtract 0 instead,
             # so its p and alpha come out exp2(-inf) = 0.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_shift[:, None])
+        elif SOFTCAP or ALIBI:
+            # Every key visible, so m_new is finite; the row maxima are those of the modified scores.
+            s, _ = modified_scores(qk, offs_m[:, None], offs_n[None, :], n_k - n_q, scale_log2, softcap_log2,
+                                   slope_log2, SOFTCAP, ALIBI)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_shift = m_new
             p = tl.math.exp2(s - m_shift[:, None])
         else:
             # Every key visible, so m_new is finite; scaling and subtracting the max is one FMA per score
@@ -162,13 +212,16 @@ def _attend_key_tiles(
             p = tl.math.exp2(qk * scale_log2 - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(dropout_keep(seed, offset, batch_head, offs_m, start_n, threshold, BLOCK_N), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 def attention_forward(q, k, v, causal: bool, softmax_scale: float, key_padding_mask=None, cu_seqlens_q=None,
-                      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+                      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, window_left=-1, window_right=-1,
+                      softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0, dropout_offset=0):
     """Fused attention forward, validated by the caller.
 
     Dense (cu_seqlens None): q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D) with Hq % Hkv == 0; query head h
@@ -177,9 +230,13 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, key_padding_m
     (total, H, D) tensors; sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q (likewise k),
     at most max_seqlen_q (max_seqlen_k) long. q, k, v share device and dtype (fp16, bf16 or fp32) and D
     (<= 256); any strides with a contiguous last dim. Causal is bottom-right aligned (per sequence).
+    The score options, as the Python layer guarantees them (SPEC11): window_left, window_right >= -1 (-1:
+    unbounded; causal is window_right 0), softcap >= 0 (0: off), alibi_slopes None or contiguous float32
+    (B, Hq) (B: sequences in varlen), 0 <= dropout_p < 1 with dropout_seed in [0, 2**63) and dropout_offset
+    in [0, 2**32) (attention.dropout's Philox keep-mask; positions counted within each sequence).
     Returns o: new (B, Hq, Nq, D) in q.dtype, contiguous (varlen: a view of a contiguous (total_q, Hq, D)),
-    and lse: new contiguous float32 (B, Hq, Nq), the natural log of sum_j exp(scale * q.k_j); -inf (and
-    o = 0) for rows that see no key.
+    and lse: new contiguous float32 (B, Hq, Nq), the natural log of sum_j exp(s_ij) over the visible keys of
+    the modified scores s (dropout leaves it alone); -inf (and o = 0) for rows that see no key.
     """
     rows_batch, heads, rows_q, head_dim = q.shape
     kv_heads, rows_k = k.shape[1], k.shape[2]
@@ -197,6 +254,7 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, key_padding_m
         q, k, v, o, lse,
         key_padding_mask, None if key_padding_mask is None else real_key_bounds(key_padding_mask),
         cu_seqlens_q, cu_seqlens_k,
+        alibi_slopes,
         batch_stride(q, varlen), q.stride(1), q.stride(2),
         batch_stride(k, varlen), k.stride(1), k.stride(2),
         batch_stride(v, varlen), v.stride(1), v.stride(2),
@@ -207,9 +265,10 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, key_padding_m
         softmax_scale * LOG2E.value,
         HEAD_DIM=head_dim,
         BLOCK_D=padded_head_dim(head_dim),
-        CAUSAL=causal,
         PADDED=key_padding_mask is not None,
         VARLEN=varlen,
         DOT_PRECISION=dot_precision(q.dtype),
+        **option_arguments(causal, n_q, n_k, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                           dropout_seed, dropout_offset),
     )
     return o, lse

@@ -35,10 +35,18 @@ HEAD_DIMS = (64, 128, 256)  # the two common ones and the largest supported
 # The constexpr variants of the kernels: "plain" (no key padding, not varlen: what a call without options
 # runs), compiled at every head dim, and one variant per option, compiled at one head dim (128: the
 # largest at which no kept config spills) to hold the option's own code (the padding mask's loads and tile
-# skipping; varlen's sequence bounds) to the same checks without doubling the gate's time. Grouped-query
+# skipping; varlen's sequence bounds; the window's third, masked loop; softcap's tanh and ALiBi's bias,
+# together; dropout's Philox) to the same checks without doubling the gate's time. The score options
+# (window, softcap and ALiBi, dropout) only on sm_90, the architecture they are tuned for. Grouped-query
 # heads are a runtime argument, in every variant.
-VARIANTS = {"plain": {}, "padded": {"PADDED": True}, "varlen": {"VARLEN": True}}
-VARIANT_HEAD_DIMS = {"plain": HEAD_DIMS, "padded": (128,), "varlen": (128,)}
+VARIANTS = {
+    "plain": {}, "padded": {"PADDED": True}, "varlen": {"VARLEN": True},
+    "window": {"WINDOW": True, "CAUSAL": False},  # a causal window runs the WINDOW code with CAUSAL off
+    "softcap_alibi": {"SOFTCAP": True, "ALIBI": True},
+    "dropout": {"DROPOUT": True},
+}
+VARIANT_HEAD_DIMS = {variant: HEAD_DIMS if variant == "plain" else (128,) for variant in VARIANTS}
+VARIANT_ARCHS = {variant: (90,) if variant in ("window", "softcap_alibi", "dropout") else ARCHS for variant in VARIANTS}
 DTYPE = "bf16"  # fp16 compiles to the same instructions and resources
 
 # (kernel, its KernelConfigs) for every autotuned kernel. Only the fp16/bf16 configs are compiled: the fp32
@@ -53,7 +61,7 @@ KERNELS = {
 # tensor argument has the input dtype.
 POINTER_TYPES = {
     "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACCUM": "*fp32", "KEY_MASK": "*i1", "KEY_BOUNDS": "*i32",
-    "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32",
+    "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "ALIBI_SLOPES": "*fp32",
 }
 
 
@@ -96,7 +104,9 @@ def _signature(fn):
         elif name.startswith("stride"):
             signature[name] = "i64" if param.annotation == "tl.int64" else "i32"
             aligned.append(index)
-        elif "scale" in name:
+        elif param.annotation_type:  # e.g. the dropout seed, declared tl.int64
+            signature[name] = param.annotation_type
+        elif "scale" in name or name == "softcap_log2":
             signature[name] = "fp32"
         else:  # sizes: lengths, heads; any value, so no divisibility is assumed
             signature[name] = "i32"
@@ -110,6 +120,10 @@ def _constexprs(fn, config, head_dim, variant):
         "CAUSAL": True,  # the causal kernel contains both the masked and the unmasked loop
         "PADDED": False,
         "VARLEN": False,
+        "WINDOW": False,
+        "SOFTCAP": False,
+        "ALIBI": False,
+        "DROPOUT": False,
         "DOT_PRECISION": "tf32",
         "FUSED_DQ": False,  # the default, deterministic backward
         **VARIANTS[variant],
@@ -164,15 +178,15 @@ def compile_config(kernel_name, config, arch, head_dim, variant="plain"):
     )
 
 
-def all_jobs(kernels=None, archs=ARCHS):
-    """(kernel, config, arch, head dim, variant) for each variant of each kernel at the variant's head dims,
-    with every config the kernel keeps for that head dim and arch."""
+def all_jobs(kernels=None, variants=None):
+    """(kernel, config, arch, head dim, variant) for each variant of each kernel at the variant's head dims
+    and architectures, with every config the kernel keeps for that head dim and arch."""
     return [
         (name, config, arch, head_dim, variant)
-        for variant, head_dims in VARIANT_HEAD_DIMS.items()
+        for variant in variants or VARIANTS
         for name in kernels or KERNELS
-        for head_dim in head_dims
-        for arch in archs
+        for head_dim in VARIANT_HEAD_DIMS[variant]
+        for arch in VARIANT_ARCHS[variant]
         for config in KERNELS[name][1].for_head_dim(head_dim, arch)
     ]
 

@@ -10,7 +10,13 @@
 // - backward: delta = rowsum(dO * O) first, then one pass per key tile recomputing P from q, k and
 //   the forward's lse, accumulating dK and dV, and dQ in per-thread buffers summed in a fixed order.
 // Scores are kept in log2 units (softmax_scale * log2(e) is folded into q) so exp is one exp2.
-// Causal masks are bottom-right aligned per sequence: query i sees keys j <= i + Nk - Nq.
+// Causal masks are bottom-right aligned per sequence: query i sees keys j <= i + Nk - Nq. A sliding
+// window (left, right) generalizes it: query i sees keys i + Nk - Nq - left <= j <= i + Nk - Nq + right
+// (causal is right = 0), and only the key tiles (forward) or query tiles (backward) that a tile's
+// window reaches are visited, so a fixed window costs O(N * window).
+// Softcap and ALiBi rewrite a tile's scores before the masks; dropout multiplies the probabilities by a
+// keep-mask that Philox4x32-10 regenerates from (seed, offset, sequence, head, query, key) in both
+// passes, never stored. Without these options the passes run the loops they ran before them.
 // Grouped-query heads: query head h reads KV head h / (Hq / Hkv) in place; the backward's work item
 // for a KV head's key tile loops over the group's query heads, so dK and dV sum over the group in a
 // fixed order. Key padding hides keys of a batch element; key tiles that are all padding are skipped.
@@ -188,10 +194,11 @@ __attribute__((target("default"))) void gemm(FA_GEMM_ARGS) { gemm_blocks<PlainBl
 void gemm(FA_GEMM_ARGS) { gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL); }
 #endif
 
-// Which keys of a tile a query sees. The causal rule, as a run of columns [begin, end) per row of a
-// score tile, varying by at most one column per row: begin(r) = clamp(begin0 + r * begin_step, 0,
-// cols) and likewise end(r). Causal masks are bottom-right aligned, so in (query, key) layout a row
-// sees a prefix of the tile's keys, and in (key, query) layout a suffix of its queries.
+// Which keys of a tile a query sees. The window (causal being one), as a run of columns [begin, end)
+// per row of a score tile, varying by at most one column per row: begin(r) = clamp(begin0 + r *
+// begin_step, 0, cols) and likewise end(r) (a row with begin >= end sees nothing). Windows are
+// bottom-right aligned, so moving down a row moves each bounded side one column right, in either
+// layout.
 // Key padding, in a tile that holds both real and padding keys: per key of the tile, 0 for a real
 // key and -inf for padding, as column_bias in (query, key) layout (added to the tile's scores) or as
 // row_bias in (key, query) layout (a padding key's row sees nothing). Both are null otherwise, so a
@@ -252,21 +259,154 @@ FA_MULTIVERSIONED void online_softmax_step(float* s, int64_t lds, int64_t rows, 
 
 // The backward's P and dS = P * (dP - delta) for a tile in (key row, query column) layout: P over the
 // scores s, dS over dp, 0 where the key is hidden. Column m has log2-sum-exp lse2[m] and delta[m].
+// With dropout, keep (same layout) holds 1 / (1 - p) or 0 per element: s gets the dropped P that dV
+// needs, and dP is the dropped one. With softcap, tanh_tile (same layout) holds the t of modify_scores:
+// dS becomes the gradient of the uncapped score, dS * (1 - t^2). Both are null when the option is off.
 FA_MULTIVERSIONED void softmax_grad_key_rows(float* s, float* dp, int64_t ld, int64_t rows, int64_t cols,
-                                             VisibleColumns visible, const float* lse2, const float* delta) {
+                                             VisibleColumns visible, const float* lse2, const float* delta,
+                                             const float* keep, const float* tanh_tile) {
   for (int64_t n = 0; n < rows; ++n) {
     float* s_row = s + n * ld;
     float* dp_row = dp + n * ld;
     const auto [begin, end] = visible.of_row(n, cols);
     for (int64_t m = begin; m < end; ++m) s_row[m] = clamp_exponent(s_row[m] - lse2[m]);
-    for (int64_t m = begin; m < end; ++m) {
-      const float p = exp2_poly(s_row[m]);
-      s_row[m] = p;
-      dp_row[m] = p * (dp_row[m] - delta[m]);
+    if (keep == nullptr) {
+      for (int64_t m = begin; m < end; ++m) {
+        const float p = exp2_poly(s_row[m]);
+        s_row[m] = p;
+        dp_row[m] = p * (dp_row[m] - delta[m]);
+      }
+    } else {
+      const float* keep_row = keep + n * ld;
+      for (int64_t m = begin; m < end; ++m) {
+        const float p = exp2_poly(s_row[m]);
+        s_row[m] = p * keep_row[m];
+        dp_row[m] = p * (dp_row[m] * keep_row[m] - delta[m]);
+      }
+    }
+    if (tanh_tile != nullptr) {
+      const float* tanh_row = tanh_tile + n * ld;
+      for (int64_t m = begin; m < end; ++m) dp_row[m] *= 1.0f - tanh_row[m] * tanh_row[m];
     }
     for (auto [first, last] : {std::pair{int64_t{0}, begin}, std::pair{end, cols}}) {
       std::fill(s_row + first, s_row + last, 0.0f);
       std::fill(dp_row + first, dp_row + last, 0.0f);
+    }
+  }
+}
+
+// Softcap and ALiBi on a tile of raw scores, in log2 units. The signed distance i + shift - j of
+// element (r, c) is distance0 + r * row_step + c * col_step, which covers both tile layouts.
+struct ScoreModifier {
+  float softcap_log2;  // softcap * log2(e): the tile holds softmax_scale * q.k / softcap; 0: no softcap
+  float slope_log2;    // the ALiBi slope * log2(e); 0: no ALiBi
+  int64_t distance0, row_step, col_step;
+};
+
+// tanh(x) for each x of a row of at most kBlock values, into t, without a libm call (which would be
+// most of a softcapped tile's time) and vectorizable: the odd Taylor polynomial of degree 17 for |x|
+// < 1/2 (truncation below 1e-8 relative), (1 - e) / (1 + e) with e = exp(-2|x|) >= e^-1 above, where
+// 1 - e does not cancel; under 4 ulp everywhere. The branch is chosen by an integer compare of the
+// bits of |x|, and the exponent clamped in a loop of its own, for the vectorizer's sake (see
+// clamp_exponent).
+inline void tanh_row(const float* x, float* t, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c) t[c] = clamp_exponent(-2.0f * kLog2e * std::fabs(x[c]));
+  for (int64_t c = 0; c < cols; ++c) {
+    const float e = exp2_poly(t[c]);
+    const float saturating = std::copysign((1.0f - e) / (1.0f + e), x[c]);
+    const float x2 = x[c] * x[c];
+    float p = 5.9002744094558599e-4f;  // the Taylor coefficients of tanh, x^17 down to x^1
+    p = p * x2 - 1.4558343870513183e-3f;
+    p = p * x2 + 3.5921280365724810e-3f;
+    p = p * x2 - 8.8632355299021966e-3f;
+    p = p * x2 + 2.1869488536155203e-2f;
+    p = p * x2 - 5.3968253968253968e-2f;
+    p = p * x2 + 1.3333333333333333e-1f;
+    p = p * x2 - 3.3333333333333333e-1f;
+    p = p * x2 + 1.0f;
+    const bool small = (std::bit_cast<uint32_t>(x[c]) & 0x7fffffffu) < std::bit_cast<uint32_t>(0.5f);
+    t[c] = small ? x[c] * p : saturating;
+  }
+}
+
+// s = softcap_log2 * t with t = tanh(s) (t also goes to tanh_tile where that is not null, for the
+// backward), and s -= slope_log2 * |distance|, over the first rows x cols (cols <= kBlock) of the tile.
+FA_MULTIVERSIONED void modify_scores(float* s, int64_t lds, int64_t rows, int64_t cols, const ScoreModifier& mod,
+                                     float* tanh_tile) {
+  float t[kBlock];
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s_row = s + r * lds;
+    if (mod.softcap_log2 != 0.0f) {
+      tanh_row(s_row, t, cols);
+      for (int64_t c = 0; c < cols; ++c) s_row[c] = mod.softcap_log2 * t[c];
+      if (tanh_tile != nullptr) std::copy(t, t + cols, tanh_tile + r * lds);
+    }
+    if (mod.slope_log2 != 0.0f) {
+      // Distances are integers well below 2^24, exact in float.
+      const float distance = static_cast<float>(mod.distance0 + r * mod.row_step);
+      const float step = static_cast<float>(mod.col_step);
+      for (int64_t c = 0; c < cols; ++c) s_row[c] -= mod.slope_log2 * std::fabs(distance + step * c);
+    }
+  }
+}
+
+// The dropout keep-mask every backend draws (attention.dropout_mask gives the same bits): Philox4x32-10
+// keyed by the seed, counter (j / 4, i, head, offset), word j % 4; the element of query i and key j
+// is kept iff the word is >= threshold = floor(p * 2^32).
+struct Dropout {
+  uint32_t key0, key1, offset, threshold;
+  float keep_scale;  // 1 / (1 - p), the value of a kept element of the mask
+
+  Dropout(double p, int64_t seed, int64_t offset_)
+      : key0(static_cast<uint32_t>(static_cast<uint64_t>(seed))),
+        key1(static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32)),
+        offset(static_cast<uint32_t>(offset_)),
+        threshold(static_cast<uint32_t>(std::floor(p * 4294967296.0))),
+        keep_scale(static_cast<float>(1.0 / (1.0 - p))) {}
+};
+
+// Four uint32 Philox words, one per 64-bit lane (GCC's vector extension): a product of two of them is
+// exact, its high half the lane shifted right by 32. GCC does not vectorize the 32 x 32 -> 64-bit
+// multiplies of plain loops (GCC 12), which left Philox most of a dropout tile's time.
+typedef uint64_t Uint64x4 __attribute__((vector_size(32)));
+
+// The mask of queries query0 .. query0 + queries - 1 and keys key0 .. key0 + keys - 1 (key0 a multiple
+// of 4, keys <= kBlock) of one head, head = (sequence * Hq + h) mod 2^32: keep_scale or 0 at
+// keep[m * query_stride + n * key_stride] for query m and key n of the tile, so either tile layout.
+// Per query, the kBlock / 4 Philox calls of a tile's keys run side by side, four to a vector.
+FA_MULTIVERSIONED void dropout_keep_tile(const Dropout& dropout, uint32_t head, int64_t query0, int64_t queries,
+                                         int64_t key0, int64_t keys, float* keep, int64_t query_stride,
+                                         int64_t key_stride) {
+  constexpr int64_t kVectors = kBlock / 16;  // Philox calls per row of a tile: kBlock / 4, 4 keys each
+  const uint64_t low_half = 0xffffffffu;
+  for (int64_t m = 0; m < queries; ++m) {
+    Uint64x4 c[4][kVectors];  // the counters of the row's calls, and at the end their output words
+    for (int64_t v = 0; v < kVectors; ++v) {
+      const uint64_t group = static_cast<uint32_t>((key0 >> 2) + 4 * v);
+      c[0][v] = Uint64x4{group, group + 1, group + 2, group + 3} & low_half;
+      c[1][v] = Uint64x4{} + static_cast<uint32_t>(query0 + m);
+      c[2][v] = Uint64x4{} + head;
+      c[3][v] = Uint64x4{} + dropout.offset;
+    }
+    uint64_t k0 = dropout.key0, k1 = dropout.key1;
+    for (int round = 0; round < 10; ++round) {
+      for (int64_t v = 0; v < kVectors; ++v) {
+        const Uint64x4 product0 = c[0][v] * 0xD2511F53u;
+        const Uint64x4 product1 = c[2][v] * 0xCD9E8D57u;
+        const Uint64x4 next0 = (product1 >> 32) ^ c[1][v] ^ k0;
+        const Uint64x4 next2 = (product0 >> 32) ^ c[3][v] ^ k1;
+        c[1][v] = product1 & low_half;
+        c[3][v] = product0 & low_half;
+        c[0][v] = next0;
+        c[2][v] = next2;
+      }
+      k0 = (k0 + 0x9E3779B9u) & low_half;
+      k1 = (k1 + 0xBB67AE85u) & low_half;
+    }
+    // Key n takes word n % 4 of call n / 4, lane n / 4 % 4 of vector n / 16.
+    for (int64_t n = 0; n < keys; ++n) {
+      keep[m * query_stride + n * key_stride] =
+          c[n & 3][n >> 4][(n >> 2) & 3] >= dropout.threshold ? dropout.keep_scale : 0.0f;
     }
   }
 }
@@ -357,21 +497,34 @@ enum class KeyTile : uint8_t { kReal, kMixed, kPadding };
 // k_offset .. k_offset + n_k - 1 of batch element `batch` of the 4-D tensors. Dense: batch element
 // b whole. Varlen: one packed sequence of batch element 0.
 struct Sequence {
+  int64_t index;  // b: the batch element (dense) or the sequence's place in cu_seqlens (varlen)
   int64_t batch, q_offset, k_offset, n_q, n_k;
-  bool causal;
+  // The window: query i sees keys i + diagonal() - window_left <= j <= i + diagonal() + window_right,
+  // -1 leaving that side unbounded (causal: right 0). make_shape sends a bound that hides nothing in
+  // this sequence to -1, so such windows and plain calls run the same loops.
+  int64_t window_left, window_right;
   // Key padding: per key, 0 for a real key and -inf for padding; per key tile, its KeyTile. Null
   // without a key_padding_mask.
   const float* key_bias;
   const KeyTile* key_tiles;
 
-  int64_t diagonal() const { return n_k - n_q; }  // causal: query i sees keys j <= i + diagonal()
+  int64_t diagonal() const { return n_k - n_q; }  // query i's window is centred on key i + diagonal()
 
-  // The keys [0, end) that some query of [0, query_end) sees.
-  int64_t key_end(int64_t query_end) const {
-    return causal ? std::clamp(query_end + diagonal(), int64_t{0}, n_k) : n_k;
+  // The keys [key_begin(query0), key_end(query_end)) hold every key that some query of [query0,
+  // query_end) sees, and the queries [query_begin(key0), query_end(key_end)) every query that sees
+  // some key of [key0, key_end).
+  int64_t key_begin(int64_t query0) const {
+    return window_left < 0 ? 0 : std::clamp(query0 + diagonal() - window_left, int64_t{0}, n_k);
   }
-  // The first query that sees key j.
-  int64_t first_query(int64_t key) const { return causal ? std::clamp(key - diagonal(), int64_t{0}, n_q) : 0; }
+  int64_t key_end(int64_t query_end) const {
+    return window_right < 0 ? n_k : std::clamp(query_end + diagonal() + window_right, int64_t{0}, n_k);
+  }
+  int64_t query_begin(int64_t key0) const {
+    return window_right < 0 ? 0 : std::clamp(key0 - diagonal() - window_right, int64_t{0}, n_q);
+  }
+  int64_t query_end(int64_t key_end) const {
+    return window_left < 0 ? n_q : std::clamp(key_end - diagonal() + window_left, int64_t{0}, n_q);
+  }
   // Whether every key of the tile starting at key0 is padding: no query sees it, so it is skipped.
   bool key_tile_hidden(int64_t key0) const {
     return key_tiles != nullptr && key_tiles[key0 / kBlock] == KeyTile::kPadding;
@@ -380,14 +533,16 @@ struct Sequence {
   // The keys of the tile starting at key0 that each query of the tile starting at query0 sees,
   // in (query, key) layout, and in (key, query) layout.
   VisibleColumns keys_seen(int64_t query0, int64_t key0) const {
-    VisibleColumns visible =
-        causal ? VisibleColumns{0, 0, query0 + diagonal() + 1 - key0, 1} : VisibleColumns{0, 0, kBlock, 0};
+    VisibleColumns visible{0, 0, kBlock, 0};
+    if (window_left >= 0) visible.begin0 = query0 + diagonal() - window_left - key0, visible.begin_step = 1;
+    if (window_right >= 0) visible.end0 = query0 + diagonal() + window_right + 1 - key0, visible.end_step = 1;
     visible.column_bias = padding_of_tile(key0);
     return visible;
   }
   VisibleColumns queries_seeing(int64_t key0, int64_t query0) const {
-    VisibleColumns visible =
-        causal ? VisibleColumns{key0 - diagonal() - query0, 1, kBlock, 0} : VisibleColumns{0, 0, kBlock, 0};
+    VisibleColumns visible{0, 0, kBlock, 0};
+    if (window_right >= 0) visible.begin0 = key0 - diagonal() - window_right - query0, visible.begin_step = 1;
+    if (window_left >= 0) visible.end0 = key0 - diagonal() + window_left + 1 - query0, visible.end_step = 1;
     visible.row_bias = padding_of_tile(key0);
     return visible;
   }
@@ -408,6 +563,30 @@ struct Shape {
   // Index of query row i of a sequence's head h in the contiguous (B, Hq, q_rows) layout of lse and delta.
   int64_t row_index(const Sequence& seq, int64_t h, int64_t i) const {
     return (seq.batch * heads_q + h) * q_rows + seq.q_offset + i;
+  }
+};
+
+// The options of the call that change scores and probabilities (the window lives in each Sequence).
+struct ScoreOptions {
+  float softmax_scale;
+  float softcap;              // 0: off
+  const float* alibi_slopes;  // contiguous (sequences, Hq), or null
+  std::optional<Dropout> dropout;
+
+  // What q is multiplied by as its tile is loaded, so that the product q.k is the score in log2 units,
+  // or with softcap the argument of its tanh (modify_scores makes that the score in log2 units).
+  float q_multiplier() const { return softcap > 0.0f ? softmax_scale / softcap : softmax_scale * kLog2e; }
+  bool modifies_scores() const { return softcap > 0.0f || alibi_slopes != nullptr; }
+  // The modifier of a tile of query head h of seq, whose element (r, c) has distance distance0 + r *
+  // row_step + c * col_step.
+  ScoreModifier modifier(const Sequence& seq, int64_t h, const Shape& shape, int64_t distance0, int64_t row_step,
+                         int64_t col_step) const {
+    const float slope = alibi_slopes != nullptr ? alibi_slopes[seq.index * shape.heads_q + h] : 0.0f;
+    return {softcap * kLog2e, slope * kLog2e, distance0, row_step, col_step};
+  }
+  // Dropout's head counter: (b * Hq + h) mod 2^32.
+  static uint32_t dropout_head(const Sequence& seq, int64_t h, const Shape& shape) {
+    return static_cast<uint32_t>(seq.index * shape.heads_q + h);
   }
 };
 
@@ -442,7 +621,7 @@ class TiledWork {
 int64_t padded_head_dim(int64_t head_dim) { return round_up(head_dim, kMicroCols); }
 
 template <typename scalar_t>
-void forward_pass(const Shape& shape, float scale_log2, StridedRows<scalar_t> q, StridedRows<scalar_t> k,
+void forward_pass(const Shape& shape, const ScoreOptions& options, StridedRows<scalar_t> q, StridedRows<scalar_t> k,
                   StridedRows<scalar_t> v, OutputRows<scalar_t> o, float* lse) {
   const int64_t d = shape.head_dim;
   const int64_t ld_d = padded_head_dim(d);
@@ -452,6 +631,7 @@ void forward_pass(const Shape& shape, float scale_log2, StridedRows<scalar_t> q,
   at::parallel_for(0, work.items(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q_tile(kBlock * ld_d), k_tile_t(d * kBlock), v_tile(kBlock * ld_d);
     std::vector<float> scores(kBlock * kBlock), acc(kBlock * ld_d), row_max(kBlock), row_sum(kBlock);
+    std::vector<float> keep(options.dropout ? kBlock * kBlock : 0);
     for (int64_t item = begin; item < end; ++item) {
       const auto [unit, tile] = work.split(item);
       const Sequence& seq = shape.sequences[unit / heads];
@@ -459,12 +639,14 @@ void forward_pass(const Shape& shape, float scale_log2, StridedRows<scalar_t> q,
       const int64_t q0 = tile * kBlock;
       const int64_t rows = std::min(kBlock, seq.n_q - q0);
       const int64_t padded_rows = round_up(rows, kMicroRows);
-      load_tile(q_tile.data(), ld_d, q.rows(b, h, seq.q_offset + q0), q.stride_n, rows, d, scale_log2);
+      load_tile(q_tile.data(), ld_d, q.rows(b, h, seq.q_offset + q0), q.stride_n, rows, d, options.q_multiplier());
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(row_max.begin(), row_max.end(), -kInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.0f);
 
-      for (int64_t k0 = 0; k0 < seq.key_end(q0 + rows); k0 += kBlock) {
+      // Key tiles stay aligned to multiples of kBlock (the key padding tiles), from the one holding the
+      // first key of the query tile's window.
+      for (int64_t k0 = seq.key_begin(q0) / kBlock * kBlock; k0 < seq.key_end(q0 + rows); k0 += kBlock) {
         if (seq.key_tile_hidden(k0)) continue;
         const int64_t cols = std::min(kBlock, seq.n_k - k0);
         const int64_t key_row = seq.k_offset + k0;
@@ -472,8 +654,21 @@ void forward_pass(const Shape& shape, float scale_log2, StridedRows<scalar_t> q,
         load_tile(v_tile.data(), ld_d, v.rows(b, h_kv, key_row), v.stride_n, cols, d, 1.0f);
         gemm(false, padded_rows, round_up(cols, kMicroCols), d, q_tile.data(), ld_d, 1, k_tile_t.data(), kBlock,
              scores.data(), kBlock);
+        if (options.modifies_scores()) {
+          const int64_t distance0 = q0 + seq.diagonal() - k0;  // query rows, key columns
+          modify_scores(scores.data(), kBlock, rows, cols, options.modifier(seq, h, shape, distance0, 1, -1), nullptr);
+        }
         online_softmax_step(scores.data(), kBlock, rows, cols, seq.keys_seen(q0, k0), row_max.data(), row_sum.data(),
                             acc.data(), ld_d, d);
+        // Dropout drops probabilities after the running sum took them: lse and the normalization are
+        // those of the undropped softmax.
+        if (options.dropout) {
+          dropout_keep_tile(*options.dropout, ScoreOptions::dropout_head(seq, h, shape), q0, rows, k0, cols,
+                            keep.data(), kBlock, 1);
+          for (int64_t m = 0; m < rows; ++m) {
+            for (int64_t n = 0; n < cols; ++n) scores[m * kBlock + n] *= keep[m * kBlock + n];
+          }
+        }
         gemm(true, padded_rows, ld_d, cols, scores.data(), kBlock, 1, v_tile.data(), ld_d, acc.data(), ld_d);
       }
 
@@ -535,9 +730,10 @@ struct Chunks {
 // order. The chunks are fixed by the item count and the thread count alone, so dQ is bit-for-bit
 // the same from run to run at a given thread count (dK, dV: at any thread count).
 template <typename scalar_t>
-void grad_pass(const Shape& shape, float scale, float scale_log2, const BackwardInputs<scalar_t>& in,
+void grad_pass(const Shape& shape, const ScoreOptions& options, const BackwardInputs<scalar_t>& in,
                const float* delta, const float* lse2, OutputRows<scalar_t> dq, OutputRows<scalar_t> dk,
                OutputRows<scalar_t> dv) {
+  const float scale = options.softmax_scale;
   const int64_t d = shape.head_dim;
   const int64_t ld_d = padded_head_dim(d);
   const int64_t heads_kv = shape.heads_kv, group = shape.group();
@@ -560,6 +756,9 @@ void grad_pass(const Shape& shape, float scale, float scale_log2, const Backward
     std::vector<float> k_tile(kBlock * ld_d), v_tile(kBlock * ld_d), q_tile(kBlock * ld_d), q_tile_t(d * kBlock);
     std::vector<float> dout_tile(kBlock * ld_d), dout_tile_t(d * kBlock), p_t(kBlock * kBlock), dp_t(kBlock * kBlock);
     std::vector<float> dk_acc(kBlock * ld_d), dv_acc(kBlock * ld_d);
+    // The transposed dropout mask and tanh of a tile, for the options that are on.
+    std::vector<float> keep_t(options.dropout ? kBlock * kBlock : 0);
+    std::vector<float> tanh_t(options.softcap > 0.0f ? kBlock * kBlock : 0);
     // One (key tile, query tile) pair of query head h: adds into dk_acc, dv_acc and the head's dQ rows.
     auto add_query_tile = [&](const Sequence& seq, int64_t h, int64_t k0, int64_t keys, int64_t q0, float* dq_head) {
       const int64_t queries = std::min(kBlock, seq.n_q - q0);
@@ -567,15 +766,25 @@ void grad_pass(const Shape& shape, float scale, float scale_log2, const Backward
       const int64_t first_row = shape.row_index(seq, h, q0);
       const scalar_t* q_rows = in.q.rows(seq.batch, h, seq.q_offset + q0);
       const scalar_t* dout_rows = in.dout.rows(seq.batch, h, seq.q_offset + q0);
-      load_tile_transposed(q_tile_t.data(), kBlock, q_rows, in.q.stride_n, queries, d, scale_log2);
+      load_tile_transposed(q_tile_t.data(), kBlock, q_rows, in.q.stride_n, queries, d, options.q_multiplier());
       load_tile(q_tile.data(), ld_d, q_rows, in.q.stride_n, queries, d, 1.0f);
       load_tile_transposed(dout_tile_t.data(), kBlock, dout_rows, in.dout.stride_n, queries, d, 1.0f);
       load_tile(dout_tile.data(), ld_d, dout_rows, in.dout.stride_n, queries, d, 1.0f);
       gemm(false, padded_keys, padded_queries, d, k_tile.data(), ld_d, 1, q_tile_t.data(), kBlock, p_t.data(), kBlock);
       gemm(false, padded_keys, padded_queries, d, v_tile.data(), ld_d, 1, dout_tile_t.data(), kBlock, dp_t.data(),
            kBlock);
+      if (options.modifies_scores()) {
+        const int64_t distance0 = q0 + seq.diagonal() - k0;  // key rows, query columns
+        modify_scores(p_t.data(), kBlock, keys, queries, options.modifier(seq, h, shape, distance0, -1, 1),
+                      tanh_t.empty() ? nullptr : tanh_t.data());
+      }
+      if (options.dropout) {
+        dropout_keep_tile(*options.dropout, ScoreOptions::dropout_head(seq, h, shape), q0, queries, k0, keys,
+                          keep_t.data(), 1, kBlock);
+      }
       softmax_grad_key_rows(p_t.data(), dp_t.data(), kBlock, keys, queries, seq.queries_seeing(k0, q0),
-                            lse2 + first_row, delta + first_row);
+                            lse2 + first_row, delta + first_row, keep_t.empty() ? nullptr : keep_t.data(),
+                            tanh_t.empty() ? nullptr : tanh_t.data());
       gemm(true, padded_keys, ld_d, queries, p_t.data(), kBlock, 1, dout_tile.data(), ld_d, dv_acc.data(), ld_d);
       gemm(true, padded_keys, ld_d, queries, dp_t.data(), kBlock, 1, q_tile.data(), ld_d, dk_acc.data(), ld_d);
       // dS is dp_t read transposed: row m of dS is column m of dp_t.
@@ -602,7 +811,8 @@ void grad_pass(const Shape& shape, float scale, float scale_log2, const Backward
           load_tile(v_tile.data(), ld_d, in.v.rows(b, h_kv, key_row), in.v.stride_n, keys, d, 1.0f);
           for (int64_t g = 0; g < group; ++g) {
             float* dq_head = dq_buffer.data() + (dq_first_row[unit] - buffer_first_row + g * head_rows(seq)) * ld_d;
-            for (int64_t q0 = seq.first_query(k0) / kBlock * kBlock; q0 < seq.n_q; q0 += kBlock) {
+            const int64_t query_end = seq.query_end(k0 + keys);
+            for (int64_t q0 = seq.query_begin(k0) / kBlock * kBlock; q0 < query_end; q0 += kBlock) {
               add_query_tile(seq, h_kv * group + g, k0, keys, q0, dq_head);
             }
           }
@@ -695,27 +905,54 @@ std::vector<int64_t> read_cu_seqlens(const char* name, const at::Tensor& cu_seql
   return offsets;
 }
 
+// A window bound as Sequence keeps it: -1 where it hides no key of a sequence of n_q queries and n_k
+// keys. The left bound hides j < i + n_k - n_q - left, possible only for left < n_k - 1; the right
+// bound hides j > i + n_k - n_q + right, possible only for right < n_q - 1.
+int64_t effective_bound(int64_t bound, int64_t bound_that_hides_nothing) {
+  return bound < 0 || bound >= bound_that_hides_nothing ? -1 : bound;
+}
+
 // The call's sequences: q's batch elements, or the sequences cu_seqlens cut out of batch element 0.
-// key_padding (dense only) must outlive the shape, whose sequences point into it.
-Shape make_shape(const at::Tensor& q, const at::Tensor& k, bool causal, const KeyPadding* key_padding,
-                 const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-                 int64_t max_seqlen_q, int64_t max_seqlen_k) {
+// key_padding (dense only) must outlive the shape, whose sequences point into it. causal is the right
+// bound 0, whatever window_right says.
+Shape make_shape(const at::Tensor& q, const at::Tensor& k, bool causal, int64_t window_left, int64_t window_right,
+                 const KeyPadding* key_padding, const std::optional<at::Tensor>& cu_seqlens_q,
+                 const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
   Shape shape{q.size(0), q.size(2), q.size(1), k.size(1), q.size(3), {}};
+  const int64_t right = causal ? 0 : window_right;
+  auto add_sequence = [&](int64_t index, int64_t batch, int64_t q_offset, int64_t k_offset, int64_t n_q, int64_t n_k,
+                          const float* key_bias, const KeyTile* key_tiles) {
+    shape.sequences.push_back({index, batch, q_offset, k_offset, n_q, n_k, effective_bound(window_left, n_k - 1),
+                               effective_bound(right, n_q - 1), key_bias, key_tiles});
+  };
   if (cu_seqlens_q.has_value()) {
     const auto starts_q = read_cu_seqlens("cu_seqlens_q", *cu_seqlens_q, q.size(2), max_seqlen_q, "max_seqlen_q");
     const auto starts_k = read_cu_seqlens("cu_seqlens_k", *cu_seqlens_k, k.size(2), max_seqlen_k, "max_seqlen_k");
     for (size_t b = 0; b + 1 < starts_q.size(); ++b) {
-      shape.sequences.push_back({0, starts_q[b], starts_k[b], starts_q[b + 1] - starts_q[b],
-                                 starts_k[b + 1] - starts_k[b], causal, nullptr, nullptr});
+      add_sequence(static_cast<int64_t>(b), 0, starts_q[b], starts_k[b], starts_q[b + 1] - starts_q[b],
+                   starts_k[b + 1] - starts_k[b], nullptr, nullptr);
     }
     return shape;
   }
   for (int64_t b = 0; b < q.size(0); ++b) {
     const float* bias = key_padding ? key_padding->bias.data() + b * key_padding->keys : nullptr;
     const KeyTile* tiles = key_padding ? key_padding->tiles.data() + b * key_padding->tiles_per_row : nullptr;
-    shape.sequences.push_back({b, 0, 0, q.size(2), k.size(2), causal, bias, tiles});
+    add_sequence(b, b, 0, 0, q.size(2), k.size(2), bias, tiles);
   }
   return shape;
+}
+
+// The number of sequences: q's batch elements, or those of cu_seqlens_q (whose shape is checked).
+int64_t sequence_count(const at::Tensor& q, const std::optional<at::Tensor>& cu_seqlens_q) {
+  return cu_seqlens_q.has_value() ? cu_seqlens_q->numel() - 1 : q.size(0);
+}
+
+// The call's ScoreOptions; alibi_slopes must outlive them.
+ScoreOptions make_score_options(double softmax_scale, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                double dropout_p, int64_t dropout_seed, int64_t dropout_offset) {
+  return {static_cast<float>(softmax_scale), static_cast<float>(softcap),
+          alibi_slopes.has_value() ? alibi_slopes->const_data_ptr<float>() : nullptr,
+          dropout_p > 0.0 ? std::optional(Dropout(dropout_p, dropout_seed, dropout_offset)) : std::nullopt};
 }
 
 // A fresh output for the rows of t (B, H, N, D): contiguous (dense), or the (1, H, N, D) view of a
@@ -738,25 +975,28 @@ void dispatch_dtype(at::ScalarType dtype, const Body& body) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                         const at::Tensor& v_in, bool causal, double softmax_scale,
-                                                         const std::optional<at::Tensor>& key_padding_mask,
-                                                         const std::optional<at::Tensor>& cu_seqlens_q,
-                                                         const std::optional<at::Tensor>& cu_seqlens_k,
-                                                         int64_t max_seqlen_q, int64_t max_seqlen_k) {
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool causal, double softmax_scale,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    int64_t dropout_seed, int64_t dropout_offset) {
   check_attention_inputs(q_in, k_in, v_in, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  check_score_options(q_in, sequence_count(q_in, cu_seqlens_q), window_left, window_right, softcap, alibi_slopes,
+                      dropout_p, dropout_seed, dropout_offset);
   const at::Tensor q = with_contiguous_rows(q_in), k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in);
   const std::optional<KeyPadding> key_padding =
       key_padding_mask.has_value() ? std::optional(read_key_padding(*key_padding_mask)) : std::nullopt;
-  const Shape shape = make_shape(q, k, causal, key_padding ? &*key_padding : nullptr, cu_seqlens_q, cu_seqlens_k,
-                                 max_seqlen_q, max_seqlen_k);
+  const Shape shape = make_shape(q, k, causal, window_left, window_right, key_padding ? &*key_padding : nullptr,
+                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const ScoreOptions options =
+      make_score_options(softmax_scale, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset);
   at::Tensor o = empty_output_like(q, cu_seqlens_q.has_value(), q.scalar_type());
   at::Tensor lse = at::empty({shape.batch, shape.heads_q, shape.q_rows}, q.options().dtype(at::kFloat));
   dispatch_dtype(q.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
-    forward_pass<scalar_t>(shape, static_cast<float>(softmax_scale * kLog2e), strided_rows<scalar_t>(q),
-                           strided_rows<scalar_t>(k), strided_rows<scalar_t>(v), output_rows<scalar_t>(o),
-                           lse.data_ptr<float>());
+    forward_pass<scalar_t>(shape, options, strided_rows<scalar_t>(q), strided_rows<scalar_t>(k),
+                           strided_rows<scalar_t>(v), output_rows<scalar_t>(o), lse.data_ptr<float>());
   });
   return {o, lse};
 }
@@ -765,30 +1005,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& o_in, const at::Tensor& lse_in, bool causal, double softmax_scale,
     const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    int64_t dropout_seed, int64_t dropout_offset) {
   check_backward_inputs(dout_in, q_in, k_in, v_in, o_in, lse_in, key_padding_mask, cu_seqlens_q, cu_seqlens_k);
+  check_score_options(q_in, sequence_count(q_in, cu_seqlens_q), window_left, window_right, softcap, alibi_slopes,
+                      dropout_p, dropout_seed, dropout_offset);
   const at::Tensor dout = with_contiguous_rows(dout_in), q = with_contiguous_rows(q_in);
   const at::Tensor k = with_contiguous_rows(k_in), v = with_contiguous_rows(v_in), o = with_contiguous_rows(o_in);
   const at::Tensor lse = lse_in.contiguous();
   const std::optional<KeyPadding> key_padding =
       key_padding_mask.has_value() ? std::optional(read_key_padding(*key_padding_mask)) : std::nullopt;
-  const Shape shape = make_shape(q, k, causal, key_padding ? &*key_padding : nullptr, cu_seqlens_q, cu_seqlens_k,
-                                 max_seqlen_q, max_seqlen_k);
+  const Shape shape = make_shape(q, k, causal, window_left, window_right, key_padding ? &*key_padding : nullptr,
+                                 cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const ScoreOptions options =
+      make_score_options(softmax_scale, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset);
   const bool varlen = cu_seqlens_q.has_value();
   at::Tensor dq = empty_output_like(q, varlen, q.scalar_type());
   at::Tensor dk = empty_output_like(k, varlen, k.scalar_type());
   at::Tensor dv = empty_output_like(v, varlen, v.scalar_type());
   std::vector<float> delta(shape.batch * shape.heads_q * shape.q_rows), lse2(delta.size());
-  const float scale = static_cast<float>(softmax_scale);
-  const float scale_log2 = static_cast<float>(softmax_scale * kLog2e);
   dispatch_dtype(q.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
     const BackwardInputs<scalar_t> in{strided_rows<scalar_t>(dout), strided_rows<scalar_t>(q),
                                       strided_rows<scalar_t>(k),    strided_rows<scalar_t>(v),
                                       strided_rows<scalar_t>(o),    lse.const_data_ptr<float>()};
     row_statistics_pass(shape, in, delta.data(), lse2.data());
-    grad_pass(shape, scale, scale_log2, in, delta.data(), lse2.data(), output_rows<scalar_t>(dq),
-              output_rows<scalar_t>(dk), output_rows<scalar_t>(dv));
+    grad_pass(shape, options, in, delta.data(), lse2.data(), output_rows<scalar_t>(dq), output_rows<scalar_t>(dk),
+              output_rows<scalar_t>(dv));
   });
   return {dq, dk, dv};
 }
