@@ -8,7 +8,27 @@ import torch
 
 import attention
 from attention.reference import naive_attention_varlen
-from grid import DEVICE, assert_within_rule, case_grid, flash_attention, flash_attention_varlen, poison_allocator
+from grid import (
+    DEVICE,
+    EMULATED_CUDA,
+    INTERPRETED,
+    assert_within_rule,
+    case_grid,
+    flash_attention,
+    flash_attention_varlen,
+    poison_allocator,
+)
+
+# The score-modifier tests run in every dtype on the C++ kernels, but in bf16 alone where a test takes
+# seconds (Triton's interpreter, the CUDA emulator): each of those backends' own tests cover the others.
+ONE_DTYPE_WHEN_SLOW = ("test_sliding_window", "test_window_hides_every_key_of_some_rows", "test_softcap", "test_alibi",
+                       "test_dropout_matches_reference_given_the_mask", "test_dropout_seeds",
+                       "test_all_modifiers_with_grouped_heads_and_padding", "test_all_modifiers_varlen",
+                       "test_torch_compile_fullgraph_with_modifiers")
+
+
+def _slow(backend):
+    return backend == EMULATED_CUDA or (backend == "triton" and INTERPRETED)
 
 
 def pytest_generate_tests(metafunc):
@@ -16,7 +36,10 @@ def pytest_generate_tests(metafunc):
     if "shape" in metafunc.fixturenames:
         metafunc.parametrize("backend,dtype,shape", case_grid(full))
     elif "backend" in metafunc.fixturenames:
-        metafunc.parametrize("backend,dtype", case_grid(full, with_shapes=False))
+        cases = case_grid(full, with_shapes=False)
+        if metafunc.function.__name__ in ONE_DTYPE_WHEN_SLOW and not full:
+            cases = [c for c in cases if not _slow(c.values[0]) or c.values[1] == torch.bfloat16]
+        metafunc.parametrize("backend,dtype", cases)
 
 
 def random_inputs(shape, dtype, seed=0, kv_heads=None):
@@ -271,7 +294,7 @@ WINDOWS = [((5, 0), False), ((3, 9), False), ((-1, 4), False), ((0, 0), False), 
 @pytest.mark.parametrize("window,causal", WINDOWS, ids=["left5", "band3-9", "right4", "diagonal", "causal-left12"])
 def test_sliding_window(backend, dtype, window, causal):
     """130 keys: key tiles wholly outside the band are skipped, tiles on its edges masked."""
-    q, k, v, dout = random_inputs((1, 2, 70, 130, 32), dtype)
+    q, k, v, dout = random_inputs((1, 1, 70, 130, 32), dtype)
     check_against_reference(backend, q, k, v, dout, causal, window=window)
 
 
@@ -298,8 +321,7 @@ def alibi_slopes(heads, batch=None):
     return (slopes[None, :] * torch.arange(1, batch + 1, device=DEVICE)[:, None]).float()
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("per_batch", [False, True], ids=["per-head", "per-batch-head"])
+@pytest.mark.parametrize("per_batch,causal", [(False, False), (True, True)], ids=["per-head", "per-batch-head-causal"])
 def test_alibi(backend, dtype, per_batch, causal):
     q, k, v, dout = random_inputs((2, 3, 33, 50, 32), dtype)
     slopes = alibi_slopes(3, 2 if per_batch else None)
@@ -316,8 +338,7 @@ def check_with_dropout(backend, q, k, v, dout, causal, dropout_p, seed, **option
     return check(ours, reference, q, k, v, dout)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dropout_p", [0.17, 0.6])
+@pytest.mark.parametrize("dropout_p,causal", [(0.17, False), (0.6, True)], ids=["0.17", "0.6-causal"])
 def test_dropout_matches_reference_given_the_mask(backend, dtype, dropout_p, causal):
     """Every backend draws attention.dropout_mask's bits: exact agreement, forward and gradients."""
     q, k, v, dout = random_inputs((2, 2, 37, 45, 32), dtype)
@@ -339,7 +360,7 @@ def test_dropout_seeds(backend, dtype):
 
 def test_all_modifiers_with_grouped_heads_and_padding(backend, dtype):
     """Window, softcap, ALiBi and dropout at once, with GQA and left padding."""
-    q, k, v, dout = random_inputs((2, 4, 29, 70, 48), dtype, kv_heads=2)
+    q, k, v, dout = random_inputs((2, 4, 29, 70, 32), dtype, kv_heads=2)
     check_with_dropout(backend, q * 2, k, v, dout, True, 0.25, seed=99, window=(20, 0), softcap=8.0,
                        alibi_slopes=alibi_slopes(4, 2), key_padding_mask=padding_mask("left", 2, 70))
 
@@ -347,7 +368,7 @@ def test_all_modifiers_with_grouped_heads_and_padding(backend, dtype):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_all_modifiers_varlen(backend, dtype, causal):
     """Window, softcap, ALiBi and dropout on packed sequences: positions counted within each sequence."""
-    lengths = [(0, 4), (17, 1), (64, 113), (30, 30)]
+    lengths = [(0, 4), (17, 1), (40, 77), (30, 30)]
     q, k, v, dout, cu_q, cu_k, max_q, max_k = packed_inputs(lengths, 4, 2, 40, dtype)
     slopes, seed, p = alibi_slopes(4, len(lengths)), 5, 0.2
     modifiers = dict(window=(9, 3), softcap=6.0, alibi_slopes=slopes)
