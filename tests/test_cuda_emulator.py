@@ -406,21 +406,22 @@ def test_philox_matches_the_reference():
         assert emu.philox((c0, c1, c2, c3), (k0, k1)) == expected
 
 
-# (shape (B, H, Nq, Nk, D), window, causal): several query and key tiles of every kernel at each
-# instantiated head dim, with the band's edges inside tiles, tiles skipped on both sides, and rows
-# (Nq > Nk, small right bound) or keys (Nq < Nk, small left bound) that see nothing.
+# (dtype, shape (B, H, Nq, Nk, D), window, causal): several query and key tiles of every kernel at
+# each instantiated head dim, with the band's edges inside tiles, tiles skipped on both sides, and
+# rows (Nq > Nk, small right bound) or keys (Nq < Nk, small left bound) that see nothing. One dtype
+# per case: the emulator is slow, and the dtype only changes the MMA's rounding.
 WINDOW_CASES = [
-    ((1, 1, 150, 197, 64), (20, 0), True),
-    ((1, 1, 197, 67, 128), (9, 5), False),
-    ((1, 1, 40, 200, 64), (10, 0), True),
-    ((1, 1, 70, 90, 200), (-1, 3), False),
-    ((1, 1, 60, 60, 256), (17, 30), False),
+    (torch.float16, (1, 1, 150, 197, 64), (20, 0), True),
+    (torch.bfloat16, (1, 1, 197, 67, 128), (9, 5), False),
+    (torch.bfloat16, (1, 1, 40, 200, 64), (10, 0), True),
+    (torch.float16, (1, 1, 70, 90, 200), (-1, 3), False),
+    (torch.float16, (1, 1, 60, 60, 256), (17, 30), False),
 ]
 
 
-@pytest.mark.parametrize("shape,window,causal", WINDOW_CASES,
-                         ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else None)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("dtype,shape,window,causal", WINDOW_CASES,
+                         ids=lambda c: dtype_ids(c) if isinstance(c, torch.dtype)
+                         else "x".join(map(str, c)) if isinstance(c, tuple) else None)
 def test_window_kernel_paths(dtype, shape, window, causal):
     check_against_reference(EMULATED_CUDA, *random_inputs(shape, dtype), causal, window=window)
 
@@ -464,8 +465,8 @@ def test_a_window_longer_than_the_sequences_is_unbounded():
     assert all(torch.equal(a, b) for a, b in zip(plain, huge))
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 64), (torch.bfloat16, 128), (torch.float16, 256)],
+                         ids=["float16-64", "bfloat16-128", "float16-256"])
 def test_softcap_with_large_scores(dtype, head_dim):
     """Scores in the hundreds capped at 5 (tanh saturated, its derivative near 0), and in causal rows
     over several key tiles."""
@@ -473,10 +474,9 @@ def test_softcap_with_large_scores(dtype, head_dim):
     check_against_reference(EMULATED_CUDA, (q.float() * 6).to(dtype), k, v, dout, True, softcap=5.0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
-def test_alibi_per_batch_and_head_with_grouped_heads(dtype):
+def test_alibi_per_batch_and_head_with_grouped_heads():
     """The dK/dV block walks the query heads of its group: each step takes its own head's slope."""
-    q, k, v, dout = random_inputs((2, 4, 70, 100, 32), dtype, kv_heads=2)
+    q, k, v, dout = random_inputs((2, 4, 70, 100, 32), torch.bfloat16, kv_heads=2)
     check_against_reference(EMULATED_CUDA, q, k, v, dout, False, alibi_slopes=alibi_slopes(4, 2), window=(50, 10))
 
 
@@ -505,7 +505,7 @@ def test_dropout_keeps_exactly_the_reference_mask(head_dim):
     assert abs(mask.float().mean().item() - (1 - p)) < 0.02
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
 def test_dropout_with_grouped_heads_and_window(head_dim):
     """Exact against the reference given the mask, with the dK/dV block's group walk (each head's own
     Philox counter), several key tiles and a window."""

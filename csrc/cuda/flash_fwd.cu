@@ -65,8 +65,11 @@ __device__ __forceinline__ void online_softmax_step(float (&scores)[kNTiles][4],
   }
 }
 
+// With score modifiers, a minimum of 1 block per SM: without it ptxas aims the sm_90 build at
+// fewer registers than the modifiers need (128 at head dim 64) and spills; 0 (none given) leaves
+// the other variants as they were.
 template <typename T, int kHeadDim, bool kPaddedOrPacked, bool kScoreModifiers>
-__global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
+__global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, kScoreModifiers ? 1 : 0)
     attention_forward_kernel(const __grid_constant__ AttentionParams params, bool chunked) {
   using Tiles = ForwardTiles<kHeadDim>;
   constexpr int kBlockM = Tiles::kBlockM;
