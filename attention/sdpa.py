@@ -115,13 +115,21 @@ def _check_is_causal(is_causal):
                         f"{type(is_causal).__name__}")
 
 
-def sdpa_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """(output, the backend of ours that ran or None for torch's SDPA, the reasons torch's ran it)."""
+def _prepared_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """The call as our kernels would see it: (query, key, value, attn_mask, is_causal, bottom_right) after
+    CausalBias and autocast, and _sdpa_plan's (reasons, padding, causal)."""
     _check_is_causal(is_causal)
     attn_mask, is_causal, bottom_right = _unwrap_causal_bias(attn_mask, is_causal)
     query, key, value = autocast_inputs(query, key, value)
-    reasons, padding, causal = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                          bottom_right)
+    plan = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, bottom_right)
+    return (query, key, value, attn_mask, is_causal, bottom_right), plan
+
+
+def sdpa_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """(output, the backend of ours that ran or None for torch's SDPA, the reasons torch's ran it)."""
+    call, (reasons, padding, causal) = _prepared_plan(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                      enable_gqa)
+    query, key, value, attn_mask, is_causal, bottom_right = call
     if reasons:
         if bottom_right:  # torch's SDPA has no lower-right flag: the triangle as a mask
             attn_mask, is_causal = ~causal_mask(query.shape[-2], key.shape[-2], query.device), False
@@ -153,13 +161,11 @@ def scaled_dot_product_attention(
 
 def explain_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """What ``scaled_dot_product_attention`` does with these arguments: our backend, or torch's SDPA and why."""
-    _check_is_causal(is_causal)
-    attn_mask, is_causal, bottom_right = _unwrap_causal_bias(attn_mask, is_causal)
-    query, key, value = autocast_inputs(query, key, value)
-    reasons, padding, causal = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                          bottom_right)
+    call, (reasons, padding, causal) = _prepared_plan(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                      enable_gqa)
     if reasons:
         return Explanation(None, torch_fallback=reasons)
+    query, key, value = call[:3]
     scale = resolve_scale(scale, None, query.shape[-1], "scale")
     options = AttentionOptions(causal, scale, None if padding is None else padding.contiguous(),
                                dropout_p=float(dropout_p))
