@@ -13,7 +13,7 @@ mask function), so padding would be ignored without an error.
   offsets, plus key padding. It returns the key-padding mask as transformers' own 2-D ``attention_mask``
   (absolute positions, so that a mask made once by ``generate`` can be passed back into the model) with a
   ``MaskPlan`` attached that says how the attention function runs it.
-- The attention function (``AttentionInterface``) runs each layer on ``attention.flash_attention``: key
+- The attention function (``AttentionInterface``) runs each layer as ``attention.flash_attention`` does: key
   padding as ``key_padding_mask``, causal aligned bottom-right (decode steps, dynamic and static caches),
   grouped-query heads without repeating k and v, sliding windows as ``window=(sliding_window - 1, 0)``
   (transformers' window of W covers the query's own key and W - 1 before it), ``softcap`` (Gemma-2), the
@@ -40,8 +40,8 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from ..api import explain, flash_attention
-from ..backends import BACKENDS
+from ..api import _dense_options, autocast_inputs
+from ..backends import BACKENDS, select_backend
 
 PLAN_ATTRIBUTE = "fused_attention_plan"
 TORCH_SDPA, TORCH_EAGER = "torch_sdpa", "torch_eager"
@@ -239,16 +239,18 @@ def fused_attention_forward(module, query, key, value, attention_mask, dropout=0
             return fallback(CAUSAL_MORE_QUERIES)
         if causal:  # top-left: keys after the last query's index are never seen
             key, value = key[:, :, :n_q], value[:, :, :n_q]
-    options = dict(causal=causal, softmax_scale=scaling, key_padding_mask=key_padding_mask, window=(window_left, -1),
-                   softcap=float(softcap or 0.0), dropout_p=float(dropout or 0.0))
-    try:
-        chosen = explain(query, key, value, backend=backend, **options).backend
+    query, key, value = autocast_inputs(query, key, value)
+    try:  # validated and dispatched once, as flash_attention does, but a refusal falls back instead of raising
+        options = _dense_options(query, key, value, causal, scaling, None, key_padding_mask, True,
+                                 window=(window_left, -1), softcap=float(softcap or 0.0),
+                                 dropout_p=float(dropout or 0.0))
+        chosen = select_backend(query, key, value, options, backend)
     except (TypeError, ValueError) as exc:
         return fallback(f"inputs our kernels do not take: {exc}")
-    if chosen is None:
+    except RuntimeError:
         return fallback(f"no backend of ours can run the call (backend={backend!r})")
-    stats[("backend", chosen)] += 1
-    out = flash_attention(query, key, value, backend=chosen, **options)
+    stats[("backend", chosen.name)] += 1
+    out, _ = chosen.forward(query, key, value, options)
     return out.transpose(1, 2).contiguous(), None
 
 
