@@ -71,6 +71,16 @@ def assert_lse_within_rule(ours, ref, lowprec):
     assert_within_rule("lse", ours[seen], ref[seen], lowprec[seen], 2)
 
 
+def assert_results_within_rule(ours, ref, low):
+    """(o, lse, dq, dk, dv) against the reference's and the low-precision math's: 2x for o and lse, 3x for
+    the gradients."""
+    o, lse, dq, dk, dv = ours
+    assert_within_rule("o", o, ref[0], low[0], 2)
+    assert_lse_within_rule(lse, ref[1], low[1])
+    for name, grad, ref_grad, low_grad in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:], low[2:]):
+        assert_within_rule(name, grad, ref_grad, low_grad, 3)
+
+
 def check_against_reference(q, k, v, do, causal, scale, deterministic=True):
     """Run our forward and backward and hold every result to the tolerance rule.
 
@@ -80,10 +90,7 @@ def check_against_reference(q, k, v, do, causal, scale, deterministic=True):
     dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal, scale, deterministic)
     ref = naive_results(q, k, v, do, causal, scale, torch.float64 if q.dtype == torch.float32 else torch.float32)
     low = naive_results(q, k, v, do, causal, scale, q.dtype)
-    assert_within_rule("o", o, ref[0], low[0], 2)
-    assert_lse_within_rule(lse, ref[1], low[1])
-    for name, ours, ref_grad, low_grad in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:], low[2:]):
-        assert_within_rule(name, ours, ref_grad, low_grad, 3)
+    assert_results_within_rule((o, lse, dq, dk, dv), ref, low)
     return o, lse, dq, dk, dv
 
 
@@ -442,10 +449,7 @@ def check_options_against_plain(q, k, v, do, causal, scale, deterministic=True, 
     reference = (causal, scale)
     ref = plain_results(q, k, v, do, *reference, torch.float64, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
     low = plain_results(q, k, v, do, *reference, q.dtype, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
-    assert_within_rule("o", o, ref[0], low[0], 2)
-    assert_lse_within_rule(lse, ref[1], low[1])
-    for name, ours, ref_grad, low_grad in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:], low[2:]):
-        assert_within_rule(name, ours, ref_grad, low_grad, 3)
+    assert_results_within_rule((o, lse, dq, dk, dv), ref, low)
     blind = lse == float("-inf")
     assert torch.all(o[blind] == 0) and torch.all(dq[blind] == 0), "rows that see no key: o = 0, dq = 0"
     return o, lse, dq, dk, dv
@@ -648,10 +652,7 @@ def check_score_options(q, k, v, do, causal, scale, window=(-1, -1), softcap=0.0
     cu_seqlens = (cu_seqlens_q, cu_seqlens_k) if varlen else None
     ref = reference_results(q, k, v, do, causal, scale, torch.float64, reference, key_padding_mask, cu_seqlens)
     low = reference_results(q, k, v, do, causal, scale, q.dtype, reference, key_padding_mask, cu_seqlens)
-    assert_within_rule("o", o, ref[0], low[0], 2)
-    assert_lse_within_rule(lse, ref[1], low[1])
-    for name, ours, ref_grad, low_grad in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:], low[2:]):
-        assert_within_rule(name, ours, ref_grad, low_grad, 3)
+    assert_results_within_rule((o, lse, dq, dk, dv), ref, low)
     blind = lse == float("-inf")
     assert torch.all(o[blind] == 0) and torch.all(dq[blind] == 0), "rows that see no key: o = 0, dq = 0"
     return o, lse, dq, dk, dv
