@@ -1,4 +1,4 @@
-"""Which backend runs a call, and why the others do not.
+"""Which backend runs a call, and why the others do not; what each backend runs.
 
 Each backend answers ``why_not(q, k, v, options)`` with a list of reasons (empty: it can run the call).
 ``"auto"`` walks the device's preference order and takes the first with no reasons; an explicit
@@ -15,7 +15,7 @@ import torch
 
 from . import ops
 from .dropout import dropout_mask
-from .reference import naive_attention, naive_attention_varlen
+from .reference import naive_attention, naive_attention_varlen, naive_attention_with_kvcache
 from .validation import AttentionOptions
 
 BACKENDS = ("triton", "cuda", "cpu", "naive")
@@ -40,9 +40,23 @@ def _fused_forward(op, takes_deterministic=False):
     return run
 
 
-def _run_naive(q, k, v, options: AttentionOptions):
-    # lse without gradient, as the fused ops return it (they mark it non-differentiable): a caller
-    # gets the same autograd graph whichever backend runs.
+def _fused_backward(op, takes_deterministic=False):
+    def run(dout, q, k, v, o, lse, options: AttentionOptions):
+        args = (_last_dim_contiguous(dout), *(_last_dim_contiguous(t) for t in (q, k, v, o)), lse, *options.op_args())
+        return op(*args, options.deterministic) if takes_deterministic else op(*args)
+
+    return run
+
+
+def _fused_decode(op):
+    def run(q, k_cache, v_cache, seqlens_k, block_table, options: AttentionOptions, num_splits):
+        return op(_last_dim_contiguous(q), k_cache, v_cache, seqlens_k, block_table, *options.decode_args(), num_splits)
+
+    return run
+
+
+def _naive(q, k, v, options: AttentionOptions):
+    """(o, lse) of the naive attention, both differentiable."""
     modifiers = dict(window=options.window, softcap=options.softcap, alibi_slopes=options.alibi_slopes,
                      dropout_p=options.dropout_p)
     batch = options.cu_seqlens_q.numel() - 1 if options.varlen else q.shape[0]
@@ -54,10 +68,39 @@ def _run_naive(q, k, v, options: AttentionOptions):
         packed = lambda t: t[0].transpose(0, 1)
         o, lse = naive_attention_varlen(packed(q), packed(k), packed(v), options.cu_seqlens_q, options.cu_seqlens_k,
                                         options.causal, options.softmax_scale, return_lse=True, **modifiers)
-        return o.transpose(0, 1)[None], lse[None].detach()
-    o, lse = naive_attention(q, k, v, causal=options.causal, softmax_scale=options.softmax_scale, return_lse=True,
-                             key_padding_mask=options.key_padding_mask, **modifiers)
+        return o.transpose(0, 1)[None], lse[None]
+    return naive_attention(q, k, v, causal=options.causal, softmax_scale=options.softmax_scale, return_lse=True,
+                           key_padding_mask=options.key_padding_mask, **modifiers)
+
+
+def _run_naive(q, k, v, options: AttentionOptions):
+    # lse without gradient, as the fused ops return it (they mark it non-differentiable): a caller
+    # gets the same autograd graph whichever backend runs.
+    o, lse = _naive(q, k, v, options)
     return o, lse.detach()
+
+
+def _naive_backward(dout, q, k, v, o, lse, options: AttentionOptions):
+    """dq, dk, dv of these keys' share of an output o with log-sum-exp lse that may span more keys (a
+    ring step): the fused backwards' dS = P (dP - rowsum(dO o)) with P = exp(s - lse), by autograd.
+    With this call's own (o_b, lse_b) and w = exp(lse_b - lse), o = w o_b + (other keys' terms) and lse
+    moves with s as w does, so the gradient is that of sum(w (dO · o_b) - w (dO · o)) with o, lse fixed."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        o_b, lse_b = _naive(q, k, v, options)
+        seen = lse.isfinite()
+        w = torch.where(seen, torch.exp(lse_b.float() - torch.where(seen, lse, 0.0)), 0.0)
+        delta = (dout.float() * o.float()).sum(-1)
+        share = (w * ((dout.float() * o_b.float()).sum(-1) - delta)).sum()
+        return torch.autograd.grad(share, (q, k, v))
+
+
+def _naive_decode(q, k_cache, v_cache, seqlens_k, block_table, options: AttentionOptions, num_splits):
+    """The naive attention over the whole cache: one part, whatever num_splits says."""
+    o, lse = naive_attention_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table, options.causal,
+                                          options.softmax_scale, return_lse=True, window=options.window,
+                                          softcap=options.softcap, alibi_slopes=options.alibi_slopes)
+    return o.float()[None], lse.float()[None]
 
 
 def _empty_reasons(q, k):
@@ -154,16 +197,26 @@ class Backend:
     name: str
     why_not: Callable  # (q, k, v, options) -> list[str]
     forward: Callable  # (q, k, v, options) -> (o, lse), differentiable in q, k, v
+    # (dout, q, k, v, o, lse, options) -> (dq, dk, dv). o and lse may span more keys than k and v
+    # hold (merged over a ring): these keys' share of the gradient, the ring backward's step.
+    backward: Callable | None = None
+    # (q, k_cache, v_cache, seqlens_k, block_table, options, num_splits) -> (o_parts, lse_parts), the
+    # fwd_kvcache op's contract (csrc/checks.h, check_kvcache_inputs).
+    decode: Callable | None = None
 
 
 # One C++ op serves both devices; looked up at call time, since attention._C may be missing.
-_cpp_forward = _fused_forward(lambda *args: torch.ops.fused_attention.fwd(*args))
+_cpp = dict(forward=_fused_forward(lambda *args: torch.ops.fused_attention.fwd(*args)),
+            backward=_fused_backward(lambda *args: torch.ops.fused_attention.bwd(*args)),
+            decode=_fused_decode(lambda *args: torch.ops.fused_attention.fwd_kvcache(*args)))
 
 _REGISTRY = {
-    "triton": Backend("triton", _triton_why_not, _fused_forward(torch.ops.fused_attention_triton.fwd, True)),
-    "cuda": Backend("cuda", _cuda_why_not, _cpp_forward),
-    "cpu": Backend("cpu", _cpu_why_not, _cpp_forward),
-    "naive": Backend("naive", lambda q, k, v, options: [], _run_naive),
+    "triton": Backend("triton", _triton_why_not, _fused_forward(torch.ops.fused_attention_triton.fwd, True),
+                      _fused_backward(torch.ops.fused_attention_triton.bwd, True),
+                      _fused_decode(torch.ops.fused_attention_triton.fwd_kvcache)),
+    "cuda": Backend("cuda", _cuda_why_not, **_cpp),
+    "cpu": Backend("cpu", _cpu_why_not, **_cpp),
+    "naive": Backend("naive", lambda q, k, v, options: [], _run_naive, _naive_backward, _naive_decode),
 }
 
 
@@ -222,9 +275,10 @@ def select_backend(q, k, v, options, backend="auto") -> Backend:
     return backend if isinstance(backend, Backend) else _REGISTRY[choice.backend]
 
 
-def fused_backend(name, forward_op, why_not):
-    """A Backend running a forward op with the fused ops' signature (see ops.py), for the test grid."""
-    return Backend(name, why_not, _fused_forward(forward_op))
+def fused_backend(name, forward_op, why_not, backward_op=None, decode_op=None):
+    """A Backend running ops with the fused ops' signatures (see ops.py), for the test grid."""
+    return Backend(name, why_not, _fused_forward(forward_op), backward_op and _fused_backward(backward_op),
+                   decode_op and _fused_decode(decode_op))
 
 
 def available_backends(device="cpu") -> list[str]:

@@ -8,6 +8,11 @@ Each fused backend has a forward op and a backward op with the arguments csrc/op
 - ``fused_attention::fwd`` / ``::bwd``: the C++ ops of ``attention._C`` (CPU and, when built, CUDA);
 - ``fused_attention_triton::fwd`` / ``::bwd``: the Triton kernels, defined here. Both take one more
   argument, ``deterministic``: the forward only passes it on to the backward (through autograd).
+Decoding from a KV cache has one forward op per backend, ``fused_attention::fwd_kvcache`` and
+``fused_attention_triton::fwd_kvcache``, with the contract of csrc/checks.h (check_kvcache_inputs):
+  fwd_kvcache(q, k_cache, v_cache, seqlens_k, block_table?, causal, softmax_scale, window_left,
+              window_right, softcap, alibi_slopes?, num_splits) -> (o_parts, lse_parts)
+the key axis split num_splits ways, the parts merged by attention/merge.py. It has no autograd.
 q, k, v are 4-D: (B, Hq, Nq, D) and (B, Hkv, Nk, D) (grouped-query heads when Hkv < Hq), or, with
 cu_seqlens, flash-attn's packed (total, H, D) tensors seen as (1, H, total, D). Every op gets the same
 fake implementation (it gives the outputs' exact layouts) and the same autograd formula. lse is
@@ -55,6 +60,24 @@ def triton_backward(
     return attention_backward(dout, q, k, v, o, lse, causal, softmax_scale, deterministic, key_padding_mask,
                               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right,
                               softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset)
+
+
+@torch.library.custom_op("fused_attention_triton::fwd_kvcache", mutates_args=())
+def triton_forward_kvcache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, block_table: Optional[Tensor], causal: bool,
+    softmax_scale: float, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    from .triton_kernels.decode import attention_decode
+
+    return attention_decode(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window_left,
+                            window_right, softcap, alibi_slopes, num_splits)
+
+
+def _fake_decode(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window_left, window_right,
+                 softcap, alibi_slopes, num_splits):
+    return (q.new_empty((num_splits, *q.shape), dtype=torch.float32),
+            q.new_empty((num_splits, *q.shape[:3]), dtype=torch.float32))
 
 
 def empty_like_input(t, varlen):
@@ -118,8 +141,10 @@ def register_fused_op(fwd_name, bwd_name, backward_op):
 
 
 register_fused_op("fused_attention_triton::fwd", "fused_attention_triton::bwd", triton_backward)
+torch.library.register_fake("fused_attention_triton::fwd_kvcache")(_fake_decode)
 if EXTENSION_ERROR is None:
     register_fused_op("fused_attention::fwd", "fused_attention::bwd", torch.ops.fused_attention.bwd)
+    torch.library.register_fake("fused_attention::fwd_kvcache")(_fake_decode)
 
 # What the CUDA kernels were built for and need, read once here, so dispatch stays traceable: whether
 # attention._C has them, nvcc's targets ("sm_80,compute_90,sm_90"; compute_XY is PTX), and the

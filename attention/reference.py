@@ -125,3 +125,33 @@ def naive_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, so
         o = o.index_copy(0, torch.arange(q0, q1, device=q.device), o_b[0].transpose(0, 1))
         lse = lse.index_copy(1, torch.arange(q0, q1, device=q.device), lse_b[0])
     return (o, lse) if return_lse else o
+
+
+def cache_keys(cache, block_table, b, length):
+    """(1, Hkv, length, D): the first `length` rows of sequence b's cache, dense (B, Hkv, Ncache, D) or,
+    with block_table (B, max_blocks), paged (num_blocks, Hkv, block_size, D): key j in row j % block_size
+    of block block_table[b, j // block_size]."""
+    if block_table is None:
+        return cache[b:b + 1, :, :length]
+    block_size = cache.shape[2]
+    blocks = block_table[b, :-(-length // block_size)].long()
+    return cache[blocks].transpose(0, 1).reshape(1, cache.shape[1], -1, cache.shape[3])[:, :, :length]
+
+
+def naive_attention_with_kvcache(q, k_cache, v_cache, seqlens_k, block_table=None, causal=True, softmax_scale=None,
+                                 upcast=False, return_lse=False, *, window=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """``naive_attention`` of q (B, Hq, Nq, D) against each sequence's cached keys: sequence b sees the
+    first seqlens_k[b] keys of its cache (dense or paged, see ``cache_keys``), positions bottom-right
+    (shift = seqlens_k[b] - Nq). The cache is read, never written (appending is the caller's). Returns o
+    (B, Hq, Nq, D) and, with ``return_lse``, lse float32 (B, Hq, Nq); rows that see no key give 0 and -inf."""
+    dtype = torch.float32 if upcast else q.dtype
+    o = q.new_zeros(q.shape, dtype=dtype)
+    lse = torch.full(q.shape[:3], float("-inf"), device=q.device, dtype=torch.promote_types(dtype, torch.float32))
+    for b, length in enumerate(seqlens_k.tolist()):
+        if length == 0:
+            continue
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        o[b], lse[b] = (t[0] for t in naive_attention(
+            q[b:b + 1], cache_keys(k_cache, block_table, b, length), cache_keys(v_cache, block_table, b, length),
+            causal, softmax_scale, upcast, return_lse=True, window=window, softcap=softcap, alibi_slopes=slopes))
+    return (o, lse) if return_lse else o

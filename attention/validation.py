@@ -53,6 +53,10 @@ class AttentionOptions:
                 self.max_seqlen_q, self.max_seqlen_k, self.window_left, self.window_right, self.softcap,
                 self.alibi_slopes, self.dropout_p, self.dropout_seed, self.dropout_offset)
 
+    def decode_args(self):
+        """The arguments of every fwd_kvcache op between (q, k_cache, v_cache, seqlens_k, block_table) and num_splits."""
+        return (self.causal, self.softmax_scale, self.window_left, self.window_right, self.softcap, self.alibi_slopes)
+
     @property
     def window(self):
         return (self.window_left, self.window_right)
@@ -219,3 +223,86 @@ def validate_dropout(dropout_p, dropout_seed):
     seed = int(torch.randint(0, 2**63 - 1, ()))
     offset = int(torch.randint(0, 2**32, ()))
     return float(dropout_p), seed, offset
+
+
+def _check_tensor(name, t, q, rank=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all inputs must share a device")
+    if rank is not None and t.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(t.shape)}")
+
+
+def validate_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table):
+    """The shapes, dtypes and devices of a flash_attention_with_kvcache call (see its docstring); returns
+    cache_seqlens as an int32 (B,) tensor on q's device. Reads no values: see check_kvcache_values."""
+    validate_inputs(q, q, q)
+    batch, q_heads, _, head_dim = q.shape
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, cache, q, rank=4)
+        if cache.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {cache.dtype} but q has {q.dtype}: all inputs must share a dtype")
+        if cache.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim: it is written and read in place")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)} but k_cache has {tuple(k_cache.shape)}: they must match")
+    kv_heads = k_cache.shape[1]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache has head_dim {k_cache.shape[3]} but q has {head_dim}: head dims must be equal")
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"q has {q_heads} heads, not a multiple of the {kv_heads} heads of k_cache "
+                         f"(grouped-query attention: query heads = group size x key heads)")
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has {batch}: a dense cache is "
+                             f"(batch, kv_heads, max_seqlen, head_dim) (give block_table for a paged one)")
+    else:
+        _check_tensor("block_table", block_table, q, rank=2)
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table must be int32, got {block_table.dtype}")
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table must have shape (batch, max_blocks) with batch {batch}, "
+                             f"got {tuple(block_table.shape)}")
+        if k_cache.shape[2] == 0:
+            raise ValueError("k_cache has block_size 0: a paged cache is (num_blocks, kv_heads, block_size, head_dim)")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together")
+    if k_new is not None:
+        for name, new in (("k_new", k_new), ("v_new", v_new)):
+            _check_tensor(name, new, q, rank=4)
+            if new.dtype != q.dtype:
+                raise TypeError(f"{name} has dtype {new.dtype} but q has {q.dtype}: all inputs must share a dtype")
+            expected = (batch, kv_heads, k_new.shape[2], head_dim)
+            if tuple(new.shape) != expected:
+                raise ValueError(f"{name} must have shape (batch, kv_heads, n_new, head_dim) = {expected}, "
+                                 f"got {tuple(new.shape)}")
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    _check_tensor("cache_seqlens", cache_seqlens, q, rank=1)
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32 (or an int), got {cache_seqlens.dtype}")
+    if cache_seqlens.shape[0] != batch:
+        raise ValueError(f"cache_seqlens must have shape (batch,) = ({batch},), got {tuple(cache_seqlens.shape)}")
+    return cache_seqlens.contiguous()
+
+
+def check_kvcache_values(cache_seqlens, n_new, capacity, block_table=None, block_size=0, num_blocks=0):
+    """The values a kvcache call depends on: 0 <= cache_seqlens, cache_seqlens + n_new <= capacity (the keys a
+    sequence's cache can hold), the block-table entries the call touches within [0, num_blocks). Reads the
+    tensors on the host: the caller runs it for CPU tensors, or under FUSED_ATTENTION_DEBUG=1."""
+    lengths = cache_seqlens.tolist()
+    if min(lengths, default=0) < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {lengths}")
+    if max(lengths, default=0) + n_new > capacity:
+        b = max(range(len(lengths)), key=lengths.__getitem__)
+        raise ValueError(f"cache_seqlens[{b}] = {lengths[b]} plus {n_new} new keys exceeds the cache's {capacity} "
+                         f"positions")
+    if block_table is None:
+        return
+    for b, length in enumerate(lengths):
+        used = block_table[b, :-(-(length + n_new) // block_size)]
+        bad = ((used < 0) | (used >= num_blocks)).nonzero()
+        if bad.numel():
+            j = bad[0, 0].item()
+            raise ValueError(f"block_table[{b}, {j}] = {used[j].item()} is outside the cache's {num_blocks} blocks")

@@ -147,4 +147,57 @@ inline void check_backward_inputs(const at::Tensor& dout, const at::Tensor& q, c
               q.sizes().slice(0, 3), " (got ", lse.sizes(), ")");
 }
 
+// fwd_kvcache: q (B, Hq, Nq, D) with a contiguous last dim; the cache dense, k_cache and v_cache
+// (B, Hkv, Ncache, D), or paged, (num_blocks, Hkv, block_size, D) with block_table int32 contiguous
+// (B, max_blocks): key j of sequence b is row j % block_size of block block_table[b][j / block_size].
+// Caches have a contiguous last dim and are read in place. seqlens_k int32 contiguous (B,): sequence b
+// attends to its first seqlens_k[b] keys (bottom-right: shift = seqlens_k[b] - Nq). num_splits >= 1.
+// The values (lengths within the cache, block ids within num_blocks) are the Python layer's to check:
+// they live on q's device. The score options are check_score_options' (no dropout).
+// Returns o_parts float32 contiguous (num_splits, B, Hq, Nq, D) and lse_parts float32 contiguous
+// (num_splits, B, Hq, Nq): part s attends to the s-th of num_splits contiguous chunks of each
+// sequence's keys (chunks of ceil(seqlens_k[b] / num_splits) keys, or a kernel's tile multiple of it),
+// normalised over them; a part that sees no key has o 0 and lse -inf. Every element is written.
+inline void check_kvcache_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& seqlens_k, const std::optional<at::Tensor>& block_table,
+                                 int64_t num_splits) {
+  check_defined_rank4("q", q);
+  check_defined_rank4("k_cache", k_cache);
+  check_defined_rank4("v_cache", v_cache);
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+              "fused_attention: q must be float16, bfloat16 or float32 (got ", dtype, ")");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k_cache", k_cache},
+                                {"v_cache", v_cache}}) {
+    check_same_device(name, t, q);
+    check_same_dtype(name, t, q);
+    TORCH_CHECK(t.size(3) == q.size(3), "fused_attention: ", name, " must have the same head_dim as q (got ",
+                t.size(3), " vs ", q.size(3), ")");
+    TORCH_CHECK(t.stride(3) == 1, "fused_attention: ", name, " must have a contiguous last dim");
+  }
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "fused_attention: v_cache must have the shape of k_cache (got ",
+              v_cache.sizes(), " vs ", k_cache.sizes(), ")");
+  TORCH_CHECK(k_cache.size(1) >= 1 && q.size(1) % k_cache.size(1) == 0,
+              "fused_attention: q heads must be a multiple of k_cache heads (dim 1; got ", q.size(1), " vs ",
+              k_cache.size(1), ")");
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "fused_attention: q head_dim must be in 1..", kMaxHeadDim,
+              " (got ", q.size(3), ")");
+  check_same_device("seqlens_k", seqlens_k, q);
+  TORCH_CHECK(seqlens_k.scalar_type() == at::kInt && seqlens_k.dim() == 1 && seqlens_k.size(0) == q.size(0) &&
+                  seqlens_k.is_contiguous(),
+              "fused_attention: seqlens_k must be a contiguous int32 (batch,) tensor (got ", seqlens_k.scalar_type(),
+              " ", seqlens_k.sizes(), ")");
+  if (block_table.has_value()) {
+    check_same_device("block_table", *block_table, q);
+    TORCH_CHECK(block_table->scalar_type() == at::kInt && block_table->dim() == 2 &&
+                    block_table->size(0) == q.size(0) && block_table->is_contiguous(),
+                "fused_attention: block_table must be a contiguous int32 (batch, max_blocks) tensor (got ",
+                block_table->scalar_type(), " ", block_table->sizes(), ")");
+  } else {
+    TORCH_CHECK(k_cache.size(0) == q.size(0), "fused_attention: k_cache must have the batch size of q without a "
+                "block_table (got ", k_cache.size(0), " vs ", q.size(0), ")");
+  }
+  TORCH_CHECK(num_splits >= 1, "fused_attention: num_splits must be >= 1 (got ", num_splits, ")");
+}
+
 }  // namespace fused_attention

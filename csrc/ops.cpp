@@ -24,6 +24,12 @@ TORCH_LIBRARY(fused_attention, m) {
       " Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k,"
       " int window_left, int window_right, float softcap, Tensor? alibi_slopes,"
       " float dropout_p, int dropout_seed, int dropout_offset) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Decoding from a KV cache (meaning in checks.h, check_kvcache_inputs): forward only, the key axis
+  // split num_splits ways; the parts come back unmerged (attention/merge.py merges them).
+  m.def(
+      "fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, bool causal,"
+      " float softmax_scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes,"
+      " int num_splits) -> (Tensor o_parts, Tensor lse_parts)");
 }
 
 TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {

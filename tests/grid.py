@@ -46,13 +46,21 @@ def _backend(name):
     if name != EMULATED_CUDA:
         return name
     takes = (torch.float16, torch.bfloat16)
-    return fused_backend(EMULATED_CUDA, torch.ops.fused_attention_emulated.fwd,
-                         lambda q, k, v, options: [] if q.dtype in takes else [f"float16 or bfloat16, not {q.dtype}"])
+    emulated = torch.ops.fused_attention_emulated
+    return fused_backend(EMULATED_CUDA, emulated.fwd,
+                         lambda q, k, v, options: [] if q.dtype in takes else [f"float16 or bfloat16, not {q.dtype}"],
+                         backward_op=emulated.bwd, decode_op=lambda *args: emulated.fwd_kvcache(*args))
 
 
 def flash_attention(q, k, v, backend, **options):
     """attention.flash_attention on `backend`, the emulated CUDA kernels included."""
     return attention.flash_attention(q, k, v, backend=_backend(backend), **options)
+
+
+def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, backend, **options):
+    """attention.flash_attention_with_kvcache on `backend`, the emulated CUDA kernels included."""
+    return attention.flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, backend=_backend(backend),
+                                                  **options)
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend, **options):
