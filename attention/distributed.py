@@ -266,5 +266,8 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, group=None, layout
     _check_shapes_agree(q, k, group)
     options = AttentionOptions(causal=causal, softmax_scale=resolve_scale(softmax_scale, None, q.shape[-1]))
     chosen = select_backend(q, k, v, options, backend)
+    if chosen.backward is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(f"backend={chosen.name!r} has no backward of a block of keys, which ring attention's "
+                           f"backward needs")
     o, lse = _RingAttention.apply(q, k, v, options, chosen, _Ring(group), layout)
     return (o, lse) if return_lse else o
