@@ -7,6 +7,9 @@ rule against an fp32 reference); gather_sequence; the reference GPT trained a fe
 against the same GPT on one process; and the errors that need a live group. Checks that need no group
 run here, in the test process.
 """
+import json
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -202,3 +205,28 @@ def test_groups_that_can_send_the_tensors_device_pass(group_backend, device):
 def test_multi_head_attention_refuses_what_the_ring_cannot_do(options, match):
     with pytest.raises(ValueError, match=match):
         MultiHeadAttention(32, 2, context_parallel_group=object(), **options)  # any group: checked first
+
+
+def test_profiler_runs_the_ring_on_local_processes(tmp_path):
+    from benchmarks import profile
+
+    profile.main(["--world-size", "2", "--device", "cpu", "--start", "32", "--max-seqlen", "64", "--heads", "1",
+                  "--head-dim", "16", "--ring-repeats", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "profile.json").read_text())
+    assert sorted((r["mode"], r["rank"], r["seqlen"]) for r in rows) == sorted(
+        (mode, rank, n) for mode in ("fwd", "fwd+bwd") for rank in (0, 1) for n in (32, 64))
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["peak_memory_mib"] > 0 for r in rows)
+    assert "ring W=2 r1" in (tmp_path / "profile.txt").read_text()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--world-size", "0"], "--world-size must be positive, got 0"),
+    (["--world-size", "2", "--trace", "64"], "--trace does not go with --world-size"),
+    (["--world-size", "2", "--modes", "bwd"], "with --world-size, fwd and fwd[+]bwd only"),
+])
+def test_profiler_ring_arguments(argv, match, capsys):
+    from benchmarks import profile
+
+    with pytest.raises(SystemExit):
+        profile.main(argv)
+    assert re.search(match, capsys.readouterr().err)
