@@ -190,6 +190,7 @@ def _ring_backward(dout, q, k, v, o, lse, options, backend, ring, layout):
         if grads is not None:
             dkv[0][:, :, cols] += grads[1]
             dkv[1][:, :, cols] += grads[2]
+            grads = None  # freed before the next receive buffer is allocated: a lower peak per rank
         dkv_incoming, dkv_works = ring.pass_on(dkv)  # after the last step: to the block's owner
         if not last:
             for work in kv_works:

@@ -400,7 +400,8 @@ def main(argv=None):
         print("No GPU in use: profiling the CPU paths at small sizes (no out-of-memory on CPU: time limits stop them).")
     shape = _shape(base)
     if args.world_size:
-        print(f"ring attention ({RING_LAYOUT}) on {args.world_size} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), "
+        processes = f"{args.world_size} process{'es' if args.world_size > 1 else ''}"
+        print(f"ring attention ({RING_LAYOUT}) on {processes} ({'NCCL' if device.type == 'cuda' else 'gloo'}), "
               f"{shape}: N (the whole sequence) from {base.seqlen} doubling to {max_seqlen}, each rank holding N/"
               f"{args.world_size}; stops when the slowest rank's next call would take over {limits[True]:g} s")
         rows, stops = ring_profile(args.world_size, base, args.modes, max_seqlen, limits[True], args.ring_repeats,
