@@ -23,6 +23,7 @@ Communication: NCCL for CUDA tensors, gloo for CPU tensors (gloo's point-to-poin
 import torch
 import torch.distributed as dist
 
+from .api import autocast_inputs
 from .backends import select_backend
 from .merge import merge_two
 from .validation import AttentionOptions, check_bool, resolve_scale, validate_inputs
@@ -248,10 +249,11 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, group=None, layout
     ``backend`` picks the kernels of each block as for ``flash_attention``. With ``return_lse`` also
     returns this rank's rows of the float32 log-sum-exp (B, Hq, N / W), without gradient. Every rank of
     the group must call it with the same shapes and options; NCCL groups take CUDA tensors, gloo groups
-    CPU tensors.
+    CPU tensors. Under autocast q, k and v are cast as ``flash_attention`` casts them.
     """
     _check_layout(layout)
     check_bool("causal", causal)
+    q, k, v = autocast_inputs(q, k, v)
     validate_inputs(q, k, v)
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"k has {k.shape[2]} tokens but q has {q.shape[2]}: ring attention is self-attention over "
@@ -261,10 +263,10 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, group=None, layout
                            "first (or use attention.flash_attention on one process)")
     group = dist.group.WORLD if group is None else group
     check_group_device(dist.get_backend(group), q.device)
+    _check_shapes_agree(q, k, group)  # first: the checks after it then fail on every rank or on none
     if layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"q has {q.shape[2]} tokens on this rank: layout='zigzag' holds two equal chunks per rank "
                          f"(the sequence cut into 2 x world_size), so each shard's length must be even")
-    _check_shapes_agree(q, k, group)
     options = AttentionOptions(causal=causal, softmax_scale=resolve_scale(softmax_scale, None, q.shape[-1]))
     chosen = select_backend(q, k, v, options, backend)
     if chosen.backward is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
