@@ -62,6 +62,10 @@ def _check_ring_case(group, layout, causal, q_heads, kv_heads, dtype):
         for name, got, want in zip(names, ours, expected):
             torch.testing.assert_close(got, shard(want), msg=lambda m: f"{case} {name}: {m}")
         torch.testing.assert_close(gather_sequence(ours[0], group, layout), expected[0])
+        _, lse = ring_attention(shard(q), shard(k), shard(v), causal, group=group, layout=layout, backend=BACKEND,
+                                return_lse=True)
+        _, expected_lse = attention.flash_attention(q, k, v, causal, backend=BACKEND, return_lse=True)
+        torch.testing.assert_close(lse, shard(expected_lse), msg=lambda m: f"{case} lse: {m}")
     else:
         naive = lambda q, k, v: attention.naive_attention(q, k, v, causal=causal)
         reference = _attention_and_grads(naive, q.float(), k.float(), v.float(), dout.float())
