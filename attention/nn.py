@@ -93,11 +93,11 @@ class MultiHeadAttention(nn.Module):
             key_padding_mask = ~key_padding_mask  # flash_attention's mask is True where the key is real
         if self.context_parallel_group is not None:
             if key_padding_mask is not None:
-                raise ValueError("key_padding_mask is not supported with context_parallel_group")
+                raise ValueError("key_padding_mask must be None with context_parallel_group (the ring has no padding)")
             o = ring_attention(q, k, v, causal=self.causal, group=self.context_parallel_group,
                                layout=self.context_parallel_layout, backend=self.backend)
         else:
-                o = flash_attention(q, k, v, causal=self.causal, backend=self.backend, key_padding_mask=key_padding_mask,
+            o = flash_attention(q, k, v, causal=self.causal, backend=self.backend, key_padding_mask=key_padding_mask,
                                 window=self.window, dropout_p=self.dropout if self.training else 0.0)
         batch, n_q, _ = x.shape
         return self.out_proj(o.transpose(1, 2).reshape(batch, n_q, self.d_model))

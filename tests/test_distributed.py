@@ -239,3 +239,9 @@ def test_profiler_ring_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):
         profile.main(argv)
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_multi_head_attention_refuses_a_padding_mask_context_parallel():
+    layer = MultiHeadAttention(32, 2, context_parallel_group=object())
+    with pytest.raises(ValueError, match="key_padding_mask must be None with context_parallel_group"):
+        layer(torch.randn(1, 4, 32), key_padding_mask=torch.zeros(1, 4, dtype=torch.bool))
