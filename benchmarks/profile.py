@@ -21,7 +21,6 @@ import json
 import math
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
@@ -324,14 +323,22 @@ def _ring_rank(rank, world_size, device_type, base, modes, max_seqlen, limit_s, 
             n = base.seqlen
             while True:
                 config = dataclasses.replace(base, seqlen=n)
-                q, k, v = make_inputs(dataclasses.replace(config, seqlen=n // world_size), device, mode != "fwd")
-                step = _ring_step(mode, q, k, v, base.causal)
-                step()  # warm-up (Triton compiles here)
-                peak = peak_memory_bytes(step, device)
-                median, spread = summarize(_fixed_times_ms(step, device, repeats))
-                m = Measurement("ok", ms=median, spread=spread, repeats=repeats, peak_bytes=peak)
+                try:
+                    q, k, v = make_inputs(dataclasses.replace(config, seqlen=n // world_size), device, mode != "fwd")
+                    step = _ring_step(mode, q, k, v, base.causal)
+                    step()  # warm-up (Triton compiles here)
+                    peak = peak_memory_bytes(step, device)
+                    median, spread = summarize(_fixed_times_ms(step, device, repeats))
+                    m = Measurement("ok", ms=median, spread=spread, repeats=repeats, peak_bytes=peak)
+                except torch.OutOfMemoryError:  # every rank holds as much, so all of them run out at the same N
+                    m = Measurement("OOM", reason="out of memory")
                 rows.append({**result_row(_RingProvider(provider), config, mode, m, env), "rank": rank,
                              "world_size": world_size})
+                if m.status == "OOM":
+                    stops[mode] = f"OOM at N={n}"
+                    q = k = v = step = None
+                    free_memory(device)
+                    break
                 slowest_ms = _all_ranks_max(median, device)  # every rank takes the same decision
                 if n * 2 > max_seqlen:
                     stops[mode] = f"reached the last N={n}"
