@@ -57,6 +57,35 @@ CacheRows<T> cache_rows(const at::Tensor& cache, const std::optional<at::Tensor>
           block_table ? block_table->size(1) : 1, cache.size(2)};
 }
 
+// Tiles of at most this many packed query rows get their scores by dot_scores instead of gemm.
+constexpr int64_t kMaxDotRows = 12;
+
+// s[m][n] = the dot product of q's row m and k's row n, for m < rows (a multiple of 4) and n < keys,
+// over depth elements. For a tile of few query rows (decoding: the group's heads, one row each), where
+// gemm would spend more on transposing the key tile (one scalar store per element) than on the product:
+// here the key rows are read as they are loaded, each once for four query rows.
+FA_MULTIVERSIONED void dot_scores(const float* q, int64_t ldq, int64_t rows, const float* k, int64_t ldk,
+                                  int64_t keys, int64_t depth, float* s, int64_t lds) {
+  for (int64_t m = 0; m < rows; m += 4) {
+    const float *q0 = q + m * ldq, *q1 = q0 + ldq, *q2 = q1 + ldq, *q3 = q2 + ldq;
+    for (int64_t n = 0; n < keys; ++n) {
+      const float* k_row = k + n * ldk;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t c = 0; c < depth; ++c) {
+        s0 += q0[c] * k_row[c];
+        s1 += q1[c] * k_row[c];
+        s2 += q2[c] * k_row[c];
+        s3 += q3[c] * k_row[c];
+      }
+      s[m * lds + n] = s0;
+      s[(m + 1) * lds + n] = s1;
+      s[(m + 2) * lds + n] = s2;
+      s[(m + 3) * lds + n] = s3;
+    }
+  }
+}
+
 struct DecodeShape {
   int64_t batch, heads_q, heads_kv, n_q, head_dim, splits;
   int64_t query_rows;  // rows of a query tile, per query head
@@ -89,7 +118,8 @@ void decode_pass(const DecodeShape& shape, const DecodeScores& scores_of, const 
   const int64_t max_rows = round_up(group * shape.query_rows, kMicroRows);
   const bool modifies_scores = scores_of.softcap > 0.0f || scores_of.alibi_slopes != nullptr;
   at::parallel_for(0, shape.items(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_tile(max_rows * ld_d), k_tile_t(d * kBlock), v_tile(kBlock * ld_d);
+    // k_tile: the key tile as rows (dot_scores) or transposed (gemm), whichever the item's rows take.
+    std::vector<float> q_tile(max_rows * ld_d), k_tile(kBlock * ld_d), v_tile(kBlock * ld_d);
     std::vector<float> scores(max_rows * kBlock), acc(max_rows * ld_d), row_max(max_rows), row_sum(max_rows);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item % shape.splits, query_tile = item / shape.splits % shape.query_tiles();
@@ -100,6 +130,7 @@ void decode_pass(const DecodeShape& shape, const DecodeScores& scores_of, const 
       const int64_t i0 = query_tile * shape.query_rows;
       const int64_t rows = std::min(shape.query_rows, shape.n_q - i0);  // per head; head g's start at g * rows
       const int64_t padded_rows = round_up(group * rows, kMicroRows);
+      const bool by_dot_products = padded_rows <= kMaxDotRows;
       const int64_t chunk = shape.chunk(n_k);
       // A multiple of kBlock, so the key tiles below stay aligned to it; an empty part's is >= n_k.
       const int64_t chunk_begin = s * chunk, chunk_end = std::min(n_k, chunk_begin + chunk);
@@ -117,13 +148,21 @@ void decode_pass(const DecodeShape& shape, const DecodeScores& scores_of, const 
       for (int64_t k0 = keys_begin / kBlock * kBlock; k0 < keys_end; k0 += kBlock) {
         const int64_t cols = std::min(kBlock, chunk_end - k0);
         k.for_each_run(b, h_kv, k0, cols, [&](int64_t first, const scalar_t* src, int64_t count) {
-          load_tile_transposed(k_tile_t.data() + first, kBlock, src, k.slabs.stride_n, count, d, 1.0f);
+          if (by_dot_products) {
+            load_tile(k_tile.data() + first * ld_d, ld_d, src, k.slabs.stride_n, count, d, 1.0f);
+          } else {
+            load_tile_transposed(k_tile.data() + first, kBlock, src, k.slabs.stride_n, count, d, 1.0f);
+          }
         });
         v.for_each_run(b, h_kv, k0, cols, [&](int64_t first, const scalar_t* src, int64_t count) {
           load_tile(v_tile.data() + first * ld_d, ld_d, src, v.slabs.stride_n, count, d, 1.0f);
         });
-        gemm(false, padded_rows, round_up(cols, kMicroCols), d, q_tile.data(), ld_d, 1, k_tile_t.data(), kBlock,
-             scores.data(), kBlock);
+        if (by_dot_products) {
+          dot_scores(q_tile.data(), ld_d, padded_rows, k_tile.data(), ld_d, cols, d, scores.data(), kBlock);
+        } else {
+          gemm(false, padded_rows, round_up(cols, kMicroCols), d, q_tile.data(), ld_d, 1, k_tile.data(), kBlock,
+               scores.data(), kBlock);
+        }
         for (int64_t g = 0; g < group; ++g) {
           float* head_scores = scores.data() + g * rows * kBlock;
           if (modifies_scores) {
