@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "cpu/attention_cpu.h"
+#include "cpu/decode_cpu.h"
 
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "Registers the fused_attention torch ops.", -1, nullptr};
@@ -35,4 +36,5 @@ TORCH_LIBRARY(fused_attention, m) {
 TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {
   m.impl("fwd", &fused_attention::attention_forward_cpu);
   m.impl("bwd", &fused_attention::attention_backward_cpu);
+  m.impl("fwd_kvcache", &fused_attention::attention_forward_kvcache_cpu);
 }

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import attention
-from attention.reference import naive_attention_varlen
+from attention.merge import merge_partials
+from attention.reference import naive_attention_varlen, naive_attention_with_kvcache
 
 from grid import assert_within_rule, max_err
 
@@ -781,3 +782,66 @@ def test_softcap_tanh_is_accurate_across_its_range():
     q, k, v = torch.ones(1, 1, 1, 1), x.reshape(1, 1, -1, 1), torch.ones(1, 1, x.numel(), 1)
     _, lse = fwd(q, k, v, False, 1.0, softcap=1.0)
     assert abs(lse.item() - torch.logsumexp(torch.tanh(x.double()), 0).item()) < 1e-6
+
+
+# fwd_kvcache (issue 13): what the shared grid (tests/test_kvcache.py) leaves to the C++ kernel's own tiling.
+
+def fwd_kvcache(q, k_cache, v_cache, seqlens_k, block_table=None, causal=True, scale=0.25, window=(-1, -1),
+                num_splits=1):
+    return torch.ops.fused_attention.fwd_kvcache(q, k_cache, v_cache, seqlens_k, block_table, causal, scale,
+                                                 window[0], 0 if causal else window[1], 0.0, None, num_splits)
+
+
+def paged(cache, block_size, gen):
+    """cache (B, Hkv, N, D), N a multiple of block_size, as a pool of shuffled blocks (plus one spare, NaN) and
+    its block table."""
+    batch, kv_heads, n, head_dim = cache.shape
+    blocks = n // block_size
+    order = torch.randperm(batch * blocks + 1, generator=gen)[:batch * blocks]
+    pool = torch.full((batch * blocks + 1, kv_heads, block_size, head_dim), math.nan, dtype=cache.dtype)
+    pool[order] = cache.unflatten(2, (blocks, block_size)).transpose(1, 2).flatten(0, 1)
+    return pool, order.to(torch.int32).reshape(batch, blocks)
+
+
+@pytest.mark.parametrize("heads, kv_heads, n_q", [(4, 2, 70), (40, 1, 1)], ids=["tiled-queries", "wide-group"])
+def test_kvcache_tiles_queries_groups_and_blocks(heads, kv_heads, n_q):
+    """Block sizes that cut key tiles in runs (1, 5) or hold several tiles (80); more query rows than one tile
+    takes per head (70 rows, group 2), and a group of 40 heads packed as one tile's rows; 3 splits."""
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.tensor([150, 71], dtype=torch.int32)
+    q = torch.randn(2, heads, n_q, 16, generator=gen)
+    k, v = (torch.randn(2, kv_heads, 160, 16, generator=gen) for _ in range(2))
+    for t in (k, v):
+        t[0, :, 150:], t[1, :, 71:] = math.nan, math.nan
+    ref_o, ref_lse = naive_attention_with_kvcache(q.double(), k.double(), v.double(), lengths, softmax_scale=0.25,
+                                                  return_lse=True)
+    hidden = ref_lse.isinf()  # sequence 1's first rows: bottom-right causal with n_q > 71
+    for block_size in (1, 5, 80):
+        (k_pool, table), (v_pool, _) = (paged(t, block_size, torch.Generator().manual_seed(1)) for t in (k, v))
+        o, lse = merge_partials(*fwd_kvcache(q, k_pool, v_pool, lengths, table, num_splits=3))
+        assert torch.equal(lse.isinf(), hidden) and torch.equal(o[hidden], torch.zeros_like(o[hidden])), block_size
+        assert max_err(o, ref_o) < 1e-5 and max_err(lse[~hidden], ref_lse[~hidden]) < 1e-5, block_size
+
+
+def test_kvcache_key_tiles_outside_the_window_are_skipped():
+    """Keys in whole tiles that no query's window reaches are never read: NaN there changes nothing."""
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 2, 2, 16, generator=gen)
+    k, v = (torch.randn(1, 1, 300, 16, generator=gen) for _ in range(2))
+    lengths = torch.tensor([300], dtype=torch.int32)
+    expected = fwd_kvcache(q, k, v, lengths, window=(40, 0), num_splits=2)
+    for t in (k, v):
+        t[:, :, :256] = math.nan  # key tiles 0..3; the rows see keys 258..299
+    got = fwd_kvcache(q, k, v, lengths, window=(40, 0), num_splits=2)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.isfinite(got[0]).all() and (got[1][0] == -math.inf).all()  # part 0 (keys 0..191) sees none
+
+
+def test_kvcache_value_checks_name_the_argument():
+    q, cache = torch.randn(2, 2, 1, 8), torch.randn(3, 1, 4, 8)
+    table = torch.tensor([[0, 1], [3, 0]], dtype=torch.int32)  # block 3 is not in the cache
+    with pytest.raises(RuntimeError, match=r"seqlens_k\[1\] = 9 is outside the cache's 0..8 positions"):
+        fwd_kvcache(q, cache, cache, torch.tensor([8, 9], dtype=torch.int32), table)
+    with pytest.raises(RuntimeError, match=r"block_table\[1, 0\] = 3 is outside the cache's 3 blocks"):
+        fwd_kvcache(q, cache, cache, torch.tensor([8, 2], dtype=torch.int32), table)
+    fwd_kvcache(q, cache, cache, torch.tensor([8, 0], dtype=torch.int32), table)  # sequence 1 uses no block
