@@ -16,12 +16,15 @@ from .validation import AttentionOptions, check_kvcache_values, resolve_scale, v
 
 # A split shorter than this spends more on its own launch, partial write and merge than it saves.
 MIN_KEYS_PER_SPLIT = 256
+# On a CPU a split also costs a pool thread's wake-up: on the shared 2-core machine of benchmarks/NOTES.md
+# (decode section), splitting one KV head lost below ~16K keys and won 1.8x at 32K.
+MIN_KEYS_PER_SPLIT_CPU = 16384
 MAX_SPLITS = 64
 
 
 def choose_num_splits(batch, kv_heads, max_keys, device):
     """How many parts to split each sequence's keys into: enough (sequence, KV head, part) work items
-    for every SM (GPU) or thread (CPU), none shorter than MIN_KEYS_PER_SPLIT keys. The query heads of a
+    for every SM (GPU) or thread (CPU), none shorter than MIN_KEYS_PER_SPLIT(_CPU) keys. The query heads of a
     KV head share its work item (they read the same keys). `max_keys` is the cache's capacity, known
     without reading cache_seqlens from the device."""
     device = torch.device(device)
@@ -30,7 +33,8 @@ def choose_num_splits(batch, kv_heads, max_keys, device):
     else:
         workers = torch.get_num_threads()
     wanted = -(-workers // max(1, batch * kv_heads))
-    return max(1, min(wanted, max_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+    min_keys = MIN_KEYS_PER_SPLIT if device.type == "cuda" else MIN_KEYS_PER_SPLIT_CPU
+    return max(1, min(wanted, max_keys // min_keys, MAX_SPLITS))
 
 
 def append_to_cache(cache, new, cache_seqlens, block_table=None):

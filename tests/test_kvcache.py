@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attention
-from attention.kvcache import MIN_KEYS_PER_SPLIT, append_to_cache, choose_num_splits
+from attention.kvcache import MIN_KEYS_PER_SPLIT_CPU, append_to_cache, choose_num_splits
 from attention.reference import cache_keys, naive_attention_with_kvcache
 from grid import (
     DEVICE,
@@ -273,6 +273,6 @@ def test_paged_reference_reads_the_blocks_of_the_table():
 
 def test_split_count_fills_the_workers_and_keeps_splits_long():
     threads = torch.get_num_threads()
-    assert choose_num_splits(1, 1, 100 * MIN_KEYS_PER_SPLIT, "cpu") == threads
-    assert choose_num_splits(threads, 1, 100 * MIN_KEYS_PER_SPLIT, "cpu") == 1
-    assert choose_num_splits(1, 1, MIN_KEYS_PER_SPLIT - 1, "cpu") == 1
+    assert choose_num_splits(1, 1, 100 * MIN_KEYS_PER_SPLIT_CPU, "cpu") == threads
+    assert choose_num_splits(threads, 1, 100 * MIN_KEYS_PER_SPLIT_CPU, "cpu") == 1
+    assert choose_num_splits(1, 1, MIN_KEYS_PER_SPLIT_CPU - 1, "cpu") == 1
