@@ -22,6 +22,7 @@ from attention.reference import naive_attention, naive_attention_varlen  # noqa:
 from grid import assert_within_rule  # noqa: E402
 from test_kvcache import check_decode  # noqa: E402
 from attention.triton_kernels import attention_backward, attention_forward, backward, common, forward  # noqa: E402
+from attention.triton_kernels import decode  # noqa: E402
 from attention.triton_kernels.decode import MAX_SPLITS, attention_decode  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -376,7 +377,8 @@ def config_shapes(configs):
 
 
 @pytest.mark.parametrize(
-    "configs", [forward.CONFIGS, backward.DKDV_CONFIGS, backward.DQ_CONFIGS], ids=["forward", "dkdv", "dq"]
+    "configs", [forward.CONFIGS, backward.DKDV_CONFIGS, backward.DQ_CONFIGS, decode.CONFIGS],
+    ids=["forward", "dkdv", "dq", "decode"],
 )
 def test_config_pruning(configs, monkeypatch):
     """The autotuner compiles only the configs for the call's dtype and head dim that fit the device."""
@@ -876,3 +878,16 @@ def test_decode_splits_beyond_the_grid_are_refused():
     with pytest.raises(ValueError, match="num_splits must be at most"):
         attention_decode(x, x, x, torch.ones(1, dtype=torch.int32, device=DEVICE), None, True, 1.0, -1, 0, 0.0, None,
                          MAX_SPLITS + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows", [1, 16, 17, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_decode_pruning_keeps_the_row_tile(head_dim, rows, dtype, monkeypatch):
+    """The decode autotuner runs only configs of the row tile the launcher asks for (`row_tile`)."""
+    monkeypatch.setattr(common, "_shared_memory_bytes", lambda device_index: 232448)
+    monkeypatch.setattr(common, "_arch", lambda device_index: 90)
+    q = torch.empty(1, 1, 1, head_dim, dtype=dtype)
+    tile = decode.row_tile(rows)
+    kept = decode._prune(decode.CONFIGS.all(), {"Q": q, "row_tile": tile}, BLOCK_D=head_dim)
+    assert kept and all(c.kwargs["BLOCK_M"] == tile for c in kept), config_shapes(kept)
