@@ -91,7 +91,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
 ):
     start_r, batch, kv_head = program_tile(group * n_q, kv_heads, BLOCK_M)
-    split = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)
     # Rows query-major: row r is query r // group of query head kv_head * group + r % group, so that a
     # tile's rows hold a contiguous range of queries, at most BLOCK_M of them from start_r // group on:
     # key_range's query tile, which may only widen the keys it returns.
@@ -110,7 +110,7 @@ def _decode_kernel(
     n_k = tl.load(SEQLENS_K + batch)
     # The split's chunk of keys: a whole number of key tiles, so that its tiles are key_range's.
     chunk = tl.cdiv(tl.cdiv(n_k, num_splits), BLOCK_N) * BLOCK_N
-    chunk_start = split.to(tl.int32) * chunk
+    chunk_start = split * chunk
     start, _, _, visible_end = key_range(start_r // group, n_q, n_k, None, window_left, window_right, BLOCK_M,
                                          BLOCK_N, CAUSAL, False, WINDOW)
     k_head = K_CACHE + kv_head * stride_kh
@@ -162,9 +162,9 @@ def _decode_kernel(
     l_safe = tl.where(no_key, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = tl.where(no_key, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    out_rows = split * stride_os + batch * stride_ob + head * stride_oh + query.to(tl.int64) * stride_on
+    out_rows = split.to(tl.int64) * stride_os + batch * stride_ob + head * stride_oh + query.to(tl.int64) * stride_on
     tl.store(O_PARTS + out_rows[:, None] + offs_d[None, :], o, mask=real_row[:, None] & in_head[None, :])
-    lse_rows = split * stride_lses + batch * stride_lseb + head * stride_lseh + query
+    lse_rows = split.to(tl.int64) * stride_lses + batch * stride_lseb + head * stride_lseh + query
     tl.store(LSE_PARTS + lse_rows, lse, mask=real_row)
 
 
