@@ -10,7 +10,7 @@ install:
 	MAX_JOBS=$(MAX_JOBS) $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: install emulator
-	$(PYTHON) -m pytest -q --benchmark-disable
+	$(PYTHON) -m pytest -q --benchmark-disable --durations=40
 
 # Runs go to benchmarks/runs/<device>-<time>/ unless OUT names a folder (committed results: a deliberate act).
 bench: install

@@ -1,4 +1,5 @@
 """fused-attention: fused, flash-style attention kernels (Triton, CUDA C++, C++ CPU) as torch ops."""
+from . import distributed
 from .api import explain, flash_attention, flash_attention_varlen
 from .backends import BACKENDS, available_backends
 from .dropout import dropout_mask

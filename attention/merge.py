@@ -35,5 +35,9 @@ def merge_partials(o_parts, lse_parts):
 
 
 def merge_two(o_a, lse_a, o_b, lse_b):
-    """merge_partials of two parts given separately: the running merge of a ring step."""
-    return merge_partials(torch.stack((o_a.float(), o_b.float())), torch.stack((lse_a.float(), lse_b.float())))
+    """merge_partials of two parts given separately, the running merge of a ring step: the same formula
+    without stacking the parts, so it allocates the merged o and row-sized temporaries only."""
+    lse = torch.logaddexp(lse_a.float(), lse_b.float())  # -inf where neither part saw a key
+    shift = torch.where(lse.isneginf(), torch.zeros_like(lse), lse)
+    w_a, w_b = (torch.exp(part.float() - shift).unsqueeze(-1) for part in (lse_a, lse_b))
+    return torch.addcmul(w_a * o_a.float(), w_b, o_b.float()), lse

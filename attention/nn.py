@@ -11,6 +11,7 @@ from torch import nn
 
 from .api import flash_attention
 from .backends import BACKENDS
+from .distributed import LAYOUTS, ring_attention
 
 
 def check_backend(backend):
@@ -27,13 +28,21 @@ class MultiHeadAttention(nn.Module):
     sliding window, as Mistral's). ``dropout`` drops attention probabilities in training mode, inside
     the fused kernels. q, k and v reach the kernel as strided views of the projection output (no
     copies): the kernels read any layout whose last dim is contiguous.
+
+    ``context_parallel_group``: a torch.distributed process group over which the sequence is sharded
+    (context parallelism): x is then this rank's shard (``attention.distributed.shard_sequence`` with
+    ``context_parallel_layout``, dim=1) and attention runs as ``ring_attention`` over the group. Self-
+    attention without window, dropout or padding mask only.
     """
 
     def __init__(self, d_model, n_heads, *, causal=False, cross=False, bias=True, backend="auto", window=(-1, -1),
-                 dropout=0.0):
+                 dropout=0.0, context_parallel_group=None, context_parallel_layout="zigzag"):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if context_parallel_group is not None:
+            _check_context_parallel(cross, window, dropout, context_parallel_layout)
+        self.context_parallel_group, self.context_parallel_layout = context_parallel_group, context_parallel_layout
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.causal, self.cross, self.window, self.dropout = causal, cross, tuple(window), dropout
         self.backend = backend
@@ -82,8 +91,14 @@ class MultiHeadAttention(nn.Module):
                     f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
                 )
             key_padding_mask = ~key_padding_mask  # flash_attention's mask is True where the key is real
-        o = flash_attention(q, k, v, causal=self.causal, backend=self.backend, key_padding_mask=key_padding_mask,
-                            window=self.window, dropout_p=self.dropout if self.training else 0.0)
+        if self.context_parallel_group is not None:
+            if key_padding_mask is not None:
+                raise ValueError("key_padding_mask must be None with context_parallel_group (the ring has no padding)")
+            o = ring_attention(q, k, v, causal=self.causal, group=self.context_parallel_group,
+                               layout=self.context_parallel_layout, backend=self.backend)
+        else:
+            o = flash_attention(q, k, v, causal=self.causal, backend=self.backend, key_padding_mask=key_padding_mask,
+                                window=self.window, dropout_p=self.dropout if self.training else 0.0)
         batch, n_q, _ = x.shape
         return self.out_proj(o.transpose(1, 2).reshape(batch, n_q, self.d_model))
 
@@ -92,6 +107,18 @@ class MultiHeadAttention(nn.Module):
             f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, cross={self.cross}, "
             f"window={self.window}, dropout={self.dropout}, backend={self.backend!r}"
         )
+
+
+def _check_context_parallel(cross, window, dropout, layout):
+    if cross:
+        raise ValueError("context_parallel_group works for self-attention only (cross=False): ring attention shards "
+                         "one sequence for queries and keys alike")
+    if tuple(window) != (-1, -1):
+        raise ValueError(f"window must be (-1, -1) with context_parallel_group, got {tuple(window)}")
+    if dropout != 0.0:
+        raise ValueError(f"dropout must be 0 with context_parallel_group, got {dropout}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"context_parallel_layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 class FeedForward(nn.Module):
@@ -113,10 +140,13 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block (GPT-2, ViT): x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, d_model, n_heads, d_hidden, *, causal, dropout=0.0, bias=True, backend="auto"):
+    def __init__(self, d_model, n_heads, d_hidden, *, causal, dropout=0.0, bias=True, backend="auto",
+                 context_parallel_group=None, context_parallel_layout="zigzag"):
         super().__init__()
         self.ln_attn = nn.LayerNorm(d_model, bias=bias)
-        self.attn = MultiHeadAttention(d_model, n_heads, causal=causal, bias=bias, backend=backend, dropout=dropout)
+        self.attn = MultiHeadAttention(d_model, n_heads, causal=causal, bias=bias, backend=backend, dropout=dropout,
+                                       context_parallel_group=context_parallel_group,
+                                       context_parallel_layout=context_parallel_layout)
         self.dropout = nn.Dropout(dropout)
         self.ln_mlp = nn.LayerNorm(d_model, bias=bias)
         self.mlp = FeedForward(d_model, d_hidden, dropout=dropout, bias=bias)
@@ -155,9 +185,12 @@ class LearnedPositionalEncoding(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(max_len, d_model)
 
-    def forward(self, x):
-        _check_length(x.shape[1], self.embedding.num_embeddings)
-        return x + self.embedding(torch.arange(x.shape[1], device=x.device))
+    def forward(self, x, positions=None):
+        """``positions``: the (N,) positions of x's tokens where they are not 0..N-1 (a context-parallel shard)."""
+        if positions is None:
+            _check_length(x.shape[1], self.embedding.num_embeddings)
+            positions = torch.arange(x.shape[1], device=x.device)
+        return x + self.embedding(positions)
 
 
 def set_backend(model, backend):

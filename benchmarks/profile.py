@@ -8,14 +8,22 @@ says where each provider stopped (naive attention: out of memory), and plots bot
 providers (ours and naive given the window, SDPA a bool mask), our time growing as N (N * L pairs).
 ``--trace N`` instead profiles one call of each provider at length N into a Chrome/Perfetto trace
 (open in ui.perfetto.dev), with a torch.profiler range and an NVTX range (for Nsight) per call.
+``--world-size W`` profiles context-parallel ring attention (``attention.distributed.ring_attention``,
+zigzag layout, our "auto" backend) on W local processes, NCCL over W GPUs or gloo on the CPU: each rank
+holds N / W tokens, and each rank's peak memory and time are reported and fitted (N is the whole
+sequence; TFLOP/s counts the whole group's work).
 Without a GPU: the same at small sizes on the CPU (it says so). Each run writes to a folder of its
 own, benchmarks/runs/profile-<device>-<UTC time>/ (or ``--out``).
 """
 import contextlib
 import dataclasses
+import json
 import math
+import os
 import pathlib
 import sys
+import tempfile
+import time
 from collections import defaultdict
 
 import matplotlib
@@ -23,14 +31,19 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from .cases import DTYPES, Config, case_inputs  # noqa: E402
+from attention.distributed import ring_attention  # noqa: E402
+
+from .cases import DTYPES, Config, case_inputs, make_inputs  # noqa: E402
 from .cli import check_providers_and_modes, name_list, parser  # noqa: E402
 from .providers import needs_grad, select_providers  # noqa: E402
 from .report import default_out_dir, log_y_axis, seqlen_axis, write_json  # noqa: E402
-from .run import describe, device_slug, environment, measure, result_row  # noqa: E402
+from .run import Measurement, describe, device_slug, environment, measure, result_row  # noqa: E402
 from .scaling import fit_exponent  # noqa: E402
+from .timing import free_memory, peak_memory_bytes, summarize, synchronize  # noqa: E402
 
 # At fixed batch and heads attention's work grows as N^2: doubling N quadruples the next call.
 NEXT_CALL_GROWTH = 4.0
@@ -56,6 +69,7 @@ EXAMPLES = """examples:
   python -m benchmarks.profile --threads 1
   python -m benchmarks.profile --trace 4096 --providers cpu,sdpa-flash
   python -m benchmarks.profile --window 256 --max-seqlen 32768     # time ~ N^1 for ours
+  python -m benchmarks.profile --world-size 4                      # ring attention, memory per rank ~ N/4
 
 """
 
@@ -84,7 +98,12 @@ def parse_args(argv=None):
     p.add_argument("--fit-points", type=int, default=4, help="how many of the largest N the exponent fit uses")
     p.add_argument("--cpu-min-time", type=float, default=0.2, help="seconds of repeats per CPU timing")
     p.add_argument("--trace", type=int, metavar="N", help="write a profiler trace of one call per provider at N")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for torch (default: torch's own choice; with --world-size, the cores / W per rank)")
+    p.add_argument("--world-size", type=int, metavar="W",
+                   help="profile ring attention over W local processes (one per GPU, or gloo on the CPU)")
+    p.add_argument("--ring-repeats", type=int, default=5,
+                   help="timed calls per length with --world-size (a fixed count: every rank must make each call)")
     p.add_argument("--out", type=pathlib.Path,
                    help="output folder (default: a new benchmarks/runs/profile-<device>-<UTC time>/)")
     p.add_argument("--no-progress", action="store_true",
@@ -93,10 +112,17 @@ def parse_args(argv=None):
     check_providers_and_modes(p, args)
     if args.fit_points < 2:
         p.error(f"--fit-points must be at least 2 (a line needs two points), got {args.fit_points}")
-    for flag in ("batch", "heads", "head_dim", "start", "max_seqlen", "trace", "threads", "window"):
+    for flag in ("batch", "heads", "head_dim", "start", "max_seqlen", "trace", "threads", "window", "world_size",
+                 "ring_repeats"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.world_size is not None:
+        for flag in ("trace", "window", "providers"):
+            if getattr(args, flag) is not None:
+                p.error(f"--{flag} does not go with --world-size (the ring profiles our ring attention, causal or not)")
+        if "bwd" in args.modes:
+            p.error("--modes: with --world-size, fwd and fwd+bwd only")
     return args
 
 
@@ -249,6 +275,115 @@ def write_trace(providers, modes, base, n, device, path):
     prof.export_chrome_trace(str(path))
 
 
+RING_LAYOUT = "zigzag"
+
+
+def _ring_step(mode, q, k, v, causal):
+    """A zero-argument call of ring attention doing ``mode`` (fwd or fwd+bwd) once on this rank's shard."""
+    run = lambda: ring_attention(q, k, v, causal=causal, layout=RING_LAYOUT)
+    if mode == "fwd":
+        return run
+    dout = torch.randn_like(q)
+    return lambda: torch.autograd.grad(run(), (q, k, v), dout)
+
+
+def _fixed_times_ms(fn, device, repeats):
+    # Not times_ms: its repeat count follows the clock, and every rank must make the same calls.
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _all_ranks_max(value, device):
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _ring_rank(rank, world_size, device_type, base, modes, max_seqlen, limit_s, repeats, threads, out_dir):
+    """One rank of the ring profile: N doubling from base.seqlen while the slowest rank's next call fits
+    ``limit_s``; writes its rows and stops to out_dir/rank<r>.json."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank, world_size=world_size)
+    env = environment(device)
+    provider = f"ring W={world_size} r{rank}"
+    rows, stops = [], {}
+    try:
+        for mode in modes:
+            n = base.seqlen
+            while True:
+                config = dataclasses.replace(base, seqlen=n)
+                try:
+                    q, k, v = make_inputs(dataclasses.replace(config, seqlen=n // world_size), device, mode != "fwd")
+                    step = _ring_step(mode, q, k, v, base.causal)
+                    step()  # warm-up (Triton compiles here)
+                    peak = peak_memory_bytes(step, device)
+                    median, spread = summarize(_fixed_times_ms(step, device, repeats))
+                    m = Measurement("ok", ms=median, spread=spread, repeats=repeats, peak_bytes=peak)
+                except torch.OutOfMemoryError:  # every rank holds as much, so all of them run out at the same N
+                    m = Measurement("OOM", reason="out of memory")
+                rows.append({**result_row(_RingProvider(provider), config, mode, m, env), "rank": rank,
+                             "world_size": world_size})
+                if m.status == "OOM":
+                    stops[mode] = f"OOM at N={n}"
+                    q = k = v = step = None
+                    free_memory(device)
+                    break
+                slowest_ms = _all_ranks_max(median, device)  # every rank takes the same decision
+                if n * 2 > max_seqlen:
+                    stops[mode] = f"reached the last N={n}"
+                    break
+                next_call_s = slowest_ms / 1e3 * NEXT_CALL_GROWTH
+                if next_call_s > limit_s:
+                    stops[mode] = f"time limit after N={n} (next call ~{next_call_s:.1f} s > {limit_s:g} s)"
+                    break
+                n *= 2
+                del q, k, v, step
+                free_memory(device)
+    finally:
+        dist.destroy_process_group()
+    (pathlib.Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"rows": rows, "stops": stops}))
+
+
+@dataclasses.dataclass(frozen=True)
+class _RingProvider:
+    """The one field of a Provider that result_row reads."""
+
+    name: str
+
+
+def ring_profile(world_size, base, modes, max_seqlen, limit_s, repeats, threads, device):
+    """(rows, stops) of the ring profile on ``world_size`` local processes; rows are per rank."""
+    if device.type == "cuda" and world_size > torch.cuda.device_count():
+        sys.exit(f"--world-size {world_size}: NCCL needs one GPU per rank, torch sees {torch.cuda.device_count()}")
+    if base.seqlen % (2 * world_size):
+        sys.exit(f"--start {base.seqlen}: the zigzag layout needs N divisible by 2 x --world-size = {2 * world_size}")
+    if threads is None and device.type == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+    with tempfile.TemporaryDirectory() as folder:
+        # fork where it is safe (no CUDA in this process): the ranks then start without importing torch again.
+        method = "fork" if device.type == "cpu" and "fork" in mp.get_all_start_methods() else "spawn"
+        mp.start_processes(_ring_rank, args=(world_size, device.type, base, modes, max_seqlen, limit_s, repeats, threads,
+                                             folder),
+                           nprocs=world_size, start_method=method)
+        results = [json.loads(pathlib.Path(folder, f"rank{r}.json").read_text()) for r in range(world_size)]
+    rows = sorted((row for result in results for row in result["rows"]),
+                  key=lambda row: (modes.index(row["mode"]), row["rank"], row["seqlen"]))
+    stops = {(f"ring W={world_size} r{r}", mode): stop for r, result in enumerate(results)
+             for mode, stop in result["stops"].items()}
+    return rows, stops
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -264,12 +399,22 @@ def main(argv=None):
     max_seqlen = args.max_seqlen or max_seqlen
     limits = {False: args.time_limit or limit, True: args.ours_time_limit or ours_limit}
     providers = select_providers(args.providers, base.case)
-    out_dir = (args.out or default_out_dir(f"profile-{device_slug(device)}")).resolve()
+    ring = f"ring{args.world_size}-" if args.world_size else ""
+    out_dir = (args.out or default_out_dir(f"profile-{ring}{device_slug(device)}")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if device.type == "cpu":
         print("No GPU in use: profiling the CPU paths at small sizes (no out-of-memory on CPU: time limits stop them).")
     shape = _shape(base)
+    if args.world_size:
+        processes = f"{args.world_size} process{'es' if args.world_size > 1 else ''}"
+        print(f"ring attention ({RING_LAYOUT}) on {processes} ({'NCCL' if device.type == 'cuda' else 'gloo'}), "
+              f"{shape}: N (the whole sequence) from {base.seqlen} doubling to {max_seqlen}, each rank holding N/"
+              f"{args.world_size}; stops when the slowest rank's next call would take over {limits[True]:g} s")
+        rows, stops = ring_profile(args.world_size, base, args.modes, max_seqlen, limits[True], args.ring_repeats,
+                                   args.threads, device)
+        _report(rows, stops, args.fit_points, out_dir)
+        return
     if args.trace:
         path = out_dir / f"trace_N{args.trace}.json"
         print(f"tracing one call per provider and mode at N={args.trace}, {shape}, on {device}")
@@ -283,8 +428,13 @@ def main(argv=None):
     )
     rows, stops = sweep(providers, args.modes, base, max_seqlen, limits, device, args.cpu_min_time,
                         progress=False if args.no_progress else None)
-    fits = exponents(rows, args.fit_points)
-    report = format_report(rows, stops, fits, args.fit_points)
+    _report(rows, stops, args.fit_points, out_dir)
+
+
+def _report(rows, stops, fit_points, out_dir):
+    """Prints the table and the fits, writes them with the rows' JSON and the plots to ``out_dir``."""
+    fits = exponents(rows, fit_points)
+    report = format_report(rows, stops, fits, fit_points)
     print(report)
     (out_dir / "profile.txt").write_text(report + "\n")
     write_json(rows, out_dir / "profile.json")

@@ -1,9 +1,14 @@
-"""attention.merge: attention over a partition of the keys, merged by lse, equals attention over all."""
+"""attention.merge: attention over a partition of the keys, merged by lse, equals attention over all;
+and each backend's backward of one part, given the merged result, is that part's share of the gradient."""
 import pytest
 import torch
 
+import attention
+from attention.backends import select_backend
 from attention.merge import merge_partials, merge_two
 from attention.reference import naive_attention
+from attention.validation import AttentionOptions
+from grid import _backend, assert_within_rule, backends_under_test
 
 
 def _parts(q, k, v, bounds, **options):
@@ -57,3 +62,32 @@ def test_merge_two_is_differentiable():
 def test_mismatched_shapes_name_the_arguments():
     with pytest.raises(ValueError, match="o_parts .* lse_parts"):
         merge_partials(torch.zeros(2, 3, 4), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("backend", ["naive", *backends_under_test()])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_of_key_blocks_given_the_merged_output(backend, causal):
+    """Backend.backward on each block of keys, handed the merged (o, lse) of all of them, gives that
+    block's share of the gradients: the step of a ring backward. Blocks: keys [0, 3) that every query
+    sees in full, then the last 9 keys, bottom-right causal against the 9 queries."""
+    gen = torch.Generator().manual_seed(3)
+    dtype = torch.float32 if backend in ("naive", "cpu") else torch.bfloat16
+    q, dout = (torch.randn(1, 4, 9, 16, generator=gen).to(dtype) for _ in range(2))
+    k, v = (torch.randn(1, 2, 12, 16, generator=gen).to(dtype) for _ in range(2))
+    whole = AttentionOptions(causal=causal, softmax_scale=0.3)
+    blocks = [(slice(0, 3), AttentionOptions(causal=False, softmax_scale=0.3)), (slice(3, 12), whole)]
+    chosen = select_backend(q, k, v, whole, _backend(backend))
+    with torch.no_grad():
+        parts = [chosen.forward(q, k[:, :, keys], v[:, :, keys], options) for keys, options in blocks]
+        o, lse = merge_partials(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+        o = o.to(dtype)
+        grads = [chosen.backward(dout, q, k[:, :, keys], v[:, :, keys], o, lse, options) for keys, options in blocks]
+    dq = sum(g[0].float() for g in grads)
+    dk, dv = (torch.cat([g[i] for g in grads], dim=2) for i in (1, 2))
+    reference = lambda q, k, v: attention.naive_attention(q, k, v, causal=causal, softmax_scale=0.3)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(reference(*leaves), leaves, dout.double())
+    lowprec = [t.detach().requires_grad_() for t in (q, k, v)]
+    low_grads = torch.autograd.grad(reference(*lowprec), lowprec, dout)
+    for name, got, ref, low in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, low_grads):
+        assert_within_rule(name, got, ref, low, 3)

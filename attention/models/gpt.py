@@ -6,9 +6,11 @@ token embedding.
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import shard_sequence
 from ..nn import LearnedPositionalEncoding, TransformerBlock
 
 
@@ -24,16 +26,22 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig, backend="auto"):
+    """``context_parallel_group``: run attention context-parallel over this process group; forward then
+    takes this rank's shard (``shard_sequence(tokens, rank, W, context_parallel_layout, dim=1)``) of the
+    tokens and targets, and the loss is the mean over the shard (average the gradients over the group)."""
+
+    def __init__(self, cfg: GPTConfig, backend="auto", context_parallel_group=None, context_parallel_layout="zigzag"):
         super().__init__()
         self.cfg = cfg
+        self.context_parallel_group, self.context_parallel_layout = context_parallel_group, context_parallel_layout
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.positions = LearnedPositionalEncoding(cfg.d_model, cfg.block_size)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(
                 cfg.d_model, cfg.n_heads, 4 * cfg.d_model, causal=True, dropout=cfg.dropout, bias=cfg.bias,
-                backend=backend,
+                backend=backend, context_parallel_group=context_parallel_group,
+                context_parallel_layout=context_parallel_layout,
             )
             for _ in range(cfg.n_layers)
         )
@@ -52,13 +60,25 @@ class GPT(nn.Module):
     def forward(self, tokens, targets=None):
         """tokens: (B, N) ids, N <= block_size. Returns logits (B, N, vocab) and, given targets (B, N),
         the mean cross-entropy (else None)."""
-        x = self.dropout(self.positions(self.token_embed(tokens)))  # (B, N, d_model)
+        x = self.dropout(self.positions(self.token_embed(tokens), self._shard_positions(tokens)))  # (B, N, d_model)
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_final(x))
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def _shard_positions(self, tokens):
+        """The positions of a context-parallel shard's tokens in the whole sequence (None without one)."""
+        if self.context_parallel_group is None:
+            return None
+        world_size = dist.get_world_size(self.context_parallel_group)
+        seq_len = tokens.shape[1] * world_size
+        if seq_len > self.cfg.block_size:
+            raise ValueError(f"sequence length {seq_len} ({world_size} shards of {tokens.shape[1]}) exceeds "
+                             f"block_size {self.cfg.block_size}")
+        return shard_sequence(torch.arange(seq_len, device=tokens.device), dist.get_rank(self.context_parallel_group),
+                              world_size, self.context_parallel_layout, dim=0)
 
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens, temperature=1.0, generator=None):
