@@ -126,11 +126,19 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Every tile is masked: a decode step is bound by the K/V reads, the masks' arithmetic hides under them.
-    for start_n in range(tl.maximum(start, chunk_start), tl.minimum(visible_end, chunk_start + chunk), BLOCK_N):
+    first_tile = tl.maximum(start, chunk_start)
+    # PAGED: each key row's block, for any block size. A tile's block ids are loaded one tile ahead: K/V
+    # loads whose addresses wait on a load of the same iteration are pipelined one stage shallower.
+    if PAGED:
+        next_keys = first_tile + tl.arange(0, BLOCK_N)
+        next_block = tl.load(blocks + next_keys // block_size, mask=next_keys < n_k, other=0)
+    for start_n in range(first_tile, tl.minimum(visible_end, chunk_start + chunk), BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         real = keys < n_k
-        if PAGED:  # each key row's block, for any block size
-            block = tl.load(blocks + keys // block_size, mask=real, other=0).to(tl.int64)
+        if PAGED:
+            block = next_block.to(tl.int64)
+            next_keys = keys + BLOCK_N
+            next_block = tl.load(blocks + next_keys // block_size, mask=next_keys < n_k, other=0)
             slot = (keys % block_size).to(tl.int64)
             k_rows = block * stride_kb + slot * stride_kn
             v_rows = block * stride_vb + slot * stride_vn
