@@ -1,14 +1,16 @@
 """The Triton compile gate: what every kept config compiles to on sm_80 and sm_90, checked without a GPU.
 
 Each kernel is compiled, at head dims 64, 128 and 256, with every fp16/bf16 config it keeps for that head
-dim, its key-padding and varlen variants at head dim 128, and its score-option variants (sliding window,
-softcap with ALiBi, dropout) at head dim 128 on sm_90 (triton_kernels/resources.py, VARIANTS; it also writes
-the committed table triton_kernels/RESOURCES.md):
+dim, its key-padding and varlen variants (the decode kernel: its paged-cache variant) at head dim 128, and its
+score-option variants (sliding window, softcap with ALiBi, dropout) at head dim 128 on sm_90
+(triton_kernels/resources.py, VARIANTS; it also writes the committed table triton_kernels/RESOURCES.md):
 - no register spills, on either architecture;
-- sm_90: every tl.dot a warp-group MMA (wgmma), no mma.sync fallback;
+- sm_90: every tl.dot a warp-group MMA (wgmma), no mma.sync fallback, but in the decode kernel's 16-row tiles
+  (a warp group's wgmma takes 64 rows): mma.sync there;
 - sm_80: mma.sync, with cp.async loads;
 - no transposes of matmul results (a round trip through shared memory each);
-- the shared memory the autotuner's pruner estimates is what the build uses (sm_90, within 8 KiB), or more (sm_80).
+- the shared memory the autotuner's pruner estimates is what the build uses (wgmma builds, within 8 KiB), or
+  more (mma.sync builds, which keep one pipeline stage fewer in shared memory).
 A failing case is named by kernel, variant, architecture, head dim and config. Each compile runs ptxas (a few
 seconds); select the gate alone with `pytest -m compile_gate`.
 """
@@ -22,7 +24,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from attention.triton_kernels import backward, forward, resources  # noqa: E402
+from attention.triton_kernels import backward, decode, forward, resources  # noqa: E402
 
 pytestmark = pytest.mark.compile_gate
 
@@ -30,7 +32,10 @@ pytestmark = pytest.mark.compile_gate
 # at head dim 256 keeps two (BLOCK_N, 256) fp32 accumulators; no kept tile shape avoids spilling on sm_90.
 KNOWN_SPILLS = {("dkdv", 90, 256): 600}
 
-CONFIGS = {"forward": forward.CONFIGS, "dkdv": backward.DKDV_CONFIGS, "dq": backward.DQ_CONFIGS}
+CONFIGS = {"forward": forward.CONFIGS, "dkdv": backward.DKDV_CONFIGS, "dq": backward.DQ_CONFIGS,
+           "decode": decode.CONFIGS}
+# The smallest tile a warp group's wgmma takes has 64 rows.
+WGMMA_MIN_ROWS = 64
 HEAD_DIMS = (64, 128, 256)
 
 
@@ -80,16 +85,17 @@ def test_kept_config_compiles_clean(compiled, name, variant, arch, head_dim, con
     allowed = KNOWN_SPILLS.get((name, arch, head_dim), 0)
     assert r["spill_bytes"] <= allowed, f"{case}: spills {r['spill_bytes']} bytes ({r['registers']} registers)"
     assert r["result_transposes"] == 0, f"{case}: {r['result_transposes']} transposes of matmul results (tt.trans)"
-    if arch == 90:
+    wgmma = arch == 90 and (name != "decode" or config.kwargs["BLOCK_M"] >= WGMMA_MIN_ROWS)
+    if wgmma:
         assert r["wgmma_dots"] == r["dots"], f"{case}: only {r['wgmma_dots']} of {r['dots']} dots are wgmma"
         assert not r["mma_sync"], f"{case}: mma.sync in the PTX"
     else:
         assert r["mma_sync"], f"{case}: no mma.sync in the PTX"
         assert r["cp_async"], f"{case}: no cp.async in the PTX"
     estimate = CONFIGS[name].shared_memory(config, head_dim, 2)
-    # sm_80 builds use less shared memory than sm_90 builds: there the estimate need only be an upper
+    # mma.sync builds use less shared memory than wgmma builds: there the estimate need only be an upper
     # bound, so that it never keeps a config that does not fit.
-    fits = abs(estimate - r["shared_bytes"]) <= 8192 if arch == 90 else estimate >= r["shared_bytes"]
+    fits = abs(estimate - r["shared_bytes"]) <= 8192 if wgmma else estimate >= r["shared_bytes"]
     assert fits, f"{case}: shared memory estimated {estimate} bytes, compiled {r['shared_bytes']}"
 
 

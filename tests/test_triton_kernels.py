@@ -20,7 +20,10 @@ tl = triton.language
 from attention.dropout import dropout_mask, philox4x32  # noqa: E402
 from attention.reference import naive_attention, naive_attention_varlen  # noqa: E402
 from grid import assert_within_rule  # noqa: E402
+from test_kvcache import check_decode  # noqa: E402
 from attention.triton_kernels import attention_backward, attention_forward, backward, common, forward  # noqa: E402
+from attention.triton_kernels import decode  # noqa: E402
+from attention.triton_kernels.decode import MAX_SPLITS, attention_decode  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -374,7 +377,8 @@ def config_shapes(configs):
 
 
 @pytest.mark.parametrize(
-    "configs", [forward.CONFIGS, backward.DKDV_CONFIGS, backward.DQ_CONFIGS], ids=["forward", "dkdv", "dq"]
+    "configs", [forward.CONFIGS, backward.DKDV_CONFIGS, backward.DQ_CONFIGS, decode.CONFIGS],
+    ids=["forward", "dkdv", "dq", "decode"],
 )
 def test_config_pruning(configs, monkeypatch):
     """The autotuner compiles only the configs for the call's dtype and head dim that fit the device."""
@@ -850,3 +854,40 @@ def test_philox_matches_reference():
     expected = torch.stack(philox4x32(tuple(counters), tuple(keys)))
     assert torch.equal(words.cpu(), expected)
     assert words[:, 0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+# The decode kernel (attention_decode) beyond tests/test_kvcache.py's grid: its row tiles, block sizes
+# that are not a multiple of the key tile, and windows that skip key tiles.
+
+def test_decode_row_tiles_odd_blocks_and_a_window():
+    """10 query heads on 2 KV heads with 4 query rows: 20 packed rows, two row tiles, the second starting in
+    the middle of a query's heads; blocks of 5 keys; a left window that skips whole key tiles; 3 splits."""
+    check_decode("triton", torch.bfloat16, lengths=(9, 50), q_heads=10, kv_heads=2, head_dim=24, n_q=4, n_new=2,
+                 capacity=60, block_size=5, window=(17, -1), num_splits=3)
+
+
+def test_decode_two_sided_window():
+    """Not causal, a window on both sides: keys after the diagonal too, and rows near the start that see none
+    of a split's keys."""
+    check_decode("triton", torch.float32, lengths=(3, 40), q_heads=3, kv_heads=1, head_dim=16, n_q=5, causal=False,
+                 window=(6, 2), num_splits=2)
+
+
+def test_decode_splits_beyond_the_grid_are_refused():
+    x = torch.zeros(1, 1, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="num_splits must be at most"):
+        attention_decode(x, x, x, torch.ones(1, dtype=torch.int32, device=DEVICE), None, True, 1.0, -1, 0, 0.0, None,
+                         MAX_SPLITS + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows", [1, 16, 17, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_decode_pruning_keeps_the_row_tile(head_dim, rows, dtype, monkeypatch):
+    """The decode autotuner runs only configs of the row tile the launcher asks for (`row_tile`)."""
+    monkeypatch.setattr(common, "_shared_memory_bytes", lambda device_index: 232448)
+    monkeypatch.setattr(common, "_arch", lambda device_index: 90)
+    q = torch.empty(1, 1, 1, head_dim, dtype=dtype)
+    tile = decode.row_tile(rows)
+    kept = decode._prune(decode.CONFIGS.all(), {"Q": q, "row_tile": tile}, BLOCK_D=head_dim)
+    assert kept and all(c.kwargs["BLOCK_M"] == tile for c in kept), config_shapes(kept)

@@ -56,6 +56,14 @@ def _arch(device_index: int) -> int:
     return 10 * major + minor
 
 
+def query_tile_shared_memory(config, block_d, element_bytes):
+    """The shared memory of a kernel that holds one Q tile and streams K and V (forward, decode): K and V
+    tiles for every pipeline stage plus the Q tile."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    tiles = 2 * config.num_stages * block_n * block_d + block_m * block_d
+    return tiles * element_bytes
+
+
 class KernelConfigs:
     """The autotune configs of one kernel: fp16/bf16 tiles per padded head dim, and fp32 tiles.
 

@@ -20,19 +20,13 @@ from .common import (
     padded_head_dim,
     program_grid,
     program_tile,
+    query_tile_shared_memory,
     real_key_bounds,
     real_keys,
     sequence,
     store_rows,
     visible,
 )
-
-
-def _forward_shared_memory(config, block_d, element_bytes):
-    """K and V tiles for every pipeline stage plus the Q tile."""
-    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    tiles = 2 * config.num_stages * block_n * block_d + block_m * block_d
-    return tiles * element_bytes
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim; see KernelConfigs for what they are held to.
@@ -43,7 +37,7 @@ CONFIGS = KernelConfigs(
         256: [(64, 32, 8, 2), (64, 64, 8, 2)],
     },
     fp32=[(32, 32, 4, 2), (32, 16, 8, 2), (16, 16, 4, 2)],
-    shared_memory=_forward_shared_memory,
+    shared_memory=query_tile_shared_memory,
     interpreter_shape=(32, 16, 4, 1),
 )
 

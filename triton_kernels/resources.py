@@ -9,7 +9,7 @@ the transposes (``tt.trans`` in TTGIR), those of matmul results costing a round 
     python -m attention.triton_kernels.resources --json FILE     # the same as JSON (the compile gate reads it)
 
 Each kernel is compiled at head dims 64, 128 and 256 with the configs it keeps for that head dim
-(KernelConfigs.for_head_dim), and its key-padding and varlen variants at head dim 128 (VARIANTS). The
+(KernelConfigs.for_head_dim), and its variants at head dim 128 (VARIANTS, VARIANT_KERNELS). The
 compile gate (tests/test_triton_compile.py) checks the results; the config lists were chosen from this
 table. Must run without TRITON_INTERPRET=1 (under it, the kernels are the interpreter's and cannot be
 compiled).
@@ -28,7 +28,7 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import backward, forward
+from . import backward, decode, forward
 
 ARCHS = (80, 90)
 HEAD_DIMS = (64, 128, 256)  # the two common ones and the largest supported
@@ -41,12 +41,21 @@ HEAD_DIMS = (64, 128, 256)  # the two common ones and the largest supported
 # heads are a runtime argument, in every variant.
 VARIANTS = {
     "plain": {}, "padded": {"PADDED": True}, "varlen": {"VARLEN": True},
+    "paged": {"PAGED": True},  # decode from a paged KV cache: its per-key-row block gather
     "window": {"WINDOW": True, "CAUSAL": False},  # a causal window runs the WINDOW code with CAUSAL off
     "softcap_alibi": {"SOFTCAP": True, "ALIBI": True},
     "dropout": {"DROPOUT": True},
 }
 VARIANT_HEAD_DIMS = {variant: HEAD_DIMS if variant == "plain" else (128,) for variant in VARIANTS}
 VARIANT_ARCHS = {variant: (90,) if variant in ("window", "softcap_alibi", "dropout") else ARCHS for variant in VARIANTS}
+# The kernels that have each variant: the decode kernel has no key padding, varlen or dropout, only it
+# reads a paged cache.
+TRAINING_KERNELS = ("forward", "dkdv", "dq")
+VARIANT_KERNELS = {
+    "plain": (*TRAINING_KERNELS, "decode"), "padded": TRAINING_KERNELS, "varlen": TRAINING_KERNELS,
+    "paged": ("decode",), "window": (*TRAINING_KERNELS, "decode"), "softcap_alibi": (*TRAINING_KERNELS, "decode"),
+    "dropout": TRAINING_KERNELS,
+}
 DTYPE = "bf16"  # fp16 compiles to the same instructions and resources
 
 # (kernel, its KernelConfigs) for every autotuned kernel. Only the fp16/bf16 configs are compiled: the fp32
@@ -55,13 +64,15 @@ KERNELS = {
     "forward": (forward._forward_kernel, forward.CONFIGS),
     "dkdv": (backward._dkdv_kernel, backward.DKDV_CONFIGS),
     "dq": (backward._dq_kernel, backward.DQ_CONFIGS),
+    "decode": (decode._decode_kernel, decode.CONFIGS),
 }
 
-# Row statistics are float32, the key padding mask bool, its key bounds and cu_seqlens int32; every other
-# tensor argument has the input dtype.
+# Row statistics and decode's partial outputs are float32, the key padding mask bool, its key bounds,
+# cu_seqlens, the cache lengths and block table int32; every other tensor argument has the input dtype.
 POINTER_TYPES = {
     "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACCUM": "*fp32", "KEY_MASK": "*i1", "KEY_BOUNDS": "*i32",
-    "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "ALIBI_SLOPES": "*fp32",
+    "CU_SEQLENS_Q": "*i32", "CU_SEQLENS_K": "*i32", "ALIBI_SLOPES": "*fp32", "O_PARTS": "*fp32",
+    "LSE_PARTS": "*fp32", "SEQLENS_K": "*i32", "BLOCK_TABLE": "*i32",
 }
 
 
@@ -120,6 +131,7 @@ def _constexprs(fn, config, head_dim, variant):
         "CAUSAL": True,  # the causal kernel contains both the masked and the unmasked loop
         "PADDED": False,
         "VARLEN": False,
+        "PAGED": False,
         "WINDOW": False,
         "SOFTCAP": False,
         "ALIBI": False,
@@ -185,6 +197,7 @@ def all_jobs(kernels=None, variants=None):
         (name, config, arch, head_dim, variant)
         for variant in variants or VARIANTS
         for name in kernels or KERNELS
+        if name in VARIANT_KERNELS[variant]
         for head_dim in VARIANT_HEAD_DIMS[variant]
         for arch in VARIANT_ARCHS[variant]
         for config in KERNELS[name][1].for_head_dim(head_dim, arch)
