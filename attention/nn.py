@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .api import flash_attention
+from .kvcache import flash_attention_with_kvcache
 from .backends import BACKENDS
 from .distributed import LAYOUTS, ring_attention
 
@@ -79,24 +80,32 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("context must be None for a self-attention layer (cross=False)")
         return self._split_heads(self.qkv_proj(x), 3)
 
-    def forward(self, x, context=None, key_padding_mask=None):
+    def forward(self, x, context=None, key_padding_mask=None, kv_cache=None):
         """x: (B, Nq, d_model); context: (B, Nk, d_model) for cross-attention; key_padding_mask: bool
-        (B, Nk), True where the key is padding. Returns (B, Nq, d_model)."""
+        (B, Nk), True where the key is padding. ``kv_cache`` (a models.kv_cache.LayerCache, generation
+        only): x's keys and values are appended to it and x attends to everything cached, through
+        ``flash_attention_with_kvcache``. Returns (B, Nq, d_model)."""
         q, k, v = self.project(x, context)
-        if key_padding_mask is not None:
-            batch, n_k = k.shape[0], k.shape[2]
-            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, n_k):
-                raise ValueError(
-                    f"key_padding_mask must be a bool tensor of shape (batch, Nk) = {(batch, n_k)}, "
-                    f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-                )
-            key_padding_mask = ~key_padding_mask  # flash_attention's mask is True where the key is real
-        if self.context_parallel_group is not None:
+        if kv_cache is not None:
+            if self.cross or key_padding_mask is not None or self.context_parallel_group is not None:
+                raise ValueError("kv_cache works for self-attention without key_padding_mask or context_parallel_group")
+            o = flash_attention_with_kvcache(q, kv_cache.keys, kv_cache.values, kv_cache.seqlens, k_new=k, v_new=v,
+                                             block_table=kv_cache.block_table, causal=self.causal, window=self.window,
+                                             backend=self.backend)
+        elif self.context_parallel_group is not None:
             if key_padding_mask is not None:
                 raise ValueError("key_padding_mask must be None with context_parallel_group (the ring has no padding)")
             o = ring_attention(q, k, v, causal=self.causal, group=self.context_parallel_group,
                                layout=self.context_parallel_layout, backend=self.backend)
         else:
+            if key_padding_mask is not None:
+                batch, n_k = k.shape[0], k.shape[2]
+                if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, n_k):
+                    raise ValueError(
+                        f"key_padding_mask must be a bool tensor of shape (batch, Nk) = {(batch, n_k)}, "
+                        f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                    )
+                key_padding_mask = ~key_padding_mask  # flash_attention's mask is True where the key is real
             o = flash_attention(q, k, v, causal=self.causal, backend=self.backend, key_padding_mask=key_padding_mask,
                                 window=self.window, dropout_p=self.dropout if self.training else 0.0)
         batch, n_q, _ = x.shape
@@ -151,8 +160,8 @@ class TransformerBlock(nn.Module):
         self.ln_mlp = nn.LayerNorm(d_model, bias=bias)
         self.mlp = FeedForward(d_model, d_hidden, dropout=dropout, bias=bias)
 
-    def forward(self, x):
-        x = x + self.dropout(self.attn(self.ln_attn(x)))
+    def forward(self, x, kv_cache=None):
+        x = x + self.dropout(self.attn(self.ln_attn(x), kv_cache=kv_cache))
         return x + self.mlp(self.ln_mlp(x))
 
 

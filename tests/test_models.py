@@ -230,6 +230,30 @@ def test_gpt_is_causal_and_generate_follows_its_own_argmax():
     assert torch.equal(logits[:, 2:].argmax(-1), generated[:, 3:])
 
 
+# Triton's interpreter takes seconds per step: its decode kernel is checked in tests/test_kvcache.py.
+@pytest.mark.parametrize("cache", ["dense", "paged"])
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_gpt_generates_the_same_tokens_from_a_kv_cache(backend, cache):
+    """Prompt once, then one token per step through flash_attention_with_kvcache (paged: blocks of 4, so
+    steps cross block boundaries): greedy and sampled tokens equal the cache-free generate's."""
+    torch.manual_seed(0)
+    model = set_backend(tiny_gpt().eval(), backend)
+    tokens = torch.randint(0, 17, (3, 5))
+    expected = model.generate(tokens, max_new_tokens=9, temperature=0)
+    assert torch.equal(model.generate(tokens, max_new_tokens=9, temperature=0, cache=cache, block_size=4), expected)
+    sampled = [model.generate(tokens, 9, generator=torch.Generator().manual_seed(2), cache=c, block_size=4)
+               for c in (None, cache)]
+    assert torch.equal(*sampled)
+
+
+def test_gpt_kv_cache_refuses_what_does_not_fit():
+    model = tiny_gpt().eval()
+    with pytest.raises(ValueError, match="cache must be None, 'dense' or 'paged'"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 1, cache="ring")
+    with pytest.raises(ValueError, match="must fit block_size"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), model.cfg.block_size, cache="dense")
+
+
 def test_gpt_loss_is_cross_entropy_and_embeddings_are_tied():
     model = tiny_gpt()
     tokens = torch.randint(0, 17, (2, 8))

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..distributed import shard_sequence
 from ..nn import LearnedPositionalEncoding, TransformerBlock
+from .kv_cache import KVCache
 
 
 @dataclass
@@ -57,12 +58,20 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens, targets=None):
+    def forward(self, tokens, targets=None, kv_cache=None):
         """tokens: (B, N) ids, N <= block_size. Returns logits (B, N, vocab) and, given targets (B, N),
-        the mean cross-entropy (else None)."""
-        x = self.dropout(self.positions(self.token_embed(tokens), self._shard_positions(tokens)))  # (B, N, d_model)
-        for block in self.blocks:
-            x = block(x)
+        the mean cross-entropy (else None). With ``kv_cache`` (a KVCache, generation) the tokens follow
+        those already cached: their keys and values are appended and they attend to all of them."""
+        if kv_cache is None:
+            positions = self._shard_positions(tokens)
+        else:
+            kv_cache.check_room(tokens.shape[1])
+            positions = torch.arange(kv_cache.length, kv_cache.length + tokens.shape[1], device=tokens.device)
+        x = self.dropout(self.positions(self.token_embed(tokens), positions))  # (B, N, d_model)
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache=None if kv_cache is None else kv_cache.layers[i])
+        if kv_cache is not None:
+            kv_cache.advance(tokens.shape[1])
         logits = self.lm_head(self.ln_final(x))
         if targets is None:
             return logits, None
@@ -81,13 +90,31 @@ class GPT(nn.Module):
                               world_size, self.context_parallel_layout, dim=0)
 
     @torch.no_grad()
-    def generate(self, tokens, max_new_tokens, temperature=1.0, generator=None):
+    def generate(self, tokens, max_new_tokens, temperature=1.0, generator=None, cache=None, block_size=16):
         """Extend tokens (B, N) by ``max_new_tokens`` sampled tokens; temperature 0 takes the most likely.
 
-        Rereads the last ``block_size`` tokens each step (no KV cache).
+        ``cache=None`` rereads the last ``block_size`` tokens each step. ``cache="dense"`` or ``"paged"``
+        (blocks of ``block_size`` tokens) runs the prompt once, then one token per step against a KV cache
+        through ``flash_attention_with_kvcache``; the whole sequence must then fit cfg.block_size.
         """
+        if cache not in (None, "dense", "paged"):
+            raise ValueError(f"cache must be None, 'dense' or 'paged', got {cache!r}")
+        kv_cache = None
+        if cache is not None:
+            total = tokens.shape[1] + max_new_tokens
+            if total > self.cfg.block_size:
+                raise ValueError(f"with a KV cache the prompt and new tokens ({total}) must fit block_size "
+                                 f"{self.cfg.block_size}")
+            weight = self.token_embed.weight
+            kv_cache = KVCache(self.cfg.n_layers, tokens.shape[0], self.cfg.n_heads, total,
+                               self.cfg.d_model // self.cfg.n_heads, paged=cache == "paged", block_size=block_size,
+                               device=weight.device, dtype=weight.dtype)
+        step_input = tokens
         for _ in range(max_new_tokens):
-            logits, _ = self(tokens[:, -self.cfg.block_size :])
+            if kv_cache is None:
+                logits, _ = self(tokens[:, -self.cfg.block_size :])
+            else:
+                logits, _ = self(step_input, kv_cache=kv_cache)
             logits = logits[:, -1]  # (B, vocab)
             if temperature == 0:
                 next_token = logits.argmax(-1, keepdim=True)
@@ -95,4 +122,5 @@ class GPT(nn.Module):
                 probs = torch.softmax(logits / temperature, dim=-1)
                 next_token = torch.multinomial(probs, 1, generator=generator)
             tokens = torch.cat([tokens, next_token], dim=1)
+            step_input = next_token
         return tokens
