@@ -5,7 +5,8 @@ Default on a GPU: the FlashAttention paper's sweep (batch * N = 16K tokens, hidd
 then issue 10's cases: Llama-3-8B's grouped-query heads (32 query, 8 KV heads, d 128) and batches of
 mixed lengths (packed for our varlen path, padded with a mask for the others), N = 1K .. 8K; then
 issue 11's score options (the case set ``options``: a sliding window, softcap, ALiBi, dropout), ours
-and naive given the option, SDPA the equivalent explicit mask or bias. Without a GPU: the CPU paths
+and naive given the option, SDPA the equivalent explicit mask or bias; then ``decode``, issue 13's
+decoding from a KV cache (benchmarks/decode.py, its own table). Without a GPU: the CPU paths
 at small sizes (it says so). ``--quick`` is a smoke run of seconds.
 Each run writes to a folder of its own, benchmarks/runs/<device>-<UTC time>/ (or ``--out``); the
 committed results in benchmarks/results/ change only when ``--out`` names them.
@@ -16,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import decode
 from .cases import CASE_SETS, CASES, DTYPES, OPTIONS, gqa_grid, option_grid, token_budget_grid, varlen_grid
 from .cli import check_providers_and_modes, comma, int_list, name_list, parser
 from .flops import MODES
@@ -91,9 +93,10 @@ def parse_args(argv=None):
     p = parser("python -m benchmarks", __doc__, EXAMPLES)
     p.add_argument("--device", choices=("cuda", "cpu"), help="where to run (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="a smoke run: tiny lengths, one head dim, one dtype")
-    p.add_argument("--cases", type=name_list, default="grid,gqa,varlen,options",
+    p.add_argument("--cases", type=name_list, default="grid,gqa,varlen,options,decode",
                    help="comma list of grid (the main sweep), gqa (grouped-query heads), varlen (mixed lengths), "
-                        f"options (the score options: {','.join(OPTIONS)}, also one by one)")
+                        f"options (the score options: {','.join(OPTIONS)}, also one by one), decode (a KV cache: "
+                        "python -m benchmarks.decode has its own flags)")
     p.add_argument("--modes", type=name_list,
                    help=f"comma list of fwd,bwd,fwd+bwd (default: grid {comma(MODES)}, the others fwd,fwd+bwd)")
     p.add_argument("--seqlens", type=int_list, help=f"comma list of sequence lengths N, the longest in varlen "
@@ -132,8 +135,8 @@ def parse_args(argv=None):
         if dtype not in DTYPES:
             p.error(f"--dtypes: {dtype!r} is not one of {','.join(DTYPES)}")
     for case in args.cases:
-        if case not in CASES and case not in CASE_SETS:
-            p.error(f"--cases: {case!r} is not one of {comma([*CASES, *CASE_SETS])}")
+        if case not in CASES and case not in CASE_SETS and case != "decode":
+            p.error(f"--cases: {case!r} is not one of {comma([*CASES, *CASE_SETS, 'decode'])}")
     # A case set stands for its cases; a case named twice runs once.
     args.cases = list(dict.fromkeys(c for case in args.cases for c in CASE_SETS.get(case, [case])))
     if args.gqa_heads is not None and (len(args.gqa_heads) != 2 or args.gqa_heads[0] % args.gqa_heads[1]
@@ -178,6 +181,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     cpu_min_time = args.cpu_min_time if args.cpu_min_time is not None else (0.02 if args.quick else 0.2)
     out_dir = (args.out or default_out_dir(device_slug(device))).resolve()
+    run_decode = "decode" in args.cases
+    args.cases = [case for case in args.cases if case != "decode"]
     providers = {case: select_providers(args.providers, case) for case in args.cases}
 
     if device.type == "cpu":
@@ -186,6 +191,15 @@ def main(argv=None):
             "FlexAttention forward) at small sizes. Peak memory on CPU comes from torch.profiler's "
             "allocator events."
         )
+    if args.cases:
+        run_attention_cases(args, device, providers, cpu_min_time, out_dir)
+    if run_decode:
+        print()
+        decode.run(device, args.quick, out_dir, cpu_min_time_s=cpu_min_time)
+
+
+def run_attention_cases(args, device, providers, cpu_min_time, out_dir):
+    """The cases timed per provider and mode: one table, benchmark.json and the plots."""
     cases = []
     for case in args.cases:
         plan, summary = case_plan(case, args, device)

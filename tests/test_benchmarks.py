@@ -14,6 +14,7 @@ from attention.reference import naive_attention_varlen
 from benchmarks import __main__ as benchmark_cli
 from benchmarks import callgrind as callgrind_cli
 from benchmarks import cpu_targets as targets_cli
+from benchmarks import decode as decode_cli
 from benchmarks import profile as profile_cli
 from benchmarks.callgrind import instruction_count as callgrind_instructions
 from benchmarks.flops import attention_flops, tflops_per_second, visible_pairs, windowed_attention_flops
@@ -348,7 +349,9 @@ def test_comparisons_divide_the_other_providers_time_by_this_one():
         (benchmark_cli.main, ["--seqlens", "1k"], "argument --seqlens: expected a comma list of integers, got '1k'"),
         (benchmark_cli.main, ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
         (benchmark_cli.main, ["--cases", "grid,mqa"],
-         "--cases: 'mqa' is not one of grid,gqa,varlen,window,softcap,alibi,dropout,options"),
+         "--cases: 'mqa' is not one of grid,gqa,varlen,window,softcap,alibi,dropout,options,decode"),
+        (decode_cli.main, ["--caches", "0"], "--caches must be positive, got [0]"),
+        (decode_cli.main, ["--device", "cpu", "--providers", "sdpa-cudnn"], "--providers: 'sdpa-cudnn' is not one of"),
         (benchmark_cli.main, ["--window", "0"], "--window must be positive, got [0]"),
         (benchmark_cli.main, ["--gqa-heads", "8,3"], "--gqa-heads: want query heads,KV heads with the first a multiple"),
         (profile_cli.main, ["--fit-points", "1"], "--fit-points must be at least 2"),
@@ -374,6 +377,7 @@ def test_bad_arguments_are_refused_in_one_line(main, argv, message, capsys):
     ("benchmarks.profile", "(default: GPU 16, CPU 4)"),
     ("benchmarks.cpu_targets", "(default: 1,2)"),
     ("benchmarks.callgrind", "(default: 512)"),
+    ("benchmarks.decode", "(default: GPU 1,8,64; CPU 1,8)"),
 ])
 def test_help_shows_how_to_run_and_the_defaults(module, default):
     stdout = " ".join(run_module(module, "--help").split())
@@ -485,7 +489,8 @@ def test_benchmark_cli_quick_on_cpu(tmp_path):
     assert sum(" gqa B=1 H=8/2 N=64 d=32" in line for line in progress) == 2
     wrote = [line.removeprefix("wrote ") for line in stdout.splitlines() if line.startswith("wrote ")]
     assert {pathlib.Path(p) for p in wrote} == {tmp_path.resolve() / name for name in (
-        "benchmark.json", "table.txt", "gflops_fp32.png", "memory_fp32.png")}  # gqa, varlen: one N, no plot
+        "benchmark.json", "table.txt", "gflops_fp32.png", "memory_fp32.png", "decode.json", "decode.txt")}
+    # (gqa, varlen: one N, no plot)
     all_rows = json.loads((tmp_path / "benchmark.json").read_text())
     assert all(set(row) == ROW_KEYS for row in all_rows)
     # each case: its providers (the named ones and their variants) x its cases
@@ -538,9 +543,35 @@ def test_benchmark_cli_quick_on_cpu(tmp_path):
     assert "== window | fwd | fp32 | causal | d=32 ==" in table and "== dropout | fwd+bwd | fp32 | causal | d=32 ==" in table
 
 
+    # issue 13's decode table, last: every provider computed, ours split as the shape says
+    decode_rows = json.loads((tmp_path / "decode.json").read_text())
+    assert {r["provider"] for r in decode_rows if r["status"] == "ok"} >= {"ours", "ours-unsplit", "sdpa-math", "naive"}
+    assert all(r["gbs"] > 0 and r["kv_bytes"] == 2 * 8 * 256 * 128 * 4 for r in decode_rows if r["status"] == "ok")
+    assert "decode: 1 query row per head, 32 query / 8 KV heads" in (tmp_path / "decode.txt").read_text()
+
+
+def test_decode_providers_compute_the_same_attention():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 32, 1, 128, generator=gen)
+    k, v = (torch.randn(2, 8, 40, 128, generator=gen) for _ in range(2))
+    calls = decode_cli.providers(q, k, v, torch.full((2,), 40, dtype=torch.int32), torch.device("cpu"))
+    reference = attention.naive_attention(q.double(), k.double(), v.double()).float()
+    for name, call in calls.items():
+        with torch.no_grad():
+            torch.testing.assert_close(call(), reference, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_decode_bandwidth_peaks_by_gpu_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert decode_cli.peak_bandwidth_gbs(torch.device("cuda")) == 2000
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert decode_cli.peak_bandwidth_gbs(torch.device("cuda")) == 3350
+    assert decode_cli.peak_bandwidth_gbs(torch.device("cpu")) is None
+
+
 def test_the_options_case_set_stands_for_its_cases():
     assert benchmark_cli.parse_args(["--cases", "options,window"]).cases == list(OPTIONS)
-    assert benchmark_cli.parse_args([]).cases == ["grid", "gqa", "varlen", *OPTIONS]
+    assert benchmark_cli.parse_args([]).cases == ["grid", "gqa", "varlen", *OPTIONS, "decode"]
 
 
 def test_profiler_on_cpu_tiny_sizes(tmp_path):
