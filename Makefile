@@ -44,4 +44,4 @@ cuda-build:
 
 # Build, full test grid, compute-sanitizer, benchmarks and profiler, into benchmarks/results/<gpu>/.
 gpu-check:
-	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
+	PYTHON=$(PYTHON) $(if $(STEPS),STEPS="$(STEPS)") bash benchmarks/gpu_check.sh

@@ -169,18 +169,21 @@ def main(argv=None):
                    "1024,8192,32768,131072; CPU 1024,4096,16384)")
     p.add_argument("--dtypes", type=name_list, help=f"comma list of {','.join(DTYPES)} (default: GPU bf16; CPU bf16,fp32)")
     p.add_argument("--providers", type=name_list, help="comma list of ours,ours-unsplit,sdpa-*,naive (default: all)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     p.add_argument("--cpu-min-time", type=float, help="seconds of repeats per case on a CPU (default: 0.2, --quick 0.02)")
     p.add_argument("--out", type=pathlib.Path, help="output folder (default: a new benchmarks/runs/<device>-<UTC time>/)")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA GPU")
-    for flag, values in (("--batches", args.batches), ("--caches", args.caches)):
-        if any(v < 1 for v in values or []):
+    for flag, values in (("--batches", args.batches), ("--caches", args.caches), ("--threads", [args.threads])):
+        if any(v is not None and v < 1 for v in values or []):
             p.error(f"{flag} must be positive, got {values}")
     for dtype in args.dtypes or []:
         if dtype not in DTYPES:
             p.error(f"--dtypes: {dtype!r} is not one of {','.join(DTYPES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     known = ["ours", "ours-unsplit", *SDPA_BACKENDS[device.type], "naive"]
     for name in args.providers or []:
         if name not in known:

@@ -15,13 +15,24 @@
 #   4. runs the benchmark suite (python -m benchmarks, bf16: the main grid, then issue 10's
 #      grouped-query and varlen cases into gqa-varlen/, then issue 11's score options into options/)
 #      and the long-context profiler, plain and with a sliding window (256, 0) into profile-window/,
-#      and Hugging Face generate on a tiny Llama against "sdpa" (generate.json),
+#      Hugging Face generate on a tiny Llama against "sdpa" (generate.json), and issue 13's decode
+#      table (python -m benchmarks.decode into decode/),
 # and writes every log, table, JSON and plot under benchmarks/results/<gpu-name-slug>/, ending with
-# gpu-check-summary.txt. Each step has a time cap (they add up to 36 minutes); a failed or
-# timed-out step is recorded and the next one still runs; the exit status is non-zero if any failed.
+# gpu-check-summary.txt. Each step has a time cap; a failed or timed-out step is recorded and the
+# next one still runs; the exit status is non-zero if any failed.
+#
+# Budget: all steps' caps add up to 34 minutes, more than one call of the lent device allows (10
+# minutes a command, 30 minutes a session, and an idle machine is handed back within a minute, so
+# every call starts bare and must rebuild). So the steps can be named: `make gpu-check STEPS="tests"`
+# runs the build and then only those. Three calls cover the work that matters most in 30 minutes:
+#   STEPS="tests"                        build 240 + 330 s
+#   STEPS="memcheck racecheck decode"    build 240 + 2 x 120 + 120 s
+#   STEPS="benchmarks profile"           build 240 + 210 + 150 s  (gqa-varlen, options, generate and
+#                                        profile-window in a later session)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+STEPS=${STEPS:-tests memcheck racecheck benchmarks gqa-varlen options profile generate profile-window decode}
 
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "gpu-check: no CUDA GPU visible (torch.cuda.is_available() is False for $PYTHON): run this on a GPU machine" >&2
@@ -36,10 +47,12 @@ summary="$out/gpu-check-summary.txt"
 : >"$summary"
 failed=0
 
-# step NAME SECONDS COMMAND...: runs COMMAND under a time cap, its output to gpu-check-NAME.log.
+# step NAME SECONDS COMMAND...: runs COMMAND under a time cap, its output to gpu-check-NAME.log,
+# if NAME is among $STEPS (the build always runs).
 step() {
   local name=$1 limit=$2 start status
   shift 2
+  if [ "$name" != build ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
   echo "gpu-check: $name (at most ${limit} s)"
   start=$(date +%s)
   timeout --kill-after=30 "$limit" "$@" >"$out/gpu-check-$name.log" 2>&1
@@ -67,7 +80,7 @@ if ! step build 240 env FUSED_ATTENTION_FORCE_CUDA=1 MAX_JOBS="$(nproc)" \
 fi
 
 # test_cuda_compile.py is left out: the build step has just compiled every kernel with nvcc.
-step tests 420 env CI=true "$PYTHON" -m pytest tests --full -q -p no:cacheprovider --benchmark-disable \
+step tests 330 env CI=true "$PYTHON" -m pytest tests --full -q -p no:cacheprovider --benchmark-disable \
   --ignore=tests/test_cuda_compile.py
 
 # Small odd shapes: partial tiles everywhere, head dims padded to 64/128/256, Nq != Nk both ways,
@@ -97,20 +110,22 @@ torch.cuda.synchronize()
 print(f"{2 * 2 * len(SHAPES) * 2} cases per backend, forward and backward: done")
 EOF
 for tool in memcheck racecheck; do
-  step "$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  step "$tool" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "$SANITIZER" --tool "$tool" --error-exitcode 1 --target-processes all "$PYTHON" "$driver"
 done
 
-step benchmarks 330 "$PYTHON" -m benchmarks --cases grid --dtypes bf16 --no-progress --out "$out"
+step benchmarks 210 "$PYTHON" -m benchmarks --cases grid --dtypes bf16 --no-progress --out "$out"
 # A step of their own, so that a timeout here cannot cost the grid's results (written at the end).
 step gqa-varlen 180 "$PYTHON" -m benchmarks --cases gqa,varlen --dtypes bf16 --no-progress --out "$out/gqa-varlen"
 step options 180 "$PYTHON" -m benchmarks --cases options --dtypes bf16 --no-progress --out "$out/options"
-step profile 210 "$PYTHON" -m benchmarks.profile --time-limit 5 --ours-time-limit 15 --no-progress --out "$out"
+step profile 150 "$PYTHON" -m benchmarks.profile --time-limit 5 --ours-time-limit 15 --no-progress --out "$out"
 # A fixed window: our time should grow as N (fitted exponent about 1), the baselines' as N^2.
 # Hugging Face generate on a tiny Llama, ours against "sdpa" (needs transformers on the machine).
 step generate 120 "$PYTHON" -m benchmarks.generate --json "$out/generate.json"
 step profile-window 180 "$PYTHON" -m benchmarks.profile --window 256 --time-limit 5 --ours-time-limit 15 \
   --no-progress --out "$out/profile-window"
+# Decoding from a KV cache: ours split and unsplit against SDPA's backends, K/V GB/s against the peak.
+step decode 120 "$PYTHON" -m benchmarks.decode --out "$out/decode"
 
 echo "gpu-check: results in $out; summary:"
 cat "$summary"
