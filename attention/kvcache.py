@@ -99,8 +99,14 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new=None,
         append_to_cache(k_cache, k_new, cache_seqlens, block_table)
         append_to_cache(v_cache, v_new, cache_seqlens, block_table)
     seqlens_k = cache_seqlens + n_new if n_new else cache_seqlens
-    splits = num_splits or choose_num_splits(batch, k_cache.shape[1], capacity, q.device)
-    o_parts, lse_parts = chosen.decode(q, k_cache, v_cache, seqlens_k, block_table, options, splits)
-    o, lse = merge_partials(o_parts, lse_parts)
-    o = o.to(q.dtype)
+    o, lse = run_decode(chosen, q, k_cache, v_cache, seqlens_k, block_table, options, num_splits)
     return (o, lse) if return_lse else o
+
+
+def run_decode(backend, q, k_cache, v_cache, seqlens_k, block_table, options, num_splits=0):
+    """(o in q's dtype, lse) of a checked call on ``backend``'s decode kernel: its parts, merged."""
+    capacity = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
+    splits = num_splits or choose_num_splits(q.shape[0], k_cache.shape[1], capacity, q.device)
+    o_parts, lse_parts = backend.decode(q, k_cache, v_cache, seqlens_k, block_table, options, splits)
+    o, lse = merge_partials(o_parts, lse_parts)
+    return o.to(q.dtype), lse

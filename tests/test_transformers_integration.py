@@ -131,6 +131,21 @@ def test_greedy_generation_matches(name):
     check_share(name)
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral", "bart"])
+def test_unpadded_decode_steps_run_on_the_kvcache_kernel(name):
+    """Without padding, each decode step (one query row per head) runs on the split-KV decode kernel (so does
+    any call of at most DECODE_MAX_QUERIES rows: this prompt too). Same tokens as transformers'."""
+    model, kind, reference = build(name)
+    inputs, _ = batch(kind, padded=False)
+    inputs.pop("decoder_input_ids", None)
+    expected = generate(model, reference, inputs)
+    fused_hf.stats.reset()
+    assert torch.equal(generate(model, NAME, inputs), expected)
+    decode_calls = sum(n for (kind_, _), n in fused_hf.stats.items() if kind_ == "decode")
+    layers = model.config.num_hidden_layers * (2 if kind == "seq2seq" else 1)  # BART: self- and cross-attention
+    assert decode_calls >= (NEW_TOKENS - 1) * layers
+
+
 @pytest.mark.parametrize("name", ["llama-gqa", "mistral"])
 def test_static_cache_generation_matches(name):
     """A static cache hands every layer all its slots, the empty ones included: causal must end at the query.

@@ -22,6 +22,10 @@ mask function), so padding would be ignored without an error.
   chunked attention, custom overlays), a mask made elsewhere, inputs no backend takes — runs on
   transformers' SDPA path (eager math where a softcap rules SDPA out) with the mask SDPA would have got.
   ``stats`` counts every call by the backend that ran it and every fallback by its reason.
+- Decode steps (at most DECODE_MAX_QUERIES new rows, no key padding, no dropout, no gradient) run on the
+  backend's KV-cache kernel instead (``("decode", backend)`` in ``stats``): it splits the cache's keys across
+  programs and reads each key once for all query heads of its KV head, where the dense kernel gives a
+  single query row one program per head.
 
 Not made for torch.compile: a plan is read from tensor values (padding, a static cache's offset).
 """
@@ -42,6 +46,7 @@ from transformers.masking_utils import (
 
 from ..api import _dense_options, autocast_inputs
 from ..backends import BACKENDS, select_backend
+from ..kvcache import run_decode
 
 PLAN_ATTRIBUTE = "fused_attention_plan"
 TORCH_SDPA, TORCH_EAGER = "torch_sdpa", "torch_eager"
@@ -56,6 +61,8 @@ TRACED = "the mask was made while tracing (torch.compile or export), where its v
 CAUSAL_MORE_QUERIES = "is_causal with more queries than keys"
 CAUSAL_OFFSETS = "a causal mask whose queries are not at the end of its keys' positions"
 WRONG_KEY_COUNT = "the layer's keys are not the ones the mask was made for"
+# The most new query rows a call may have to run as a decode step: one token, or speculative decoding's few.
+DECODE_MAX_QUERIES = 16
 
 
 class AttentionStats(collections.Counter):
@@ -250,8 +257,21 @@ def fused_attention_forward(module, query, key, value, attention_mask, dropout=0
     except RuntimeError:
         return fallback(f"no backend of ours can run the call (backend={backend!r})")
     stats[("backend", chosen.name)] += 1
-    out, _ = chosen.forward(query, key, value, options)
+    if _is_decode_step(chosen, query, key, value, options):
+        stats[("decode", chosen.name)] += 1
+        lengths = torch.full((key.shape[0],), key.shape[2], dtype=torch.int32, device=key.device)
+        out, _ = run_decode(chosen, query, key, value, lengths, None, options)
+    else:
+        out, _ = chosen.forward(query, key, value, options)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _is_decode_step(backend, query, key, value, options):
+    """Whether the call is a decode step the backend's KV-cache kernel runs exactly (see the module doc)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    return (backend.decode is not None and query.shape[2] <= DECODE_MAX_QUERIES and options.key_padding_mask is None
+            and options.dropout_p == 0 and not needs_grad and key.stride(-1) == 1 and value.stride(-1) == 1
+            and key.shape[2] > 0)
 
 
 def register(name="fused_attention", backend="auto"):
