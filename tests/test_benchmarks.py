@@ -561,6 +561,13 @@ def test_decode_providers_compute_the_same_attention():
             torch.testing.assert_close(call(), reference, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def test_a_slow_decode_provider_is_timed_once(monkeypatch):
+    monkeypatch.setattr(decode_cli, "REPEAT_LIMIT_S", 0.0)
+    rows = decode_cli.measure_case(1, 32, "fp32", torch.device("cpu"), 0.0, names=["ours", "naive"])
+    assert {r["status"] for r in rows} == {"once"} and all(r["ms"] > 0 and r["gbs"] > 0 for r in rows)
+    assert "once: a first call over 0 s" in decode_cli.format_table(rows, torch.device("cpu"))
+
+
 def test_decode_bandwidth_peaks_by_gpu_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert decode_cli.peak_bandwidth_gbs(torch.device("cuda")) == 2000
