@@ -117,7 +117,7 @@ def measure_case(batch, cache, dtype, device, cpu_min_time_s, names=None):
                 rows.append(row(name, "once", seconds * 1e3, float("nan")))
             else:
                 repeated[name] = fn
-        timings = times_ms(list(repeated.values()), device, cpu_min_time_s)
+        timings = times_ms(list(repeated.values()), device, cpu_min_time_s) if repeated else []
     for name, (wall, _) in zip(repeated, timings):
         rows.append(row(name, "ok", *summarize(wall)))
     del q, k_cache, v_cache
