@@ -21,7 +21,7 @@ bench: install
 EMULATOR_DIR := build/emulator
 EMULATOR_FLAGS := -std=c++20 -O2 -fPIC -pthread -fno-strict-aliasing -Wall -Wno-unknown-pragmas \
 	-DFUSED_ATTENTION_EMULATOR -Icsrc/emulator/include
-EMULATOR_OBJECTS := $(addprefix $(EMULATOR_DIR)/,flash_fwd.o flash_bwd.o execution.o instructions.o c_api.o self_test.o)
+EMULATOR_OBJECTS := $(addprefix $(EMULATOR_DIR)/,flash_fwd.o flash_bwd.o flash_decode.o execution.o instructions.o c_api.o self_test.o)
 EMULATOR_HEADERS := $(wildcard csrc/cuda/*.cuh csrc/cuda/*.h csrc/emulator/*.h csrc/emulator/include/*.h)
 
 emulator: $(EMULATOR_DIR)/libcuda_emulator.so

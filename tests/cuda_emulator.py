@@ -44,24 +44,48 @@ class AttentionParams(ctypes.Structure):  # mirrors csrc/cuda/params.h
     ]
 
 
+class DecodeParams(ctypes.Structure):  # mirrors csrc/cuda/params.h
+    _fields_ = [
+        ("q", StridedTensor), ("k_cache", StridedTensor), ("v_cache", StridedTensor),
+        ("seqlens_k", ctypes.c_void_p), ("block_table", ctypes.c_void_p), ("max_blocks", ctypes.c_int),
+        ("block_size", ctypes.c_int), ("o_parts", ctypes.c_void_p), ("lse_parts", ctypes.c_void_p),
+        ("batch", ctypes.c_int), ("heads", ctypes.c_int), ("group", ctypes.c_int), ("seqlen_q", ctypes.c_int),
+        ("head_dim", ctypes.c_int), ("num_splits", ctypes.c_int), ("softmax_scale", ctypes.c_float),
+        ("causal", ctypes.c_bool), ("element_type", ctypes.c_int), ("window_left", ctypes.c_int),
+        ("window_right", ctypes.c_int), ("softcap", ctypes.c_float), ("alibi_slopes", ctypes.c_void_p),
+    ]
+
+
+def _stale_mirror(structure, layout_function, fields):
+    """Why the ctypes mirror of a C++ struct disagrees with the library's sizeof and offsets, or None."""
+    offsets = (ctypes.c_longlong * 32)()
+    layout_function(offsets, 32)
+    mirror = [ctypes.sizeof(structure)] + [getattr(structure, f).offset for f in fields]
+    if list(offsets[: len(mirror)]) != mirror:
+        return f"{structure.__name__} mirror is stale: C++ {list(offsets[:len(mirror)])}, Python {mirror}"
+    return None
+
+
 def _load():
     if not LIBRARY.exists():
         return None, f"the CUDA emulator is not built ({LIBRARY} missing: run `make emulator`)"
     lib = ctypes.CDLL(str(LIBRARY))
     lib.fae_forward.argtypes = lib.fae_backward.argtypes = [ctypes.POINTER(AttentionParams)]
+    lib.fae_decode.argtypes = [ctypes.POINTER(DecodeParams)]
     lib.fae_last_error.restype = ctypes.c_char_p
     lib.fae_configure.argtypes = [ctypes.c_int, ctypes.c_ulonglong, ctypes.c_int, ctypes.c_longlong, ctypes.c_double]
     lib.fae_mma_fragment.argtypes = [ctypes.c_char, ctypes.c_int, ctypes.c_int] + [ctypes.POINTER(ctypes.c_int)] * 2
     lib.fae_ldmatrix_fragment.argtypes = [ctypes.c_int] * 3 + [ctypes.POINTER(ctypes.c_int)] * 2
     lib.fae_philox.argtypes = [ctypes.POINTER(ctypes.c_uint32)] * 3
-    offsets = (ctypes.c_longlong * 32)()
-    lib.fae_params_layout(offsets, 32)
     fields = ["q", "o", "lse", "lse_head_stride", "dout", "delta", "key_padding_mask", "cu_seqlens_q", "batch",
               "group", "softmax_scale", "causal", "element_type", "window_left", "softcap", "alibi_slopes",
               "dropout_keep_threshold", "dropout_scale", "dropout_seed", "dropout_offset"]
-    mirror = [ctypes.sizeof(AttentionParams)] + [getattr(AttentionParams, f).offset for f in fields]
-    if list(offsets[: len(mirror)]) != mirror:
-        return None, f"AttentionParams mirror is stale: C++ {list(offsets[:len(mirror)])}, Python {mirror}"
+    decode_fields = ["k_cache", "seqlens_k", "max_blocks", "o_parts", "batch", "softmax_scale", "causal",
+                     "element_type", "window_left", "softcap", "alibi_slopes"]
+    stale = (_stale_mirror(AttentionParams, lib.fae_params_layout, fields)
+             or _stale_mirror(DecodeParams, lib.fae_decode_params_layout, decode_fields))
+    if stale:
+        return None, stale
     return lib, None
 
 
@@ -216,7 +240,40 @@ def backward(dout, q, k, v, o, lse, causal, softmax_scale, key_padding_mask=None
     return dq, dk, dv
 
 
+def decode(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window_left, window_right, softcap,
+           alibi_slopes, num_splits):
+    """(o_parts, lse_parts) of the emulated decode kernel: what binding.cpp's fwd_kvcache fills and launches."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"the CUDA kernels take float16 or bfloat16, got {q.dtype}")
+    p = DecodeParams()
+    p.q, p.k_cache, p.v_cache = _strided(q), _strided(k_cache), _strided(v_cache)
+    p.seqlens_k = seqlens_k.data_ptr()
+    if block_table is not None:
+        p.block_table, p.max_blocks, p.block_size = block_table.data_ptr(), block_table.size(1), k_cache.size(2)
+    p.batch, p.heads, p.seqlen_q, p.head_dim = q.size(0), q.size(1), q.size(2), q.size(3)
+    p.group, p.num_splits = q.size(1) // k_cache.size(1), num_splits
+    p.softmax_scale, p.causal, p.element_type = softmax_scale, causal, 0 if q.dtype == torch.float16 else 1
+    p.window_left, p.window_right = min(window_left, INT_MAX), min(window_right, INT_MAX)
+    p.softcap = softcap
+    p.alibi_slopes = None if alibi_slopes is None else alibi_slopes.data_ptr()
+    o_parts = _poisoned((num_splits, *q.shape), torch.float32)
+    lse_parts = _poisoned((num_splits, *q.shape[:3]), torch.float32)
+    p.o_parts, p.lse_parts = o_parts.data_ptr(), lse_parts.data_ptr()
+    _check(LIB.fae_decode(ctypes.byref(p)))
+    return o_parts, lse_parts
+
+
 if LIB is not None:
+    @torch.library.custom_op("fused_attention_emulated::fwd_kvcache", mutates_args=())
+    def emulated_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
+                        block_table: torch.Tensor | None, causal: bool, softmax_scale: float, window_left: int,
+                        window_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
+                        num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode(q, k_cache, v_cache, seqlens_k, block_table, causal, softmax_scale, window_left, window_right,
+                      softcap, alibi_slopes, num_splits)
+
+    torch.library.register_fake("fused_attention_emulated::fwd_kvcache")(ops._fake_decode)
+
     @torch.library.custom_op("fused_attention_emulated::fwd", mutates_args=())
     def emulated_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
                          key_padding_mask: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,

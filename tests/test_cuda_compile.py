@@ -46,6 +46,7 @@ KERNELS = {
     "attention_backward_delta_kernel": ("backward delta", None),
     "attention_backward_dk_dv_kernel": ("backward dK dV", "KeyTileTiles"),
     "attention_backward_dq_kernel": ("backward dQ", "QueryTileTiles"),
+    "attention_decode_kernel": ("decode", "DecodeTiles"),
 }
 DTYPES = {"6__half": "fp16", "13__nv_bfloat16": "bf16"}
 # The kernels' kPaddedOrPacked (compiled with or without key padding and packed sequences) and

@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import attention
+import attention.merge
+import attention.reference
 import cuda_emulator as emu
 from attention.dropout import philox4x32
 from attention.reference import naive_attention_varlen
@@ -546,3 +548,57 @@ def test_modified_results_do_not_depend_on_timing():
     emu.configure(eager_copies=True, delay_seed=5, delay_max_us=200)
     raced = run()
     assert all(torch.equal(a, b) for a, b in zip(calm, raced))
+
+
+# --- decoding from a KV cache (issue 13) ---------------------------------------------------------------
+
+def _decode_case(head_dim, n_q, group, block_size, seed=0):
+    """A paged cache of 3 sequences (one empty) in blocks of `block_size`, NaN wherever no key lies."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([0, 37, 90], dtype=torch.int32)
+    blocks_per_sequence = -(-96 // block_size)
+    pool = torch.full((3 * blocks_per_sequence + 2, 2, block_size, head_dim), float("nan"), dtype=torch.bfloat16)
+    k_pool, v_pool = pool.clone(), pool.clone()
+    table = torch.randperm(pool.shape[0], generator=gen)[:3 * blocks_per_sequence].to(torch.int32).view(3, -1)
+    for b, n in enumerate(lengths.tolist()):
+        for j in range(n):
+            for t in (k_pool, v_pool):
+                t[table[b, j // block_size], :, j % block_size] = torch.randn(2, head_dim, generator=gen)
+    q = torch.randn(3, 2 * group, n_q, head_dim, generator=gen).to(torch.bfloat16)
+    return q, k_pool, v_pool, lengths, table
+
+
+def _decode_reference_check(q, k_pool, v_pool, lengths, table, o_parts, lse_parts, **modifiers):
+    o, lse = attention.merge.merge_partials(o_parts, lse_parts)
+    ref_o, ref_lse = attention.reference.naive_attention_with_kvcache(
+        q.double(), k_pool.double(), v_pool.double(), lengths, table, return_lse=True, **modifiers)
+    low_o, _ = attention.reference.naive_attention_with_kvcache(q, k_pool, v_pool, lengths, table, return_lse=True,
+                                                                **modifiers)
+    assert torch.equal(lse.isneginf(), ref_lse.isneginf())
+    assert_within_rule("o", o, ref_o, low_o, 2)
+
+
+@pytest.mark.parametrize("head_dim", [40, 200])
+def test_decode_rows_over_one_tile_blocks_of_five_and_a_window(head_dim):
+    """20 packed rows (a group of 4 query heads x 5 queries: two row tiles), blocks of 5 keys, a window that
+    leaves key tiles unread, 3 splits of ragged sequences; head dim 200 takes the 256 kernel's 84 KB."""
+    q, k_pool, v_pool, lengths, table = _decode_case(head_dim, 5, 4, 5)
+    o_parts, lse_parts = emu.decode(q, k_pool, v_pool, lengths, table, True, 0.3, 20, 0, 0.0, None, 3)
+    assert not o_parts.isnan().any() and not lse_parts.isnan().any()
+    _decode_reference_check(q, k_pool, v_pool, lengths, table, o_parts, lse_parts, softmax_scale=0.3, window=(20, 0))
+
+
+def test_decode_results_do_not_depend_on_timing():
+    """Random per-warp delays: a missing barrier between the tile loads and their readers would show."""
+    q, k_pool, v_pool, lengths, table = _decode_case(64, 2, 4, 16, seed=1)
+    calm = emu.decode(q, k_pool, v_pool, lengths, table, True, 0.125, -1, 0, 0.0, None, 2)
+    emu.configure(eager_copies=True, delay_seed=11, delay_max_us=200)
+    raced = emu.decode(q, k_pool, v_pool, lengths, table, True, 0.125, -1, 0, 0.0, None, 2)
+    for a, b in zip(calm, raced):
+        assert torch.equal(a, b)
+
+
+def test_decode_kernel_fits_an_sm86_device():
+    emu.configure(device="sm_86")
+    q, k_pool, v_pool, lengths, table = _decode_case(256, 1, 2, 16)
+    emu.decode(q, k_pool, v_pool, lengths, table, True, 0.1, -1, 0, 0.0, None, 1)

@@ -1,6 +1,6 @@
-// The torch side of the CUDA kernels: checks the tensors, fills AttentionParams, allocates the
-// outputs and queues the kernels on the current stream. Registers the CUDA implementations of
-// fused_attention::fwd and fused_attention::bwd, whose schemas csrc/ops.cpp defines, and two
+// The torch side of the CUDA kernels: checks the tensors, fills AttentionParams (DecodeParams), allocates
+// the outputs and queues the kernels on the current stream. Registers the CUDA implementations of
+// fused_attention::fwd, ::bwd and ::fwd_kvcache, whose schemas csrc/ops.cpp defines, and two
 // queries that need no GPU, which attention/backends.py asks before choosing the cuda backend:
 // cuda_targets() and cuda_shared_memory_bytes(head_dim, backward).
 #include <ATen/ATen.h>
@@ -196,6 +196,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   return {dq, dk, dv};
 }
 
+// fwd_kvcache (contract in checks.h): the parts of the split-KV decode, merged by the Python layer.
+std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache, const at::Tensor& seqlens_k,
+                                               const std::optional<at::Tensor>& block_table, bool causal,
+                                               double softmax_scale, int64_t window_left, int64_t window_right,
+                                               double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                               int64_t num_splits) {
+  check_kvcache_inputs(q, k_cache, v_cache, seqlens_k, block_table, num_splits);
+  check_score_options(q, q.size(0), window_left, window_right, softcap, alibi_slopes, 0.0, 0, 0);
+  TORCH_CHECK(q.is_cuda(), "cuda backend: q must be a CUDA tensor, got one on ", q.device());
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "cuda backend: q must be float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.size(3) <= kCudaMaxHeadDim, "cuda backend: head_dim must be at most ", kCudaMaxHeadDim, ", got ",
+              q.size(3));
+  TORCH_CHECK(num_splits <= kMaxGridDim, "cuda backend: num_splits must be at most ", kMaxGridDim, " (grid y), got ",
+              num_splits);
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  const int64_t row_tiles = (q.size(1) / k_cache.size(1) * q.size(2) + 15) / 16;
+  TORCH_CHECK(q.size(0) * k_cache.size(1) * row_tiles <= kIntMax && k_cache.size(2) <= kIntMax &&
+                  (block_table ? block_table->size(1) * k_cache.size(2) : 0) <= kIntMax,
+              "cuda backend: the decode grid and cache lengths must fit in int32, got q ", q.sizes(), " and k_cache ",
+              k_cache.sizes());
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor o_parts = at::empty({num_splits, q.size(0), q.size(1), q.size(2), q.size(3)}, f32);
+  at::Tensor lse_parts = at::empty({num_splits, q.size(0), q.size(1), q.size(2)}, f32);
+
+  DecodeParams params{};
+  params.q = strided(q);
+  params.k_cache = strided(k_cache);
+  params.v_cache = strided(v_cache);
+  params.seqlens_k = seqlens_k.data_ptr<int>();
+  if (block_table.has_value()) {
+    params.block_table = block_table->data_ptr<int>();
+    params.max_blocks = static_cast<int>(block_table->size(1));
+    params.block_size = static_cast<int>(k_cache.size(2));
+  }
+  params.o_parts = o_parts.data_ptr<float>();
+  params.lse_parts = lse_parts.data_ptr<float>();
+  params.batch = static_cast<int>(q.size(0));
+  params.heads = static_cast<int>(q.size(1));
+  params.group = static_cast<int>(q.size(1) / k_cache.size(1));
+  params.seqlen_q = static_cast<int>(q.size(2));
+  params.head_dim = static_cast<int>(q.size(3));
+  params.num_splits = static_cast<int>(num_splits);
+  params.softmax_scale = static_cast<float>(softmax_scale);
+  params.causal = causal;
+  params.element_type = q.scalar_type() == at::kHalf ? ElementType::kFloat16 : ElementType::kBFloat16;
+  params.window_left = static_cast<int>(std::min(window_left, kIntMax));
+  params.window_right = static_cast<int>(std::min(window_right, kIntMax));
+  params.softcap = static_cast<float>(softcap);
+  params.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
+  C10_CUDA_CHECK(launch_attention_decode(params, at::cuda::getCurrentCUDAStream()));
+  return {o_parts, lse_parts};
+}
+
 // What nvcc compiled the kernels for, e.g. "sm_80,sm_90,compute_90" (compute_XY: PTX): setup.py
 // passes the targets it derived from TORCH_CUDA_ARCH_LIST.
 #ifndef FUSED_ATTENTION_CUDA_TARGETS
@@ -238,4 +294,5 @@ TORCH_LIBRARY_FRAGMENT(fused_attention, m) {
 TORCH_LIBRARY_IMPL(fused_attention, CUDA, m) {
   m.impl("fwd", &fused_attention::forward_cuda);
   m.impl("bwd", &fused_attention::backward_cuda);
+  m.impl("fwd_kvcache", &fused_attention::decode_cuda);
 }

@@ -26,17 +26,22 @@ struct ElementTag {
   using type = T;
 };
 
-// Calls launch(ElementTag<T>{}, std::integral_constant<int, kHeadDim>{}) for the params' element
-// type and the smallest instantiated head dim that holds params.head_dim.
+// Calls launch(ElementTag<T>{}, std::integral_constant<int, kHeadDim>{}) for the element type and
+// the smallest instantiated head dim that holds head_dim.
 template <typename Launch>
-cudaError_t dispatch_element_type_and_head_dim(const AttentionParams& params, Launch&& launch) {
+cudaError_t dispatch_element_type_and_head_dim(ElementType element_type, int head_dim, Launch&& launch) {
   auto with_head_dim = [&](auto element) {
-    if (params.head_dim <= 64) return launch(element, std::integral_constant<int, 64>{});
-    if (params.head_dim <= 128) return launch(element, std::integral_constant<int, 128>{});
+    if (head_dim <= 64) return launch(element, std::integral_constant<int, 64>{});
+    if (head_dim <= 128) return launch(element, std::integral_constant<int, 128>{});
     return launch(element, std::integral_constant<int, 256>{});
   };
-  if (params.element_type == ElementType::kFloat16) return with_head_dim(ElementTag<__half>{});
+  if (element_type == ElementType::kFloat16) return with_head_dim(ElementTag<__half>{});
   return with_head_dim(ElementTag<__nv_bfloat16>{});
+}
+
+template <typename Launch>
+cudaError_t dispatch_element_type_and_head_dim(const AttentionParams& params, Launch&& launch) {
+  return dispatch_element_type_and_head_dim(params.element_type, params.head_dim, launch);
 }
 
 // The params as the kernels read them. Causal is the right bound 0 (SPEC11 passes both; a call

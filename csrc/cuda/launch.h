@@ -17,4 +17,7 @@ cudaError_t launch_attention_forward(const AttentionParams& params, cudaStream_t
 // Fills params.dq, params.dk and params.dv, using params.delta as workspace.
 cudaError_t launch_attention_backward(const AttentionParams& params, cudaStream_t stream);
 
+// Fills params.o_parts and params.lse_parts. Expects num_splits <= 65535 (grid y).
+cudaError_t launch_attention_decode(const DecodeParams& params, cudaStream_t stream);
+
 }  // namespace fused_attention

@@ -76,4 +76,29 @@ struct AttentionParams {
   uint32_t dropout_offset;
 };
 
+// Decoding from a KV cache (fused_attention::fwd_kvcache, contract in csrc/checks.h): q against
+// each sequence's first seqlens_k[b] cached keys, the keys split num_splits ways.
+struct DecodeParams {
+  StridedTensor q;  // (batch, heads, seqlen_q, head_dim)
+  // Dense: (batch, kv_heads, capacity, head_dim), batch_stride per sequence. Paged: (num_blocks,
+  // kv_heads, block_size, head_dim), batch_stride per block; key j of sequence b is row
+  // j % block_size of block block_table[b * max_blocks + j / block_size].
+  StridedTensor k_cache, v_cache;
+  const int* seqlens_k;    // (batch,)
+  const int* block_table;  // null: dense
+  int max_blocks;
+  int block_size;          // paged only
+  // float32, contiguous: o_parts (num_splits, batch, heads, seqlen_q, head_dim), lse_parts
+  // (num_splits, batch, heads, seqlen_q), natural log; part s covers the s-th chunk of keys.
+  float* o_parts;
+  float* lse_parts;
+  int batch, heads, group, seqlen_q, head_dim, num_splits;
+  float softmax_scale;
+  bool causal;
+  ElementType element_type;
+  int window_left, window_right;  // as AttentionParams', positions bottom-right per sequence
+  float softcap;
+  const float* alibi_slopes;  // (batch, heads) or null
+};
+
 }  // namespace fused_attention

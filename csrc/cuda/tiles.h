@@ -86,4 +86,24 @@ struct QueryTileTiles {
   static_assert(kSmemBytes <= kMaxSharedBytesPerBlock, "tiles must fit 99 KB of shared memory");
 };
 
+// Decode (flash_decode.cu): 4 warps, kRows packed query rows per block (row r on warp r % 4) and
+// tiles of kKeys keys, one per lane. Shared memory in floats: the query rows, the key tile (rows
+// kHeadDim + 1 apart, so that 32 lanes reading 32 key rows at one column hit 32 banks), the value
+// tile and the probabilities.
+template <int kHeadDim>
+struct DecodeTiles {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRows = 16;
+  static constexpr int kRowsPerWarp = kRows / kWarps;
+  static constexpr int kKeys = 32;
+  static constexpr int kKeyStride = kHeadDim + 1;
+  static constexpr int kQOffset = 0;
+  static constexpr int kKOffset = kQOffset + kRows * kHeadDim;
+  static constexpr int kVOffset = kKOffset + kKeys * kKeyStride;
+  static constexpr int kPOffset = kVOffset + kKeys * kHeadDim;
+  static constexpr size_t kSmemBytes = (kPOffset + kRows * kKeys) * sizeof(float);
+  static_assert(kSmemBytes <= kMaxSharedBytesPerBlock, "tiles must fit 99 KB of shared memory");
+};
+
 }  // namespace fused_attention

@@ -12,6 +12,7 @@
 #include "execution.h"
 
 using fused_attention::AttentionParams;
+using fused_attention::DecodeParams;
 
 namespace {
 thread_local std::string t_message;  // what fae_last_error returns
@@ -33,6 +34,21 @@ int fae_params_layout(long long* offsets, int count) {
       offsetof(AttentionParams, alibi_slopes), offsetof(AttentionParams, dropout_keep_threshold),
       offsetof(AttentionParams, dropout_scale), offsetof(AttentionParams, dropout_seed),
       offsetof(AttentionParams, dropout_offset),
+  };
+  const int n = static_cast<int>(sizeof all / sizeof all[0]);
+  for (int i = 0; i < n && i < count; ++i) offsets[i] = all[i];
+  return n;
+}
+
+// sizeof and field offsets of DecodeParams, as fae_params_layout gives AttentionParams'.
+int fae_decode_params_layout(long long* offsets, int count) {
+  const long long all[] = {
+      static_cast<long long>(sizeof(DecodeParams)), offsetof(DecodeParams, k_cache),
+      offsetof(DecodeParams, seqlens_k),  offsetof(DecodeParams, max_blocks),
+      offsetof(DecodeParams, o_parts),    offsetof(DecodeParams, batch),
+      offsetof(DecodeParams, softmax_scale), offsetof(DecodeParams, causal),
+      offsetof(DecodeParams, element_type), offsetof(DecodeParams, window_left),
+      offsetof(DecodeParams, softcap),    offsetof(DecodeParams, alibi_slopes),
   };
   const int n = static_cast<int>(sizeof all / sizeof all[0]);
   for (int i = 0; i < n && i < count; ++i) offsets[i] = all[i];
@@ -61,6 +77,11 @@ int fae_forward(const AttentionParams* params) {
 int fae_backward(const AttentionParams* params) {
   emulator::clear_last_error();
   return fused_attention::launch_attention_backward(*params, nullptr);
+}
+
+int fae_decode(const DecodeParams* params) {
+  emulator::clear_last_error();
+  return fused_attention::launch_attention_decode(*params, nullptr);
 }
 
 const char* fae_last_error() {
