@@ -8,6 +8,7 @@
 
 #include "cpu/attention_cpu.h"
 #include "cpu/decode_cpu.h"
+#include "cpu/isa.h"
 
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "Registers the fused_attention torch ops.", -1, nullptr};
@@ -31,6 +32,12 @@ TORCH_LIBRARY(fused_attention, m) {
       "fwd_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, bool causal,"
       " float softmax_scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes,"
       " int num_splits) -> (Tensor o_parts, Tensor lse_parts)");
+  // The instruction set of the CPU kernels' tile products (cpu/isa.h): the one in use, after switching
+  // to `isa` where that is given.
+  m.def("cpu_isa(str? isa=None) -> str", [](std::optional<std::string> isa) {
+    if (isa.has_value()) fused_attention::set_cpu_isa(*isa);
+    return fused_attention::cpu_isa_name(fused_attention::cpu_isa());
+  });
 }
 
 TORCH_LIBRARY_IMPL(fused_attention, CPU, m) {

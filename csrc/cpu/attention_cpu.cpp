@@ -2,9 +2,10 @@
 //
 // A call is a list of sequences: the batch elements of dense 4-D tensors, or the packed sequences
 // that cu_seqlens cut out of batch 0 (varlen). Each (sequence, head, tile) is one work item of
-// at::parallel_for. A work item converts the tiles it needs into float scratch buffers (inputs may
-// be fp16/bf16 and strided), does all math in float there, and writes only its own output rows: no
-// atomics. o, lse, dK and dV do not depend on the number of threads; dQ, summed from per-thread
+// at::parallel_for. A work item converts the tiles it needs into scratch buffers (inputs may be
+// fp16/bf16 and strided) and multiplies them there (products.h: as floats, or bf16 inputs as bf16
+// pairs where the CPU has AVX512_BF16, summed in float); the softmax math is float. It writes only
+// its own output rows: no atomics. o, lse, dK and dV do not depend on the number of threads; dQ, summed from per-thread
 // buffers, is the same from run to run at a given one.
 // - forward, per query tile: running max, running sum and a float accumulator over the key tiles;
 // - backward: delta = rowsum(dO * O) first, then one pass per key tile recomputing P from q, k and
@@ -32,10 +33,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../checks.h"
+#include "products.h"
 #include "tiles.h"
 
 namespace fused_attention {
@@ -206,7 +209,7 @@ class TiledWork {
   std::vector<int64_t> first_item_;  // per unit, and the item count last
 };
 
-template <typename scalar_t>
+template <typename Products, typename scalar_t>
 void forward_pass(const Shape& shape, const ScoreOptions& options, StridedRows<scalar_t> q, StridedRows<scalar_t> k,
                   StridedRows<scalar_t> v, OutputRows<scalar_t> o, float* lse) {
   const int64_t d = shape.head_dim;
@@ -215,7 +218,7 @@ void forward_pass(const Shape& shape, const ScoreOptions& options, StridedRows<s
   const TiledWork work(static_cast<int64_t>(shape.sequences.size()) * heads,
                        [&](int64_t unit) { return ceil_div(shape.sequences[unit / heads].n_q, kBlock); });
   at::parallel_for(0, work.items(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_tile(kBlock * ld_d), k_tile_t(d * kBlock), v_tile(kBlock * ld_d);
+    Products products(d);
     std::vector<float> scores(kBlock * kBlock), acc(kBlock * ld_d), row_max(kBlock), row_sum(kBlock);
     std::vector<float> keep(options.dropout ? kBlock * kBlock : 0);
     for (int64_t item = begin; item < end; ++item) {
@@ -225,7 +228,7 @@ void forward_pass(const Shape& shape, const ScoreOptions& options, StridedRows<s
       const int64_t q0 = tile * kBlock;
       const int64_t rows = std::min(kBlock, seq.n_q - q0);
       const int64_t padded_rows = round_up(rows, kMicroRows);
-      load_tile(q_tile.data(), ld_d, q.rows(b, h, seq.q_offset + q0), q.stride_n, rows, d, options.q_multiplier());
+      products.load_queries(q.rows(b, h, seq.q_offset + q0), q.stride_n, rows, options.q_multiplier());
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(row_max.begin(), row_max.end(), -kInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.0f);
@@ -236,10 +239,8 @@ void forward_pass(const Shape& shape, const ScoreOptions& options, StridedRows<s
         if (seq.key_tile_hidden(k0)) continue;
         const int64_t cols = std::min(kBlock, seq.n_k - k0);
         const int64_t key_row = seq.k_offset + k0;
-        load_tile_transposed(k_tile_t.data(), kBlock, k.rows(b, h_kv, key_row), k.stride_n, cols, d, 1.0f);
-        load_tile(v_tile.data(), ld_d, v.rows(b, h_kv, key_row), v.stride_n, cols, d, 1.0f);
-        gemm(false, padded_rows, round_up(cols, kMicroCols), d, q_tile.data(), ld_d, 1, k_tile_t.data(), kBlock,
-             scores.data(), kBlock);
+        products.load_keys(k.rows(b, h_kv, key_row), k.stride_n, v.rows(b, h_kv, key_row), v.stride_n, cols);
+        products.scores(scores.data(), padded_rows, cols);
         if (options.modifies_scores()) {
           const int64_t distance0 = q0 + seq.diagonal() - k0;  // query rows, key columns
           modify_scores(scores.data(), kBlock, rows, cols, options.modifier(seq, h, shape, distance0, 1, -1), nullptr);
@@ -255,7 +256,7 @@ void forward_pass(const Shape& shape, const ScoreOptions& options, StridedRows<s
             for (int64_t n = 0; n < cols; ++n) scores[m * kBlock + n] *= keep[m * kBlock + n];
           }
         }
-        gemm(true, padded_rows, ld_d, cols, scores.data(), kBlock, 1, v_tile.data(), ld_d, acc.data(), ld_d);
+        products.add_values(acc.data(), scores.data(), padded_rows, cols);
       }
 
       const int64_t first_row = shape.row_index(seq, h, q0);
@@ -315,7 +316,7 @@ struct Chunks {
 // the units (sequence, KV head) its items belong to, and the buffers are summed afterwards in chunk
 // order. The chunks are fixed by the item count and the thread count alone, so dQ is bit-for-bit
 // the same from run to run at a given thread count (dK, dV: at any thread count).
-template <typename scalar_t>
+template <typename Products, typename scalar_t>
 void grad_pass(const Shape& shape, const ScoreOptions& options, const BackwardInputs<scalar_t>& in,
                const float* delta, const float* lse2, OutputRows<scalar_t> dq, OutputRows<scalar_t> dk,
                OutputRows<scalar_t> dv) {
@@ -339,8 +340,8 @@ void grad_pass(const Shape& shape, const ScoreOptions& options, const BackwardIn
   auto first_unit = [&](int64_t chunk) { return work.unit_of(chunks.begin(chunk)); };
 
   at::parallel_for(0, chunks.count(), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<float> k_tile(kBlock * ld_d), v_tile(kBlock * ld_d), q_tile(kBlock * ld_d), q_tile_t(d * kBlock);
-    std::vector<float> dout_tile(kBlock * ld_d), dout_tile_t(d * kBlock), p_t(kBlock * kBlock), dp_t(kBlock * kBlock);
+    Products products(d);
+    std::vector<float> p_t(kBlock * kBlock), dp_t(kBlock * kBlock);
     std::vector<float> dk_acc(kBlock * ld_d), dv_acc(kBlock * ld_d);
     // The transposed dropout mask and tanh of a tile, for the options that are on.
     std::vector<float> keep_t(options.dropout ? kBlock * kBlock : 0);
@@ -348,17 +349,12 @@ void grad_pass(const Shape& shape, const ScoreOptions& options, const BackwardIn
     // One (key tile, query tile) pair of query head h: adds into dk_acc, dv_acc and the head's dQ rows.
     auto add_query_tile = [&](const Sequence& seq, int64_t h, int64_t k0, int64_t keys, int64_t q0, float* dq_head) {
       const int64_t queries = std::min(kBlock, seq.n_q - q0);
-      const int64_t padded_keys = round_up(keys, kMicroRows), padded_queries = round_up(queries, kMicroCols);
+      const int64_t padded_keys = round_up(keys, kMicroRows);
       const int64_t first_row = shape.row_index(seq, h, q0);
       const scalar_t* q_rows = in.q.rows(seq.batch, h, seq.q_offset + q0);
       const scalar_t* dout_rows = in.dout.rows(seq.batch, h, seq.q_offset + q0);
-      load_tile_transposed(q_tile_t.data(), kBlock, q_rows, in.q.stride_n, queries, d, options.q_multiplier());
-      load_tile(q_tile.data(), ld_d, q_rows, in.q.stride_n, queries, d, 1.0f);
-      load_tile_transposed(dout_tile_t.data(), kBlock, dout_rows, in.dout.stride_n, queries, d, 1.0f);
-      load_tile(dout_tile.data(), ld_d, dout_rows, in.dout.stride_n, queries, d, 1.0f);
-      gemm(false, padded_keys, padded_queries, d, k_tile.data(), ld_d, 1, q_tile_t.data(), kBlock, p_t.data(), kBlock);
-      gemm(false, padded_keys, padded_queries, d, v_tile.data(), ld_d, 1, dout_tile_t.data(), kBlock, dp_t.data(),
-           kBlock);
+      products.load_queries(q_rows, in.q.stride_n, dout_rows, in.dout.stride_n, queries, options.q_multiplier());
+      products.scores_and_dp(p_t.data(), dp_t.data(), padded_keys, queries);
       if (options.modifies_scores()) {
         const int64_t distance0 = q0 + seq.diagonal() - k0;  // key rows, query columns
         modify_scores(p_t.data(), kBlock, keys, queries, options.modifier(seq, h, shape, distance0, -1, 1),
@@ -371,11 +367,8 @@ void grad_pass(const Shape& shape, const ScoreOptions& options, const BackwardIn
       softmax_grad_key_rows(p_t.data(), dp_t.data(), kBlock, keys, queries, seq.queries_seeing(k0, q0),
                             lse2 + first_row, delta + first_row, keep_t.empty() ? nullptr : keep_t.data(),
                             tanh_t.empty() ? nullptr : tanh_t.data());
-      gemm(true, padded_keys, ld_d, queries, p_t.data(), kBlock, 1, dout_tile.data(), ld_d, dv_acc.data(), ld_d);
-      gemm(true, padded_keys, ld_d, queries, dp_t.data(), kBlock, 1, q_tile.data(), ld_d, dk_acc.data(), ld_d);
-      // dS is dp_t read transposed: row m of dS is column m of dp_t.
-      gemm(true, round_up(queries, kMicroRows), ld_d, keys, dp_t.data(), 1, kBlock, k_tile.data(), ld_d,
-           dq_head + q0 * ld_d, ld_d);
+      products.add_grads(p_t.data(), dp_t.data(), padded_keys, keys, queries, dv_acc.data(), dk_acc.data(),
+                         dq_head + q0 * ld_d);
     };
 
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -393,8 +386,8 @@ void grad_pass(const Shape& shape, const ScoreOptions& options, const BackwardIn
         std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
         // A key tile that is all padding is seen by no query: its dK and dV stay 0.
         if (!seq.key_tile_hidden(k0)) {
-          load_tile(k_tile.data(), ld_d, in.k.rows(b, h_kv, key_row), in.k.stride_n, keys, d, 1.0f);
-          load_tile(v_tile.data(), ld_d, in.v.rows(b, h_kv, key_row), in.v.stride_n, keys, d, 1.0f);
+          products.load_keys(in.k.rows(b, h_kv, key_row), in.k.stride_n, in.v.rows(b, h_kv, key_row), in.v.stride_n,
+                             keys);
           for (int64_t g = 0; g < group; ++g) {
             float* dq_head = dq_buffer.data() + (dq_first_row[unit] - buffer_first_row + g * head_rows(seq)) * ld_d;
             const int64_t query_end = seq.query_end(k0 + keys);
@@ -568,10 +561,19 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
       make_score_options(softmax_scale, softcap, alibi_slopes, dropout_p, dropout_seed, dropout_offset);
   at::Tensor o = empty_output_like(q, cu_seqlens_q.has_value(), q.scalar_type());
   at::Tensor lse = at::empty({shape.batch, shape.heads_q, shape.q_rows}, q.options().dtype(at::kFloat));
+#ifdef FA_X86_MULTIVERSIONING
+  if (q.scalar_type() == at::kBFloat16 && bf16_products()) {
+    using scalar_t = c10::BFloat16;
+    forward_pass<Bf16ForwardProducts>(shape, options, strided_rows<scalar_t>(q), strided_rows<scalar_t>(k),
+                                      strided_rows<scalar_t>(v), output_rows<scalar_t>(o), lse.data_ptr<float>());
+    return {o, lse};
+  }
+#endif
   dispatch_dtype(q.scalar_type(), [&](auto element) {
     using scalar_t = decltype(element);
-    forward_pass<scalar_t>(shape, options, strided_rows<scalar_t>(q), strided_rows<scalar_t>(k),
-                           strided_rows<scalar_t>(v), output_rows<scalar_t>(o), lse.data_ptr<float>());
+    forward_pass<FloatForwardProducts<scalar_t>>(shape, options, strided_rows<scalar_t>(q), strided_rows<scalar_t>(k),
+                                                 strided_rows<scalar_t>(v), output_rows<scalar_t>(o),
+                                                 lse.data_ptr<float>());
   });
   return {o, lse};
 }
@@ -606,8 +608,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
                                       strided_rows<scalar_t>(k),    strided_rows<scalar_t>(v),
                                       strided_rows<scalar_t>(o),    lse.const_data_ptr<float>()};
     row_statistics_pass(shape, in, delta.data(), lse2.data());
-    grad_pass(shape, options, in, delta.data(), lse2.data(), output_rows<scalar_t>(dq), output_rows<scalar_t>(dk),
-              output_rows<scalar_t>(dv));
+#ifdef FA_X86_MULTIVERSIONING
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (bf16_products()) {
+        grad_pass<Bf16BackwardProducts>(shape, options, in, delta.data(), lse2.data(), output_rows<scalar_t>(dq),
+                                        output_rows<scalar_t>(dk), output_rows<scalar_t>(dv));
+        return;
+      }
+    }
+#endif
+    grad_pass<FloatBackwardProducts<scalar_t>>(shape, options, in, delta.data(), lse2.data(), output_rows<scalar_t>(dq),
+                                               output_rows<scalar_t>(dk), output_rows<scalar_t>(dv));
   });
   return {dq, dk, dv};
 }

@@ -1,6 +1,7 @@
-// The float tile machinery shared by the C++ CPU kernels (attention_cpu.cpp: fwd and bwd; decode_cpu.cpp:
-// fwd_kvcache): inputs are converted tile by tile into float scratch buffers, multiplied by gemm, and
-// the online softmax, softcap and ALiBi run on the score tiles there.
+// The tile machinery shared by the C++ CPU kernels (attention_cpu.cpp: fwd and bwd; decode_cpu.cpp:
+// fwd_kvcache): inputs are converted tile by tile into float scratch buffers and multiplied by gemm
+// (or, bf16 on AVX512_BF16, packed as bf16 pairs for gemm_bf16_pairs: products.h), and the online
+// softmax, softcap and ALiBi run on the float score tiles.
 //
 // Everything here has internal linkage (an unnamed namespace): each kernel file compiles its own
 // copy, so the hot loops inline into its passes and its multiversioned functions resolve within it,
@@ -15,13 +16,17 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
+
+#include "isa.h"
 
 // setup.py compiles for the baseline ISA (SSE2 on x86-64), which leaves most of an AVX2 or AVX-512
 // core idle. The few functions holding the hot loops are therefore compiled once per x86-64 ISA
-// level, and the loader picks the best one the CPU has (GCC function multiversioning, via ifunc).
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define FA_X86_MULTIVERSIONING
+// level: the loader picks the best one the CPU has (GCC function multiversioning, via ifunc), but for
+// the tile products, whose level is cpu_isa() (isa.h), so that each can be forced and tested.
+#ifdef FA_X86_MULTIVERSIONING
+#include <immintrin.h>
 #define FA_MULTIVERSIONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FA_MULTIVERSIONED
@@ -163,17 +168,207 @@ template <typename Block, int R, int C>
       int64_t a_depth_stride, const float *b, int64_t ldb, float *c, int64_t ldc
 #define FA_GEMM_CALL accumulate, rows, cols, depth, a, a_row_stride, a_depth_stride, b, ldb, c, ldc
 #ifdef FA_X86_MULTIVERSIONING
+// One R x 32 block of gemm with AVX-512 intrinsics (2R of the 32 vector registers, 2 for b's row, 1 for
+// a broadcast): GCC keeps neither the plain loops of an 8 x 32 block nor their vector-extension form
+// in registers.
+template <int R>
+__attribute__((target("arch=x86-64-v4"))) [[gnu::always_inline]] inline void avx512_block(FA_BLOCK_ARGS) {
+  __m512 block[R][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const float* c_row = c + (r0 + r) * ldc + c0;
+    block[r][0] = accumulate ? _mm512_loadu_ps(c_row) : _mm512_setzero_ps();
+    block[r][1] = accumulate ? _mm512_loadu_ps(c_row + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * ldb + c0), b1 = _mm512_loadu_ps(b + k * ldb + c0 + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 a_rk = _mm512_set1_ps(a[(r0 + r) * a_row_stride + k * a_depth_stride]);
+      block[r][0] = _mm512_fmadd_ps(a_rk, b0, block[r][0]);
+      block[r][1] = _mm512_fmadd_ps(a_rk, b1, block[r][1]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    float* c_row = c + (r0 + r) * ldc + c0;
+    _mm512_storeu_ps(c_row, block[r][0]);
+    _mm512_storeu_ps(c_row + 16, block[r][1]);
+  }
+}
+
 // The block shape is the ISA's. The 16 vector registers of AVX2 hold a 6 x 16 block of c (12
 // registers), a row of b (2) and a broadcast of a (1); a 4 x 32 block would need 16 + 1, and GCC
-// spills accumulators to the stack in the depth loop. AVX-512, with 32 registers, keeps 4 x 32.
-__attribute__((target("arch=x86-64-v4"))) void gemm(FA_GEMM_ARGS) {
-  gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL);
+// spills accumulators to the stack in the depth loop. AVX-512's 32 registers hold an 8 x 32 block
+// (16), b's row (2) and a broadcast.
+__attribute__((target("arch=x86-64-v4"))) void gemm_avx512(FA_GEMM_ARGS) {
+  static_assert(kMicroCols == 32);
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kMicroCols) {
+      if (rows - r0 >= 8) {
+        avx512_block<8>(accumulate, r0, c0, depth, a, a_row_stride, a_depth_stride, b, ldb, c, ldc);
+      } else {  // rows is a multiple of kMicroRows = 4
+        avx512_block<kMicroRows>(accumulate, r0, c0, depth, a, a_row_stride, a_depth_stride, b, ldb, c, ldc);
+      }
+    }
+  }
 }
-__attribute__((target("arch=x86-64-v3"))) void gemm(FA_GEMM_ARGS) { gemm_blocks<Float8Block, 6, 16>(FA_GEMM_CALL); }
-__attribute__((target("default"))) void gemm(FA_GEMM_ARGS) { gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL); }
-#else
-void gemm(FA_GEMM_ARGS) { gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL); }
+__attribute__((target("arch=x86-64-v3"))) void gemm_avx2(FA_GEMM_ARGS) {
+  gemm_blocks<Float8Block, 6, 16>(FA_GEMM_CALL);
+}
 #endif
+void gemm_baseline(FA_GEMM_ARGS) { gemm_blocks<PlainBlock, kMicroRows, 32>(FA_GEMM_CALL); }
+
+void gemm(FA_GEMM_ARGS) {
+#ifdef FA_X86_MULTIVERSIONING
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512Bf16:
+    case CpuIsa::kAvx512: return gemm_avx512(FA_GEMM_CALL);
+    case CpuIsa::kAvx2: return gemm_avx2(FA_GEMM_CALL);
+    case CpuIsa::kBaseline: break;
+  }
+#endif
+  gemm_baseline(FA_GEMM_CALL);
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 tile products (AVX512_BF16)
+//
+// vdpbf16ps adds to each float lane the products of a pair of bf16 of one operand with a pair of the
+// other, so operands are held as 32-bit words along the product's depth k, each the bf16 pair (k,
+// k + 1) of a row of a or a column of b, k even (an odd depth ends in the pair (k, 0)). b is held as
+// "pairs": word (k / 2, j) at b[k / 2 * ldb + j]. a's word (r, k / 2) is at a[r * a_row_stride + k / 2 *
+// a_pair_stride]: a tile of bf16 rows (pair stride 1) and the pairs of its transpose are read in place.
+// Only bf16 inputs take this path (their values are exact in bf16); the probabilities P and dS are
+// rounded to bf16 for the products that take them, as torch's bf16 CPU kernels and FlashAttention on
+// GPUs do; the sums stay float.
+using Bf16Bits = uint16_t;
+
+inline Bf16Bits bf16_bits(c10::BFloat16 x) { return x.x; }
+inline Bf16Bits bf16_bits(Bf16Bits x) { return x; }
+// Rounded to nearest even (a NaN stays a NaN but for payloads that round up into the sign).
+inline Bf16Bits bf16_bits(float x) {
+  const uint32_t u = std::bit_cast<uint32_t>(x);
+  return static_cast<Bf16Bits>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline uint32_t bf16_pair(Bf16Bits low, Bf16Bits high) { return low | (uint32_t{high} << 16); }
+
+#ifdef FA_X86_MULTIVERSIONING
+// The bf16 path's functions: packing tiles as much as multiplying them, so compiled for its ISA alone.
+#define FA_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
+#else
+#define FA_BF16_TARGET
+#endif
+
+// The pairs along the rows of src (rows x cols): word (j, k / 2) = (src[j][k], src[j][k + 1]) goes to
+// dst[j * row_step + k / 2 * pair_step]. As a: a tile of rows (pair_step 1); as b: src^T (row_step 1).
+template <typename Src>
+FA_BF16_TARGET void pack_row_pairs(uint32_t* dst, int64_t row_step, int64_t pair_step, const Src* src,
+                                   int64_t src_row_stride, int64_t rows, int64_t cols) {
+  for (int64_t j = 0; j < rows; ++j) {
+    const Src* row = src + j * src_row_stride;
+    uint32_t* out = dst + j * row_step;
+#ifdef FA_X86_MULTIVERSIONING
+    if (pair_step == 1) {  // the words of a row are its bf16 values in order: convert 32 at a time
+      for (int64_t k = 0; k < cols; k += 32) {
+        const int64_t n = std::min<int64_t>(32, cols - k);
+        __m512i values;
+        if constexpr (std::is_same_v<Src, float>) {
+          const __mmask16 low = _cvtu32_mask16(n >= 16 ? 0xffffu : (1u << n) - 1);
+          const __mmask16 high = _cvtu32_mask16(n >= 32 ? 0xffffu : n <= 16 ? 0u : (1u << (n - 16)) - 1);
+          values = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(high, row + k + 16),
+                                                _mm512_maskz_loadu_ps(low, row + k));
+        } else {
+          values = _mm512_maskz_loadu_epi16(_cvtu32_mask32(n >= 32 ? 0xffffffffu : (1u << n) - 1), row + k);
+        }
+        _mm512_mask_storeu_epi32(out + k / 2, _cvtu32_mask16((1u << ceil_div(n, 2)) - 1), values);
+      }
+      continue;
+    }
+#endif
+    for (int64_t k = 0; k + 1 < cols; k += 2) out[k / 2 * pair_step] = bf16_pair(bf16_bits(row[k]), bf16_bits(row[k + 1]));
+    if (cols % 2 != 0) out[cols / 2 * pair_step] = bf16_pair(bf16_bits(row[cols - 1]), 0);
+  }
+}
+
+// The pairs down the columns of src (rows x cols): word (k / 2, j) = (src[k][j], src[k + 1][j]) goes to
+// dst[k / 2 * ld + j]. As b: src; as a (a_row_stride 1, a_pair_stride ld): src^T.
+template <typename Src>
+FA_BF16_TARGET void pack_column_pairs(uint32_t* dst, int64_t ld, const Src* src, int64_t src_row_stride, int64_t rows,
+                       int64_t cols) {
+  for (int64_t k = 0; k < rows; k += 2) {
+    const Src* row = src + k * src_row_stride;
+    const Src* next = row + src_row_stride;
+    uint32_t* out = dst + k / 2 * ld;
+    if (k + 1 < rows) {
+      for (int64_t j = 0; j < cols; ++j) out[j] = bf16_pair(bf16_bits(row[j]), bf16_bits(next[j]));
+    } else {
+      for (int64_t j = 0; j < cols; ++j) out[j] = bf16_pair(bf16_bits(row[j]), 0);
+    }
+  }
+}
+
+#ifdef FA_X86_MULTIVERSIONING
+// One R x 32 block of c (2R of the 32 vector registers, 2 for b's words, 1 for a broadcast).
+template <int R>
+FA_BF16_TARGET [[gnu::always_inline]] inline void bf16_pairs_block(float alpha, bool accumulate, int64_t r0, int64_t c0,
+                                                                    int64_t depth_pairs, const uint32_t* a,
+                                                                    int64_t a_row_stride, int64_t a_pair_stride,
+                                                                    const uint32_t* b, int64_t ldb, float* c,
+                                                                    int64_t ldc) {
+  __m512 block[R][2];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    float* c_row = c + (r0 + r) * ldc + c0;
+    block[r][0] = accumulate ? _mm512_loadu_ps(c_row) : _mm512_setzero_ps();
+    block[r][1] = accumulate ? _mm512_loadu_ps(c_row + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < depth_pairs; ++k) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + k * ldb + c0);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + k * ldb + c0 + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a_rk = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[(r0 + r) * a_row_stride + k * a_pair_stride]));
+      block[r][0] = _mm512_dpbf16_ps(block[r][0], a_rk, b0);
+      block[r][1] = _mm512_dpbf16_ps(block[r][1], a_rk, b1);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    float* c_row = c + (r0 + r) * ldc + c0;
+    _mm512_storeu_ps(c_row, alpha == 1.0f ? block[r][0] : _mm512_mul_ps(block[r][0], _mm512_set1_ps(alpha)));
+    _mm512_storeu_ps(c_row + 16, alpha == 1.0f ? block[r][1] : _mm512_mul_ps(block[r][1], _mm512_set1_ps(alpha)));
+  }
+}
+
+// c[rows x cols] = alpha * ((accumulate ? c : 0) + a * b) over depth_pairs words of depth, a and b as
+// above; rows a multiple of kMicroRows, cols of kMicroCols, like gemm. Only where cpu_isa() is
+// kAvx512Bf16. (alpha: the bf16 path's query multiplier, which its query tile leaves out.)
+FA_BF16_TARGET void gemm_bf16_pairs(float alpha, bool accumulate, int64_t rows, int64_t cols, int64_t depth_pairs,
+                                    const uint32_t* a, int64_t a_row_stride, int64_t a_pair_stride,
+                                    const uint32_t* b, int64_t ldb, float* c, int64_t ldc) {
+  constexpr int kRows = 8;
+  static_assert(kMicroCols == 32 && kRows % kMicroRows == 0);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kMicroCols) {
+      if (rows - r0 >= kRows) {
+        bf16_pairs_block<kRows>(alpha, accumulate, r0, c0, depth_pairs, a, a_row_stride, a_pair_stride, b, ldb, c, ldc);
+      } else {
+        bf16_pairs_block<kMicroRows>(alpha, accumulate, r0, c0, depth_pairs, a, a_row_stride, a_pair_stride, b, ldb, c, ldc);
+      }
+    }
+  }
+}
+#endif
+
+// Whether bf16 tiles are multiplied as bf16 pairs (gemm_bf16_pairs) rather than as floats (gemm).
+inline bool bf16_products() {
+#ifdef FA_X86_MULTIVERSIONING
+  return cpu_isa() == CpuIsa::kAvx512Bf16;
+#else
+  return false;
+#endif
+}
 
 // Which keys of a tile a query sees. The window (causal being one), as a run of columns [begin, end)
 // per row of a score tile, varying by at most one column per row: begin(r) = clamp(begin0 + r *
