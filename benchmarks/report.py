@@ -107,7 +107,8 @@ def format_table(rows):
                 flops = row["tflops"] * (1e3 if giga else 1.0)
                 cells = [_fmt(row["ms"], ".3f"), _percent(row["spread"] / 2), _fmt(flops, ".4g")]
                 if with_peak:
-                    cells.append(_fmt(100 * row["tflops"] * 1e3 / row["peak_gflops"], ".0f"))
+                    peak = row.get("peak_gflops_bf16", row["peak_gflops"]) if row["dtype"] == "bf16" else row["peak_gflops"]
+                    cells.append(_fmt(100 * row["tflops"] * 1e3 / peak, ".0f"))
                 cells.append(_fmt(row["peak_memory_mib"], ".1f"))
                 cells += [_fmt(row[column], ".2f") for column, _ in comparisons]
             else:  # "OOM" or "error": no numbers, the status in the time column

@@ -33,7 +33,7 @@ from benchmarks.cases import (
     varlen_lengths,
     window_mask,
 )
-from benchmarks.run import add_comparisons, busy_warning, cpu_peak, measure, run_benchmarks
+from benchmarks.run import add_comparisons, busy_warning, cpu_bf16_speedup, cpu_peak, measure, run_benchmarks
 from benchmarks.scaling import fit_exponent
 from benchmarks.timing import peak_memory_bytes, summarize, times_ms
 
@@ -43,7 +43,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = {
     "provider", "mode", "case", "kv_heads", "lengths", "option", "window", "batch", "heads", "seqlen", "head_dim", "causal", "dtype", "status", "reason", "ms",
     "spread", "cpu_ms", "cpu_spread", "repeats", "tflops", "peak_memory_mib", "flops", "speedup_vs_naive",
-    "ratio_vs_sdpa_flash", "ratio_vs_sdpa_cudnn", "device", "device_name", "peak_gflops", "peak_how", "torch_version",
+    "ratio_vs_sdpa_flash", "ratio_vs_sdpa_cudnn", "device", "device_name", "peak_gflops", "peak_gflops_bf16", "peak_how",
+    "cpu_isa", "torch_version",
     "triton_version", "cuda_version", "memory_method", "timestamp",
 }
 
@@ -412,6 +413,11 @@ def test_cpu_peak_is_cores_times_clock_times_flop_per_cycle():
     assert peak == pytest.approx(2 * 2.5 * 32)
     assert how == "2 cores x 2.50 GHz x 32 FLOP/cycle (AVX2 FMA, fp32) = 160.0 GFLOP/s"
     assert math.isnan(cpu_peak(1, {})[0])
+    bf16_cpu = {"cpu MHz": "2000.000", "flags": "avx2 fma avx512f avx512_bf16"}
+    peak, how = cpu_peak(1, bf16_cpu)
+    assert peak == pytest.approx(2.0 * 64)
+    assert how.endswith("= 128.0 GFLOP/s; bf16 (vdpbf16ps, 2 products a lane): 256.0 GFLOP/s")
+    assert cpu_bf16_speedup(bf16_cpu) == 2 and cpu_bf16_speedup({"flags": "avx2 fma avx512f"}) == 1
 
 
 def test_table_has_no_column_for_a_provider_that_did_not_run():
