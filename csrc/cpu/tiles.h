@@ -260,11 +260,40 @@ inline uint32_t bf16_pair(Bf16Bits low, Bf16Bits high) { return low | (uint32_t{
 #define FA_BF16_TARGET
 #endif
 
+#ifdef FA_X86_MULTIVERSIONING
+// pack_row_pairs of bf16 rows into b = src^T (row_step 1): the words of 16 rows at a time, one gather
+// per pair of columns, where the tile's row offsets fit the gather's 32-bit indices.
+FA_BF16_TARGET inline bool gather_row_pairs(uint32_t* dst, int64_t pair_step, const c10::BFloat16* src,
+                                            int64_t src_row_stride, int64_t rows, int64_t cols) {
+  if (src_row_stride > (int64_t{1} << 26)) return false;
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int>(src_row_stride)));
+  for (int64_t j0 = 0; j0 < rows; j0 += 16) {
+    const int64_t n = std::min<int64_t>(16, rows - j0);
+    const __mmask16 lanes = _cvtu32_mask16(n == 16 ? 0xffffu : (1u << n) - 1);
+    const c10::BFloat16* block = src + j0 * src_row_stride;
+    for (int64_t k = 0; k + 1 < cols; k += 2) {
+      const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, offsets, block + k, 2);
+      _mm512_mask_storeu_epi32(dst + k / 2 * pair_step + j0, lanes, words);
+    }
+    for (int64_t j = 0; j < n && cols % 2 != 0; ++j) {  // an odd last column pairs with a 0
+      dst[cols / 2 * pair_step + j0 + j] = bf16_pair(bf16_bits(block[j * src_row_stride + cols - 1]), 0);
+    }
+  }
+  return true;
+}
+#endif
+
 // The pairs along the rows of src (rows x cols): word (j, k / 2) = (src[j][k], src[j][k + 1]) goes to
 // dst[j * row_step + k / 2 * pair_step]. As a: a tile of rows (pair_step 1); as b: src^T (row_step 1).
 template <typename Src>
 FA_BF16_TARGET void pack_row_pairs(uint32_t* dst, int64_t row_step, int64_t pair_step, const Src* src,
                                    int64_t src_row_stride, int64_t rows, int64_t cols) {
+#ifdef FA_X86_MULTIVERSIONING
+  if constexpr (std::is_same_v<Src, c10::BFloat16>) {
+    if (row_step == 1 && gather_row_pairs(dst, pair_step, src, src_row_stride, rows, cols)) return;
+  }
+#endif
   for (int64_t j = 0; j < rows; ++j) {
     const Src* row = src + j * src_row_stride;
     uint32_t* out = dst + j * row_step;
@@ -398,38 +427,91 @@ struct VisibleColumns {
   }
 };
 
+// The max and the sum of a row of a tile, 16 lanes at a time in a vector of GCC's vector extension
+// (one register with AVX-512, two with AVX2), whose lanes are combined at the end by halving it. An
+// omp simd reduction instead stores the vector to the stack and combines its lanes one by one.
+typedef float Float16 __attribute__((vector_size(64)));
+typedef float Float4 __attribute__((vector_size(16)));
+
+inline Float16 load16(const float* x) {
+  Float16 v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+
+inline float lanes_max(Float16 v) {
+  const Float8 low8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const Float8 high8 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Float8 m8 = high8 > low8 ? high8 : low8;
+  const Float4 low4 = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), high4 = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  const Float4 m4 = high4 > low4 ? high4 : low4;
+  const float m01 = m4[1] > m4[0] ? m4[1] : m4[0], m23 = m4[3] > m4[2] ? m4[3] : m4[2];
+  return m23 > m01 ? m23 : m01;
+}
+
+inline float lanes_sum(Float16 v) {
+  const Float8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Float4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// max(x[0], ..., x[n - 1]); -inf for n = 0.
+inline float row_max(const float* x, int64_t n) {
+  float result = -kInf;
+  int64_t i = 0;
+  if (n >= 16) {
+    Float16 m = load16(x);
+    for (i = 16; i + 16 <= n; i += 16) {
+      const Float16 v = load16(x + i);
+      m = v > m ? v : m;
+    }
+    result = lanes_max(m);
+  }
+  for (; i < n; ++i) result = x[i] > result ? x[i] : result;
+  return result;
+}
+
+// x[0] + ... + x[n - 1].
+inline float row_sum(const float* x, int64_t n) {
+  float result = 0.0f;
+  int64_t i = 0;
+  if (n >= 16) {
+    Float16 sum = load16(x);
+    for (i = 16; i + 16 <= n; i += 16) sum += load16(x + i);
+    result = lanes_sum(sum);
+  }
+  for (; i < n; ++i) result += x[i];
+  return result;
+}
+
 // One key tile of the forward's online softmax, for each query row m < rows of the score tile s:
 // the row's visible scores become p = 2^(s - new running max), its other columns up to cols 0;
 // the running sum and the accumulator row are rescaled to the new max.
 FA_MULTIVERSIONED void online_softmax_step(float* s, int64_t lds, int64_t rows, int64_t cols, VisibleColumns visible,
-                                           float* row_max, float* row_sum, float* acc, int64_t ldacc,
+                                           float* running_max, float* running_sum, float* acc, int64_t ldacc,
                                            int64_t acc_cols) {
   visible.hide_padding(s, lds, rows, cols);
   for (int64_t m = 0; m < rows; ++m) {
     float* s_row = s + m * lds;
     const auto [begin, end] = visible.of_row(m, cols);
-    float tile_max = -kInf;
-#pragma omp simd reduction(max : tile_max)  // a max reduction over floats needs it to vectorize
-    for (int64_t n = begin; n < end; ++n) tile_max = s_row[n] > tile_max ? s_row[n] : tile_max;
-    const float new_max = std::max(row_max[m], tile_max);
+    const float new_max = std::max(running_max[m], row_max(s_row + begin, end - begin));
     if (new_max == -kInf) {  // this row has seen no key yet: nothing to add, nothing to rescale
       std::fill(s_row, s_row + cols, 0.0f);
       continue;
     }
     for (int64_t n = begin; n < end; ++n) s_row[n] = clamp_exponent(s_row[n] - new_max);
-    float tile_sum = 0.0f;
-#pragma omp simd reduction(+ : tile_sum)  // lets GCC reorder the sum (-fopenmp; setup.py passes it)
-    for (int64_t n = begin; n < end; ++n) {
-      s_row[n] = exp2_poly(s_row[n]);
-      tile_sum += s_row[n];
-    }
+    for (int64_t n = begin; n < end; ++n) s_row[n] = exp2_poly(s_row[n]);
+    const float tile_sum = row_sum(s_row + begin, end - begin);
     std::fill(s_row, s_row + begin, 0.0f);
     std::fill(s_row + end, s_row + cols, 0.0f);
-    const float correction = exp2_poly(clamp_exponent(row_max[m] - new_max));  // 0 when row_max is still -inf
-    row_max[m] = new_max;
-    row_sum[m] = row_sum[m] * correction + tile_sum;
-    float* acc_row = acc + m * ldacc;
-    for (int64_t d = 0; d < acc_cols; ++d) acc_row[d] *= correction;
+    const float correction = exp2_poly(clamp_exponent(running_max[m] - new_max));  // 0 while the max is -inf
+    running_max[m] = new_max;
+    running_sum[m] = running_sum[m] * correction + tile_sum;
+    if (correction != 1.0f) {  // the max moved (after the first tiles, in few rows)
+      float* acc_row = acc + m * ldacc;
+      for (int64_t d = 0; d < acc_cols; ++d) acc_row[d] *= correction;
+    }
   }
 }
 
