@@ -7,10 +7,12 @@ score-option variants (sliding window, softcap with ALiBi, dropout) at head dim 
 - no register spills, on either architecture;
 - sm_90: every tl.dot a warp-group MMA (wgmma), no mma.sync fallback, but in the decode kernel's 16-row tiles
   (a warp group's wgmma takes 64 rows): mma.sync there;
+- the forward's TMA variant (what sm_90+ runs where TMA can address the tiles, at every head dim): its loads
+  are TMA (cp.async.bulk.tensor);
 - sm_80: mma.sync, with cp.async loads;
 - no transposes of matmul results (a round trip through shared memory each);
 - the shared memory the autotuner's pruner estimates is what the build uses (wgmma builds, within 8 KiB), or
-  more (mma.sync builds, which keep one pipeline stage fewer in shared memory).
+  more (mma.sync builds, which keep one pipeline stage fewer in shared memory, and TMA builds).
 A failing case is named by kernel, variant, architecture, head dim and config. Each compile runs ptxas (a few
 seconds); select the gate alone with `pytest -m compile_gate`.
 """
@@ -92,10 +94,12 @@ def test_kept_config_compiles_clean(compiled, name, variant, arch, head_dim, con
     else:
         assert r["mma_sync"], f"{case}: no mma.sync in the PTX"
         assert r["cp_async"], f"{case}: no cp.async in the PTX"
+    if variant == "tma":
+        assert r["tma"], f"{case}: no TMA (cp.async.bulk.tensor) in the PTX"
     estimate = CONFIGS[name].shared_memory(config, head_dim, 2)
-    # mma.sync builds use less shared memory than wgmma builds: there the estimate need only be an upper
-    # bound, so that it never keeps a config that does not fit.
-    fits = abs(estimate - r["shared_bytes"]) <= 8192 if wgmma else estimate >= r["shared_bytes"]
+    # mma.sync and TMA builds use less shared memory than wgmma builds with cp.async: there the estimate need
+    # only be an upper bound, so that it never keeps a config that does not fit.
+    fits = abs(estimate - r["shared_bytes"]) <= 8192 if wgmma and variant != "tma" else estimate >= r["shared_bytes"]
     assert fits, f"{case}: shared memory estimated {estimate} bytes, compiled {r['shared_bytes']}"
 
 

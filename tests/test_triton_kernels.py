@@ -328,6 +328,78 @@ def test_row_offsets_past_int32():
         check_against_reference(q, k, v, do, causal, 0.25)
 
 
+# The forward's TMA path (sm_90+): tiles read through tensor descriptors, whose out-of-bounds rows and
+# columns TMA fills with zeros. On the interpreter it runs where common.TMA_UNDER_INTERPRETER says.
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    if ON_GPU:
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("TMA needs sm_90 or later")
+    else:
+        monkeypatch.setattr(common, "TMA_UNDER_INTERPRETER", True)
+
+
+TMA_SHAPES = [(1, 1, 1, 1, 16), (1, 2, 17, 17, 40), (2, 3, 45, 70, 32), (1, 1, 113, 31, 80)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", TMA_SHAPES, ids=str)
+def test_tma_forward_matches_reference(tma, shape, causal, dtype):
+    q, k, v, do = random_inputs(shape, dtype, seed=3)
+    assert common.uses_tma(q, k, v)
+    check_against_reference(q, k, v, do, causal, shape[-1] ** -0.5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_tma_never_reads_outside_the_views(tma, causal):
+    """Views inside NaN-filled buffers, placed so that TMA can address them (16-byte aligned start and row
+    strides): the descriptors' bounds, not the buffers', must stop every read."""
+    batch, heads, n_q, n_k, head_dim, pad = 1, 2, 21, 37, 40, 8
+    gen = torch.Generator(device=DEVICE).manual_seed(13)
+
+    def nan_padded(n):
+        storage = torch.full((batch, heads, n + 2 * pad, head_dim + 2 * pad), float("nan"), dtype=torch.bfloat16,
+                             device=DEVICE)
+        view = storage[:, :, pad : pad + n, pad : pad + head_dim]
+        view.copy_(torch.randn(batch, heads, n, head_dim, generator=gen, device=DEVICE))
+        return view
+
+    q, k, v, do = nan_padded(n_q), nan_padded(n_k), nan_padded(n_k), nan_padded(n_q)
+    assert common.uses_tma(q, k, v)
+    results = check_against_reference(q, k, v, do, causal, 0.2)
+    assert not any(x.isnan().any() for x in results)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_tma_varlen(tma, causal):
+    """A descriptor per sequence: rows past a sequence's end read as zeros, not as the next sequence."""
+    lengths_q, lengths_k = VARLEN_CASES[0]
+    q, k, v, do, cu_q, cu_k = packed_inputs(lengths_q, lengths_k, 4, 2, 32, torch.bfloat16, seed=4)
+    assert common.uses_tma(q, k, v)
+    check_options_against_plain(q, k, v, do, causal, 0.2, True, None, cu_q, cu_k, max(lengths_q), max(lengths_k))
+
+
+def test_tma_with_every_score_option(tma):
+    q, k, v, do = grouped_inputs(1, 4, 2, 23, 30, 16, torch.float16, seed=9)
+    assert common.uses_tma(q, k, v)
+    check_score_options(q, k, v, do, True, 0.3, window=(9, -1), softcap=1.5, alibi_slopes=slopes(1, 4, seed=1),
+                        dropout_p=0.2, seed=77)
+
+
+def test_tma_only_where_it_can_address_the_tiles(tma):
+    def rows(head_dim, dtype=torch.bfloat16):
+        return torch.randn(1, 2, 8, head_dim, device=DEVICE).to(dtype)
+
+    assert common.uses_tma(rows(40), rows(40), rows(40))
+    assert not common.uses_tma(rows(40, torch.float32), rows(40, torch.float32), rows(40, torch.float32))
+    assert not common.uses_tma(rows(17), rows(17), rows(17))  # 34-byte rows
+    shifted = torch.randn(1, 2, 8, 41, device=DEVICE).to(torch.bfloat16)[..., 1:]  # starts 2 bytes in
+    assert not common.uses_tma(rows(40), shifted, rows(40))
+
+
 class _RecordGrid:
     """Stands in for an autotuned kernel: records the launch grid for the smallest tiles instead of running."""
 

@@ -429,6 +429,45 @@ def option_arguments(causal, n_q, n_k, window_left, window_right, softcap, alibi
     )
 
 
+# Whether the interpreter runs the TMA path where a GPU would (tests set it: the pointer path, which every
+# GPU before sm_90 runs, is the interpreter's default).
+TMA_UNDER_INTERPRETER = False
+
+
+def uses_tma(*tensors):
+    """Whether a kernel reads these fp16/bf16 tensors' tiles through TMA descriptors: on sm_90 and later
+    (or the interpreter, where TMA_UNDER_INTERPRETER), where TMA can address them: a 16-byte aligned
+    start and strides of multiples of 16 bytes (but the last dimension's, contiguous). Other layouts, such
+    as an odd head dim's rows packed back to back, take the pointer path."""
+    x = tensors[0]
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+        _set_tma_allocator()
+    elif not (INTERPRETING and TMA_UNDER_INTERPRETER):
+        return False
+    return all(
+        t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+        and all(size == 1 or stride * t.element_size() % 16 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+        for t in tensors
+    )
+
+
+def _tma_allocator(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _set_tma_allocator():
+    """Descriptors made in a kernel (tl.make_tensor_descriptor) live in global memory that Triton asks its
+    allocator for at launch; it has none unless one is set. An allocator the caller set is kept."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_tma_allocator)
+
+
 def batch_stride(x, varlen):
     """x.stride(0) for a kernel's batch offset; 0 in varlen, where every sequence lives in batch 0."""
     return 0 if varlen else x.stride(0)

@@ -25,6 +25,7 @@ from .common import (
     real_keys,
     sequence,
     store_rows,
+    uses_tma,
     visible,
 )
 
@@ -46,7 +47,7 @@ CONFIGS = KernelConfigs(
     configs=CONFIGS.all(),
     # The lengths only as buckets (n_bucket): retuning and recompiling for every new length would stall
     # training on variable-length batches. The autotuner adds the tensors' dtypes to the key itself.
-    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "q_bucket", "k_bucket"],
+    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "TMA", "q_bucket", "k_bucket"],
     prune_configs_by={"early_config_prune": CONFIGS.prune},
 )
 # A new seed or offset (every training step) must not compile a new specialization.
@@ -80,6 +81,7 @@ def _forward_kernel(
     ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,  # Q, K and V tiles through TMA descriptors (sm_90+), not masked pointer loads
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -102,7 +104,16 @@ def _forward_kernel(
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(q_base, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
+    if TMA:
+        # Descriptors of this sequence's rows of this head: TMA fills the rows past the sequence and the
+        # columns past HEAD_DIM with zeros, the masks of the pointer path.
+        q = tl.make_tensor_descriptor(q_base, [n_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, BLOCK_D]).load([start_m, 0])
+        k_rows = tl.make_tensor_descriptor(k_base, [n_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_rows = tl.make_tensor_descriptor(v_base, [n_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+    else:
+        q = load_rows(q_base, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
+        k_rows = k_base
+        v_rows = v_base
     if scale_log2 < 0:
         # The unmasked loop takes row maxima of the unscaled scores, right only for a scale >= 0. A negative
         # scale (allowed, if unusual) is folded into q, once per program: negation is exact in every dtype.
@@ -122,19 +133,19 @@ def _forward_kernel(
         start_m, n_q, n_k, key_bounds, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL, PADDED, WINDOW)
     if WINDOW:  # the tiles left of those every query sees whole
         acc, l_i, m_i = _attend_key_tiles(
-            acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+            acc, l_i, m_i, q, k_rows, v_rows, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
             scale_log2, scores, dropout, start_n, unmasked_start, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI,
-            DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+            DROPOUT, HEAD_DIM, DOT_PRECISION, TMA, BLOCK_N,
         )
     acc, l_i, m_i = _attend_key_tiles(
-        acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+        acc, l_i, m_i, q, k_rows, v_rows, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
         scale_log2, scores, dropout, unmasked_start, unmasked_end, False, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI,
-        DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        DROPOUT, HEAD_DIM, DOT_PRECISION, TMA, BLOCK_N,
     )
     acc, l_i, m_i = _attend_key_tiles(
-        acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+        acc, l_i, m_i, q, k_rows, v_rows, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
         scale_log2, scores, dropout, unmasked_end, visible_end, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI,
-        DROPOUT, HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        DROPOUT, HEAD_DIM, DOT_PRECISION, TMA, BLOCK_N,
     )
 
     # l_i is 0 exactly for rows that saw no key (any visible key adds exp2(0) = 1): output 0, lse -inf.
@@ -154,7 +165,7 @@ def _forward_kernel(
 
 @triton.jit
 def _attend_key_tiles(
-    acc, l_i, m_i, q, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
+    acc, l_i, m_i, q, k_rows, v_rows, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
     scores, dropout, start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -165,19 +176,25 @@ def _attend_key_tiles(
     DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Fold key tiles [start, end) into the online softmax state; mask scores only when MASKED.
 
-    scores: (window_left, window_right, softcap_log2, slope_log2) and dropout: (seed, offset, batch * Hq +
-    head, threshold), the option values _forward_kernel bundles.
+    k_rows, v_rows: TMA descriptors (TMA) or the first rows' pointers. scores: (window_left, window_right,
+    softcap_log2, slope_log2) and dropout: (seed, offset, batch * Hq + head, threshold), the option values
+    _forward_kernel bundles.
     """
     window_left, window_right, softcap_log2, slope_log2 = scores
     seed, offset, batch_head, threshold = dropout
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
-        v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
+        if TMA:
+            k = k_rows.load([start_n, 0])
+            v = v_rows.load([start_n, 0])
+        else:
+            k = load_rows(k_rows, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
+            v = load_rows(v_rows, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
 
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
@@ -243,6 +260,7 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, key_padding_m
     lse = torch.empty((rows_batch, heads, rows_q), device=q.device, dtype=torch.float32)
     if batch * n_q == 0:
         return o, lse  # no query rows: CUDA refuses an empty grid
+    tma = uses_tma(q, k, v)
 
     _forward_kernel[program_grid(n_q, heads, batch, "BLOCK_M")](
         q, k, v, o, lse,
@@ -262,6 +280,7 @@ def attention_forward(q, k, v, causal: bool, softmax_scale: float, key_padding_m
         PADDED=key_padding_mask is not None,
         VARLEN=varlen,
         DOT_PRECISION=dot_precision(q.dtype),
+        TMA=tma,
         **option_arguments(causal, n_q, n_k, window_left, window_right, softcap, alibi_slopes, dropout_p,
                            dropout_seed, dropout_offset),
     )

@@ -45,9 +45,12 @@ VARIANTS = {
     "window": {"WINDOW": True, "CAUSAL": False},  # a causal window runs the WINDOW code with CAUSAL off
     "softcap_alibi": {"SOFTCAP": True, "ALIBI": True},
     "dropout": {"DROPOUT": True},
+    "tma": {"TMA": True},  # the forward's Q/K/V tiles through TMA descriptors, as sm_90+ runs it
 }
-VARIANT_HEAD_DIMS = {variant: HEAD_DIMS if variant == "plain" else (128,) for variant in VARIANTS}
-VARIANT_ARCHS = {variant: (90,) if variant in ("window", "softcap_alibi", "dropout") else ARCHS for variant in VARIANTS}
+VARIANT_HEAD_DIMS = {variant: HEAD_DIMS if variant in ("plain", "tma") else (128,) for variant in VARIANTS}
+VARIANT_ARCHS = {
+    variant: (90,) if variant in ("window", "softcap_alibi", "dropout", "tma") else ARCHS for variant in VARIANTS
+}
 # The kernels that have each variant: the decode kernel has no key padding, varlen or dropout, only it
 # reads a paged cache.
 TRAINING_KERNELS = ("forward", "dkdv", "dq")
@@ -55,6 +58,7 @@ VARIANT_KERNELS = {
     "plain": (*TRAINING_KERNELS, "decode"), "padded": TRAINING_KERNELS, "varlen": TRAINING_KERNELS,
     "paged": ("decode",), "window": (*TRAINING_KERNELS, "decode"), "softcap_alibi": (*TRAINING_KERNELS, "decode"),
     "dropout": TRAINING_KERNELS,
+    "tma": ("forward",),
 }
 DTYPE = "bf16"  # fp16 compiles to the same instructions and resources
 
@@ -138,6 +142,7 @@ def _constexprs(fn, config, head_dim, variant):
         "DROPOUT": False,
         "DOT_PRECISION": "tf32",
         "FUSED_DQ": False,  # the default, deterministic backward
+        "TMA": False,  # the pointer path, which every GPU runs where TMA cannot address the tiles
         **VARIANTS[variant],
         **config.kwargs,
     }
