@@ -36,6 +36,7 @@ from .common import (
     real_keys,
     sequence,
     store_rows,
+    uses_tma,
     visible,
 )
 
@@ -115,8 +116,8 @@ def _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q):
 @triton.autotune(
     configs=DKDV_CONFIGS.all(),
     # lengths as buckets, as in the forward
-    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "FUSED_DQ", "q_bucket",
-         "k_bucket"],
+    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "FUSED_DQ", "TMA",
+         "q_bucket", "k_bucket"],
     prune_configs_by={"early_config_prune": DKDV_CONFIGS.prune},
     reset_to_zero=["DQ_ACCUM"],  # the timing runs of the autotuner add to it too
 )
@@ -154,6 +155,7 @@ def _dkdv_kernel(
     DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr,
+    TMA: tl.constexpr,  # tiles through TMA descriptors (sm_90+), as in the forward
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -169,10 +171,25 @@ def _dkdv_kernel(
     # Keys past n_k load as zeros. Their dK/dV rows may come out inf (P = exp2(-lse) there) but are never
     # stored, and no other row depends on them. Likewise padding keys' rows (unmasked, their P may be inf:
     # lse leaves them out), which the kernel never stores: they stay the launcher's zeros.
-    k = load_rows(K + batch * stride_kb + kv_head * stride_kh + k_first * stride_kn, offs_n, stride_kn, n_k, offs_d,
-                  HEAD_DIM)
-    v = load_rows(V + batch * stride_vb + kv_head * stride_vh + k_first * stride_vn, offs_n, stride_vn, n_k, offs_d,
-                  HEAD_DIM)
+    k_base = K + batch * stride_kb + kv_head * stride_kh + k_first * stride_kn
+    v_base = V + batch * stride_vb + kv_head * stride_vh + k_first * stride_vn
+    # Query rows past n_q need no mask in any loop: their q and dO load as zeros (see _load_row_stats).
+    q_base = Q + batch * stride_qb + q_first * stride_qn
+    do_base = DO + batch * stride_dob + q_first * stride_don
+    if TMA:
+        k = tl.make_tensor_descriptor(k_base, [n_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D]).load([start_n, 0])
+        v = tl.make_tensor_descriptor(v_base, [n_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D]).load([start_n, 0])
+        # (head, row, column): the loops visit the group's query heads.
+        n_heads = n_kv_heads * group
+        q_rows = tl.make_tensor_descriptor(q_base, [n_heads, n_q, HEAD_DIM], [stride_qh, stride_qn, 1],
+                                           [1, BLOCK_M, BLOCK_D])
+        do_rows = tl.make_tensor_descriptor(do_base, [n_heads, n_q, HEAD_DIM], [stride_doh, stride_don, 1],
+                                            [1, BLOCK_M, BLOCK_D])
+    else:
+        k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
+        v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
+        q_rows = q_base
+        do_rows = do_base
     if PADDED:
         key_mask_row = KEY_MASK + batch * n_k
     else:  # None: unused
@@ -185,9 +202,6 @@ def _dkdv_kernel(
             return
     masked_start, unmasked_start, unmasked_end, visible_end = query_range(
         start_n, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    # Query rows past n_q need no mask in any loop: their q and dO load as zeros (see _load_row_stats).
-    q_base = Q + batch * stride_qb + q_first * stride_qn
-    do_base = DO + batch * stride_dob + q_first * stride_don
     row_offset = batch * stride_lseb + q_first
     first_head = kv_head * group
     # The options' values, bundled for the loops (unused ones are never read); the heads' ALiBi slopes and
@@ -195,23 +209,23 @@ def _dkdv_kernel(
     options = (window_left, window_right, softcap_log2, ALIBI_SLOPES, batch, n_kv_heads * group, dropout_seed,
                dropout_offset, dropout_threshold, dropout_scale)
     dk, dv = _accumulate_dkdv(
-        dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
+        dk, dv, k, v, q_rows, do_rows, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
         stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
         options, masked_start, unmasked_start, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
-        DOT_PRECISION, FUSED_DQ, BLOCK_M, BLOCK_N,
+        DOT_PRECISION, FUSED_DQ, TMA, BLOCK_M, BLOCK_N,
     )
     dk, dv = _accumulate_dkdv(
-        dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
+        dk, dv, k, v, q_rows, do_rows, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
         stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
         options, unmasked_start, unmasked_end, False, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
-        DOT_PRECISION, FUSED_DQ, BLOCK_M, BLOCK_N,
+        DOT_PRECISION, FUSED_DQ, TMA, BLOCK_M, BLOCK_N,
     )
     if WINDOW:  # the query tiles below those that see the key tile whole
         dk, dv = _accumulate_dkdv(
-            dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
+            dk, dv, k, v, q_rows, do_rows, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
             stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
             options, unmasked_end, visible_end, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
-            DOT_PRECISION, FUSED_DQ, BLOCK_M, BLOCK_N,
+            DOT_PRECISION, FUSED_DQ, TMA, BLOCK_M, BLOCK_N,
         )
 
     dk_base = DK + batch * stride_dkb + kv_head * stride_dkh + k_first * stride_dkn
@@ -230,7 +244,7 @@ def _dkdv_kernel(
 
 @triton.jit
 def _accumulate_dkdv(
-    dk, dv, k, v, q_base, do_base, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
+    dk, dv, k, v, q_rows, do_rows, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
     stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2, options,
     start, end,
     MASKED: tl.constexpr,
@@ -243,6 +257,7 @@ def _accumulate_dkdv(
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -263,15 +278,21 @@ def _accumulate_dkdv(
     dropout_offset, dropout_threshold, dropout_scale), as _dkdv_kernel bundles them. Dropout: dV takes the
     kept P scaled by 1 / (1 - p), and dP the same factor (SPEC's dP = keep / (1 - p) * dO.v); the keep-mask
     is the forward's, drawn for (query, key) and transposed. Softcap: dS times 1 - tanh^2 of the capped score.
+    q_rows, do_rows: (head, row, column) TMA descriptors (TMA), or the rows' pointers at head 0.
     """
     window_left, window_right, softcap_log2, ALIBI_SLOPES, batch, n_heads, seed, offset, threshold, dropout_scale = \
         options
     n_tiles = tl.cdiv(end - start, BLOCK_M)
     for index in range(0, group * n_tiles):
         head = first_head + index // n_tiles
-        offs_m = start + (index % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base + head * stride_qh, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
-        do = load_rows(do_base + head * stride_doh, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
+        start_m = start + (index % n_tiles) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if TMA:  # descriptor coordinates are int32; a head index is far below 2**31
+            q = q_rows.load([head.to(tl.int32), start_m, 0]).reshape(BLOCK_M, q_rows.block_shape[2])
+            do = do_rows.load([head.to(tl.int32), start_m, 0]).reshape(BLOCK_M, do_rows.block_shape[2])
+        else:
+            q = load_rows(q_rows + head * stride_qh, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
+            do = load_rows(do_rows + head * stride_doh, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
         head_rows = row_offset + head * stride_lseh
         lse, delta = _load_row_stats(LSE, DELTA, head_rows, offs_m, n_q)
 
@@ -317,7 +338,8 @@ def _accumulate_dkdv(
 
 @triton.autotune(
     configs=DQ_CONFIGS.all(),
-    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "q_bucket", "k_bucket"],
+    key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "TMA", "q_bucket",
+         "k_bucket"],
     prune_configs_by={"early_config_prune": DQ_CONFIGS.prune},
 )
 @triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])  # as the forward's
@@ -352,6 +374,7 @@ def _dq_kernel(
     ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,  # tiles through TMA descriptors (sm_90+), as in the forward
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -373,10 +396,18 @@ def _dq_kernel(
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q + batch * stride_qb + head * stride_qh + q_first * stride_qn, offs_m, stride_qn, n_q, offs_d,
-                  HEAD_DIM)
-    do = load_rows(DO + batch * stride_dob + head * stride_doh + q_first * stride_don, offs_m, stride_don, n_q,
-                   offs_d, HEAD_DIM)
+    q_base = Q + batch * stride_qb + head * stride_qh + q_first * stride_qn
+    do_base = DO + batch * stride_dob + head * stride_doh + q_first * stride_don
+    if TMA:
+        q = tl.make_tensor_descriptor(q_base, [n_q, HEAD_DIM], [stride_qn, 1], [BLOCK_M, BLOCK_D]).load([start_m, 0])
+        do = tl.make_tensor_descriptor(do_base, [n_q, HEAD_DIM], [stride_don, 1], [BLOCK_M, BLOCK_D]).load([start_m, 0])
+        k_rows = tl.make_tensor_descriptor(k_base, [n_k, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_rows = tl.make_tensor_descriptor(v_base, [n_k, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+    else:
+        q = load_rows(q_base, offs_m, stride_qn, n_q, offs_d, HEAD_DIM)
+        do = load_rows(do_base, offs_m, stride_don, n_q, offs_d, HEAD_DIM)
+        k_rows = k_base
+        v_rows = v_base
     lse, delta = _load_row_stats(LSE, DELTA, batch * stride_lseb + head * stride_lseh + q_first, offs_m, n_q)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -390,19 +421,19 @@ def _dq_kernel(
                batch * n_heads + head, dropout_threshold, dropout_scale)
     if WINDOW:  # the key tiles left of those every query sees whole
         dq = _accumulate_dq(
-            dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+            dq, q, do, lse, delta, k_rows, v_rows, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
             scale_log2, options, start_n, unmasked_start, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT,
-            HEAD_DIM, DOT_PRECISION, BLOCK_N,
+            HEAD_DIM, DOT_PRECISION, TMA, BLOCK_N,
         )
     dq = _accumulate_dq(
-        dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+        dq, q, do, lse, delta, k_rows, v_rows, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
         scale_log2, options, unmasked_start, unmasked_end, False, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT,
-        HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        HEAD_DIM, DOT_PRECISION, TMA, BLOCK_N,
     )
     dq = _accumulate_dq(
-        dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
+        dq, q, do, lse, delta, k_rows, v_rows, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k,
         scale_log2, options, unmasked_end, visible_end, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT,
-        HEAD_DIM, DOT_PRECISION, BLOCK_N,
+        HEAD_DIM, DOT_PRECISION, TMA, BLOCK_N,
     )
 
     dq_base = DQ + batch * stride_dqb + head * stride_dqh + q_first * stride_dqn
@@ -411,7 +442,7 @@ def _dq_kernel(
 
 @triton.jit
 def _accumulate_dq(
-    dq, q, do, lse, delta, k_base, v_base, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
+    dq, q, do, lse, delta, k_rows, v_rows, key_mask_row, stride_kn, stride_vn, offs_m, offs_d, n_q, n_k, scale_log2,
     options, start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -422,17 +453,22 @@ def _accumulate_dq(
     DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Add key tiles [start, end) to dQ (unscaled); mask keys (bounds, causal, window, padding) only when
-    MASKED. options: (window_left, window_right, softcap_log2, slope_log2, dropout_seed, dropout_offset,
+    MASKED. k_rows, v_rows: TMA descriptors (TMA) or the first rows' pointers. options: (window_left, window_right, softcap_log2, slope_log2, dropout_seed, dropout_offset,
     batch * Hq + head, dropout_threshold, dropout_scale), as _dq_kernel bundles them; the options' gradient
     terms as in _accumulate_dkdv."""
     window_left, window_right, softcap_log2, slope_log2, seed, offset, batch_head, threshold, dropout_scale = options
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
-        v = load_rows(v_base, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
+        if TMA:
+            k = k_rows.load([start_n, 0])
+            v = v_rows.load([start_n, 0])
+        else:
+            k = load_rows(k_rows, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
+            v = load_rows(v_rows, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if SOFTCAP or ALIBI:
@@ -485,6 +521,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
     block_d = padded_head_dim(head_dim)
     precision = dot_precision(q.dtype)
     scale_log2 = softmax_scale * LOG2E.value
+    tma = uses_tma(q, k, v, do)
     options = option_arguments(causal, n_q, n_k, window_left, window_right, softcap, alibi_slopes, dropout_p,
                                dropout_seed, dropout_offset)
 
@@ -536,6 +573,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
         DOT_PRECISION=precision,
         **options,
         FUSED_DQ=fused_dq,
+        TMA=tma,
     )
     if fused_dq:
         return dq.copy_(dq_accum * softmax_scale), dk, dv
@@ -562,5 +600,6 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
         VARLEN=varlen,
         DOT_PRECISION=precision,
         **options,
+        TMA=tma,
     )
     return dq, dk, dv

@@ -45,7 +45,7 @@ VARIANTS = {
     "window": {"WINDOW": True, "CAUSAL": False},  # a causal window runs the WINDOW code with CAUSAL off
     "softcap_alibi": {"SOFTCAP": True, "ALIBI": True},
     "dropout": {"DROPOUT": True},
-    "tma": {"TMA": True},  # the forward's Q/K/V tiles through TMA descriptors, as sm_90+ runs it
+    "tma": {"TMA": True},  # the tiles through TMA descriptors, as sm_90+ runs them where TMA can address them
 }
 VARIANT_HEAD_DIMS = {variant: HEAD_DIMS if variant in ("plain", "tma") else (128,) for variant in VARIANTS}
 VARIANT_ARCHS = {
@@ -58,7 +58,7 @@ VARIANT_KERNELS = {
     "plain": (*TRAINING_KERNELS, "decode"), "padded": TRAINING_KERNELS, "varlen": TRAINING_KERNELS,
     "paged": ("decode",), "window": (*TRAINING_KERNELS, "decode"), "softcap_alibi": (*TRAINING_KERNELS, "decode"),
     "dropout": TRAINING_KERNELS,
-    "tma": ("forward",),
+    "tma": TRAINING_KERNELS,
 }
 DTYPE = "bf16"  # fp16 compiles to the same instructions and resources
 
