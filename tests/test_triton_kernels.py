@@ -479,6 +479,22 @@ def test_config_pruning(configs, monkeypatch):
     assert kept(torch.float16, 128) == config_shapes([smallest])
 
 
+@pytest.mark.parametrize(
+    "configs", [forward.CONFIGS, backward.DKDV_CONFIGS, backward.DQ_CONFIGS, decode.CONFIGS],
+    ids=["forward", "dkdv", "dq", "decode"],
+)
+def test_no_tuning_during_graph_capture(configs, monkeypatch):
+    """Under CUDA-graph capture the pruner keeps one config, so the autotuner benchmarks nothing there."""
+    monkeypatch.setattr(common, "_shared_memory_bytes", lambda device_index: 232448)
+    monkeypatch.setattr(common, "_arch", lambda device_index: 90)
+    q = torch.empty(1, 1, 1, 128, dtype=torch.float16)
+    everything = configs.prune(configs.all(), {"Q": q}, BLOCK_D=128)
+    assert len(everything) > 1
+    monkeypatch.setattr(common, "capturing", lambda x: True)
+    with pytest.warns(UserWarning, match="during CUDA-graph capture"):
+        assert configs.prune(configs.all(), {"Q": q}, BLOCK_D=128) == everything[:1]
+
+
 # Grouped-query heads, key padding and packed variable-length batches (attention_forward/backward's options),
 # against a float64 reference written here in plain torch: K and V expanded with repeat_interleave, hidden
 # scores set to -inf, one sequence at a time for varlen.

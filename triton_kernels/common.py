@@ -4,6 +4,7 @@ config rules."""
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -101,7 +102,12 @@ class KernelConfigs:
     def prune(self, configs, named_args, **kwargs):
         """An autotune `early_config_prune`: the configs for the call's dtype, head dim and architecture
         whose shared memory fits the device; the smallest of them if none does. A config whose shared
-        memory overflows would fail to compile and be skipped anyway; the estimate saves compiling it."""
+        memory overflows would fail to compile and be skipped anyway; the estimate saves compiling it.
+
+        During a CUDA-graph capture, only the first of them: the autotuner benchmarks no single config,
+        and benchmarking launches would be recorded into the graph (or break the capture). That choice is
+        cached for the call's key like a tuned one, so a call made once before capturing (a warm-up) is
+        what gets the tuned config."""
         args = {**named_args, **kwargs}
         q, block_d = args["Q"], args["BLOCK_D"]
         if q.dtype == torch.float32:
@@ -115,7 +121,20 @@ class KernelConfigs:
             return self.shared_memory(config, block_d, q.element_size()) + extra
 
         limit = _shared_memory_bytes(q.device.index)
-        return [c for c in candidates if size(c) <= limit] or [min(candidates, key=size)]
+        kept = [c for c in candidates if size(c) <= limit] or [min(candidates, key=size)]
+        if len(kept) > 1 and capturing(q):
+            warnings.warn(
+                "fused-attention: a Triton kernel met a new shape during CUDA-graph capture; it runs its first "
+                "config, untuned, for this shape from now on. Call it once before capturing to tune it.",
+                stacklevel=2,
+            )
+            return kept[:1]
+        return kept
+
+
+def capturing(x):
+    """Whether x's CUDA stream is being captured into a CUDA graph."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @triton.jit
