@@ -2,16 +2,16 @@
 //
 // Chosen once, at the first call, from what the CPU has, capped by the environment variable
 // FUSED_ATTENTION_CPU_ISA (baseline, avx2, avx512 or avx512_bf16), so that every path can be tested on
-// the best machine; torch.ops.fused_attention.cpu_isa() reads and sets it. The other hot loops of
-// tiles.h (softmax, tile loads) follow the CPU alone (GCC target_clones).
+// the best machine; torch.ops.fused_attention.cpu_isa() reads and sets it, between calls (a call reads
+// it more than once). The softmax loops of tiles.h follow the CPU alone (GCC target_clones).
 #pragma once
 
 #include <cstdint>
 #include <string>
 
-// Where GCC compiles functions for several x86-64 levels (target attributes, target_clones); elsewhere
-// every kernel is the baseline one.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+// Where GCC compiles functions for several x86-64 levels (target attributes, target_clones, and
+// __builtin_cpu_supports("x86-64-v4"): GCC 12); elsewhere every kernel is the baseline one.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define FA_X86_MULTIVERSIONING
 #endif
 

@@ -12,10 +12,20 @@
 #include <cstdint>
 #include <vector>
 
+#include "bf16_pairs.h"
 #include "tiles.h"
 
 namespace fused_attention {
 namespace {
+
+// Whether bf16 tiles are multiplied as bf16 pairs (gemm_bf16_pairs) rather than as floats (gemm).
+inline bool bf16_products() {
+#ifdef FA_X86_MULTIVERSIONING
+  return cpu_isa() == CpuIsa::kAvx512Bf16;
+#else
+  return false;
+#endif
+}
 
 // s = q k^T and acc += p v, for one query tile against key tiles in turn.
 template <typename scalar_t>

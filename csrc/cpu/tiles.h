@@ -16,7 +16,6 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <utility>
 
 #include "isa.h"
@@ -231,174 +230,6 @@ void gemm(FA_GEMM_ARGS) {
   gemm_baseline(FA_GEMM_CALL);
 }
 
-// ---------------------------------------------------------------------------------------------
-// bf16 tile products (AVX512_BF16)
-//
-// vdpbf16ps adds to each float lane the products of a pair of bf16 of one operand with a pair of the
-// other, so operands are held as 32-bit words along the product's depth k, each the bf16 pair (k,
-// k + 1) of a row of a or a column of b, k even (an odd depth ends in the pair (k, 0)). b is held as
-// "pairs": word (k / 2, j) at b[k / 2 * ldb + j]. a's word (r, k / 2) is at a[r * a_row_stride + k / 2 *
-// a_pair_stride]: a tile of bf16 rows (pair stride 1) and the pairs of its transpose are read in place.
-// Only bf16 inputs take this path (their values are exact in bf16); the probabilities P and dS are
-// rounded to bf16 for the products that take them, as torch's bf16 CPU kernels and FlashAttention on
-// GPUs do; the sums stay float.
-using Bf16Bits = uint16_t;
-
-inline Bf16Bits bf16_bits(c10::BFloat16 x) { return x.x; }
-inline Bf16Bits bf16_bits(Bf16Bits x) { return x; }
-// Rounded to nearest even (a NaN stays a NaN but for payloads that round up into the sign).
-inline Bf16Bits bf16_bits(float x) {
-  const uint32_t u = std::bit_cast<uint32_t>(x);
-  return static_cast<Bf16Bits>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-inline uint32_t bf16_pair(Bf16Bits low, Bf16Bits high) { return low | (uint32_t{high} << 16); }
-
-#ifdef FA_X86_MULTIVERSIONING
-// The bf16 path's functions: packing tiles as much as multiplying them, so compiled for its ISA alone.
-#define FA_BF16_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
-#else
-#define FA_BF16_TARGET
-#endif
-
-#ifdef FA_X86_MULTIVERSIONING
-// pack_row_pairs of bf16 rows into b = src^T (row_step 1): the words of 16 rows at a time, one gather
-// per pair of columns, where the tile's row offsets fit the gather's 32-bit indices.
-FA_BF16_TARGET inline bool gather_row_pairs(uint32_t* dst, int64_t pair_step, const c10::BFloat16* src,
-                                            int64_t src_row_stride, int64_t rows, int64_t cols) {
-  if (src_row_stride > (int64_t{1} << 26)) return false;
-  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(static_cast<int>(src_row_stride)));
-  for (int64_t j0 = 0; j0 < rows; j0 += 16) {
-    const int64_t n = std::min<int64_t>(16, rows - j0);
-    const __mmask16 lanes = _cvtu32_mask16(n == 16 ? 0xffffu : (1u << n) - 1);
-    const c10::BFloat16* block = src + j0 * src_row_stride;
-    for (int64_t k = 0; k + 1 < cols; k += 2) {
-      const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, offsets, block + k, 2);
-      _mm512_mask_storeu_epi32(dst + k / 2 * pair_step + j0, lanes, words);
-    }
-    for (int64_t j = 0; j < n && cols % 2 != 0; ++j) {  // an odd last column pairs with a 0
-      dst[cols / 2 * pair_step + j0 + j] = bf16_pair(bf16_bits(block[j * src_row_stride + cols - 1]), 0);
-    }
-  }
-  return true;
-}
-#endif
-
-// The pairs along the rows of src (rows x cols): word (j, k / 2) = (src[j][k], src[j][k + 1]) goes to
-// dst[j * row_step + k / 2 * pair_step]. As a: a tile of rows (pair_step 1); as b: src^T (row_step 1).
-template <typename Src>
-FA_BF16_TARGET void pack_row_pairs(uint32_t* dst, int64_t row_step, int64_t pair_step, const Src* src,
-                                   int64_t src_row_stride, int64_t rows, int64_t cols) {
-#ifdef FA_X86_MULTIVERSIONING
-  if constexpr (std::is_same_v<Src, c10::BFloat16>) {
-    if (row_step == 1 && gather_row_pairs(dst, pair_step, src, src_row_stride, rows, cols)) return;
-  }
-#endif
-  for (int64_t j = 0; j < rows; ++j) {
-    const Src* row = src + j * src_row_stride;
-    uint32_t* out = dst + j * row_step;
-#ifdef FA_X86_MULTIVERSIONING
-    if (pair_step == 1) {  // the words of a row are its bf16 values in order: convert 32 at a time
-      for (int64_t k = 0; k < cols; k += 32) {
-        const int64_t n = std::min<int64_t>(32, cols - k);
-        __m512i values;
-        if constexpr (std::is_same_v<Src, float>) {
-          const __mmask16 low = _cvtu32_mask16(n >= 16 ? 0xffffu : (1u << n) - 1);
-          const __mmask16 high = _cvtu32_mask16(n >= 32 ? 0xffffu : n <= 16 ? 0u : (1u << (n - 16)) - 1);
-          values = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(high, row + k + 16),
-                                                _mm512_maskz_loadu_ps(low, row + k));
-        } else {
-          values = _mm512_maskz_loadu_epi16(_cvtu32_mask32(n >= 32 ? 0xffffffffu : (1u << n) - 1), row + k);
-        }
-        _mm512_mask_storeu_epi32(out + k / 2, _cvtu32_mask16((1u << ceil_div(n, 2)) - 1), values);
-      }
-      continue;
-    }
-#endif
-    for (int64_t k = 0; k + 1 < cols; k += 2) out[k / 2 * pair_step] = bf16_pair(bf16_bits(row[k]), bf16_bits(row[k + 1]));
-    if (cols % 2 != 0) out[cols / 2 * pair_step] = bf16_pair(bf16_bits(row[cols - 1]), 0);
-  }
-}
-
-// The pairs down the columns of src (rows x cols): word (k / 2, j) = (src[k][j], src[k + 1][j]) goes to
-// dst[k / 2 * ld + j]. As b: src; as a (a_row_stride 1, a_pair_stride ld): src^T.
-template <typename Src>
-FA_BF16_TARGET void pack_column_pairs(uint32_t* dst, int64_t ld, const Src* src, int64_t src_row_stride, int64_t rows,
-                       int64_t cols) {
-  for (int64_t k = 0; k < rows; k += 2) {
-    const Src* row = src + k * src_row_stride;
-    const Src* next = row + src_row_stride;
-    uint32_t* out = dst + k / 2 * ld;
-    if (k + 1 < rows) {
-      for (int64_t j = 0; j < cols; ++j) out[j] = bf16_pair(bf16_bits(row[j]), bf16_bits(next[j]));
-    } else {
-      for (int64_t j = 0; j < cols; ++j) out[j] = bf16_pair(bf16_bits(row[j]), 0);
-    }
-  }
-}
-
-#ifdef FA_X86_MULTIVERSIONING
-// One R x 32 block of c (2R of the 32 vector registers, 2 for b's words, 1 for a broadcast).
-template <int R>
-FA_BF16_TARGET [[gnu::always_inline]] inline void bf16_pairs_block(float alpha, bool accumulate, int64_t r0, int64_t c0,
-                                                                    int64_t depth_pairs, const uint32_t* a,
-                                                                    int64_t a_row_stride, int64_t a_pair_stride,
-                                                                    const uint32_t* b, int64_t ldb, float* c,
-                                                                    int64_t ldc) {
-  __m512 block[R][2];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    float* c_row = c + (r0 + r) * ldc + c0;
-    block[r][0] = accumulate ? _mm512_loadu_ps(c_row) : _mm512_setzero_ps();
-    block[r][1] = accumulate ? _mm512_loadu_ps(c_row + 16) : _mm512_setzero_ps();
-  }
-  for (int64_t k = 0; k < depth_pairs; ++k) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + k * ldb + c0);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + k * ldb + c0 + 16);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const __m512bh a_rk = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[(r0 + r) * a_row_stride + k * a_pair_stride]));
-      block[r][0] = _mm512_dpbf16_ps(block[r][0], a_rk, b0);
-      block[r][1] = _mm512_dpbf16_ps(block[r][1], a_rk, b1);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    float* c_row = c + (r0 + r) * ldc + c0;
-    _mm512_storeu_ps(c_row, alpha == 1.0f ? block[r][0] : _mm512_mul_ps(block[r][0], _mm512_set1_ps(alpha)));
-    _mm512_storeu_ps(c_row + 16, alpha == 1.0f ? block[r][1] : _mm512_mul_ps(block[r][1], _mm512_set1_ps(alpha)));
-  }
-}
-
-// c[rows x cols] = alpha * ((accumulate ? c : 0) + a * b) over depth_pairs words of depth, a and b as
-// above; rows a multiple of kMicroRows, cols of kMicroCols, like gemm. Only where cpu_isa() is
-// kAvx512Bf16. (alpha: the bf16 path's query multiplier, which its query tile leaves out.)
-FA_BF16_TARGET void gemm_bf16_pairs(float alpha, bool accumulate, int64_t rows, int64_t cols, int64_t depth_pairs,
-                                    const uint32_t* a, int64_t a_row_stride, int64_t a_pair_stride,
-                                    const uint32_t* b, int64_t ldb, float* c, int64_t ldc) {
-  constexpr int kRows = 8;
-  static_assert(kMicroCols == 32 && kRows % kMicroRows == 0);
-  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kMicroCols) {
-      if (rows - r0 >= kRows) {
-        bf16_pairs_block<kRows>(alpha, accumulate, r0, c0, depth_pairs, a, a_row_stride, a_pair_stride, b, ldb, c, ldc);
-      } else {
-        bf16_pairs_block<kMicroRows>(alpha, accumulate, r0, c0, depth_pairs, a, a_row_stride, a_pair_stride, b, ldb, c, ldc);
-      }
-    }
-  }
-}
-#endif
-
-// Whether bf16 tiles are multiplied as bf16 pairs (gemm_bf16_pairs) rather than as floats (gemm).
-inline bool bf16_products() {
-#ifdef FA_X86_MULTIVERSIONING
-  return cpu_isa() == CpuIsa::kAvx512Bf16;
-#else
-  return false;
-#endif
-}
-
 // Which keys of a tile a query sees. The window (causal being one), as a run of columns [begin, end)
 // per row of a score tile, varying by at most one column per row: begin(r) = clamp(begin0 + r *
 // begin_step, 0, cols) and likewise end(r) (a row with begin >= end sees nothing). Windows are
@@ -427,63 +258,86 @@ struct VisibleColumns {
   }
 };
 
-// The max and the sum of a row of a tile, 16 lanes at a time in a vector of GCC's vector extension
-// (one register with AVX-512, two with AVX2), whose lanes are combined at the end by halving it. An
-// omp simd reduction instead stores the vector to the stack and combines its lanes one by one.
-typedef float Float16 __attribute__((vector_size(64)));
-typedef float Float4 __attribute__((vector_size(16)));
+// The max and the sum of a row of a tile. An omp simd reduction, GCC's vectorization of these loops,
+// ends each row by storing its vector to the stack and combining the lanes one by one (benchmarks/
+// NOTES.md, 2026-12-06: 30% of the softmax's time). Where GCC >= 12 builds the x86-64 clones, 16 lanes
+// at a time in a vector of GCC's vector extension (one register with AVX-512, two with AVX2), halved by
+// shuffles at the end.
+#ifdef FA_X86_MULTIVERSIONING
+typedef float Floatx16 __attribute__((vector_size(64)));
+typedef float Floatx4 __attribute__((vector_size(16)));
 
-inline Float16 load16(const float* x) {
-  Float16 v;
+// Inlined into each clone of the caller, so no vector crosses a call: GCC's warning that a 64-byte
+// vector argument's ABI differs without AVX-512 concerns out-of-line calls only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+[[gnu::always_inline]] inline Floatx16 load16(const float* x) {
+  Floatx16 v;
   std::memcpy(&v, x, sizeof v);
   return v;
 }
 
-inline float lanes_max(Float16 v) {
+[[gnu::always_inline]] inline float lanes_max(Floatx16 v) {
   const Float8 low8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
   const Float8 high8 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   const Float8 m8 = high8 > low8 ? high8 : low8;
-  const Float4 low4 = __builtin_shufflevector(m8, m8, 0, 1, 2, 3), high4 = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
-  const Float4 m4 = high4 > low4 ? high4 : low4;
+  const Floatx4 low4 = __builtin_shufflevector(m8, m8, 0, 1, 2, 3);
+  const Floatx4 high4 = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  const Floatx4 m4 = high4 > low4 ? high4 : low4;
   const float m01 = m4[1] > m4[0] ? m4[1] : m4[0], m23 = m4[3] > m4[2] ? m4[3] : m4[2];
   return m23 > m01 ? m23 : m01;
 }
 
-inline float lanes_sum(Float16 v) {
+[[gnu::always_inline]] inline float lanes_sum(Floatx16 v) {
   const Float8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                     __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Float4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  const Floatx4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
+#endif
 
 // max(x[0], ..., x[n - 1]); -inf for n = 0.
-inline float row_max(const float* x, int64_t n) {
+[[gnu::always_inline]] inline float max_of(const float* x, int64_t n) {
   float result = -kInf;
+#ifdef FA_X86_MULTIVERSIONING
   int64_t i = 0;
   if (n >= 16) {
-    Float16 m = load16(x);
+    Floatx16 m = load16(x);
     for (i = 16; i + 16 <= n; i += 16) {
-      const Float16 v = load16(x + i);
+      const Floatx16 v = load16(x + i);
       m = v > m ? v : m;
     }
     result = lanes_max(m);
   }
   for (; i < n; ++i) result = x[i] > result ? x[i] : result;
+#else
+#pragma omp simd reduction(max : result)  // a max reduction over floats needs it to vectorize
+  for (int64_t i = 0; i < n; ++i) result = x[i] > result ? x[i] : result;
+#endif
   return result;
 }
 
 // x[0] + ... + x[n - 1].
-inline float row_sum(const float* x, int64_t n) {
+[[gnu::always_inline]] inline float sum_of(const float* x, int64_t n) {
   float result = 0.0f;
+#ifdef FA_X86_MULTIVERSIONING
   int64_t i = 0;
   if (n >= 16) {
-    Float16 sum = load16(x);
+    Floatx16 sum = load16(x);
     for (i = 16; i + 16 <= n; i += 16) sum += load16(x + i);
     result = lanes_sum(sum);
   }
   for (; i < n; ++i) result += x[i];
+#else
+#pragma omp simd reduction(+ : result)  // lets GCC reorder the sum (-fopenmp; setup.py passes it)
+  for (int64_t i = 0; i < n; ++i) result += x[i];
+#endif
   return result;
 }
+#ifdef FA_X86_MULTIVERSIONING
+#pragma GCC diagnostic pop
+#endif
 
 // One key tile of the forward's online softmax, for each query row m < rows of the score tile s:
 // the row's visible scores become p = 2^(s - new running max), its other columns up to cols 0;
@@ -495,14 +349,14 @@ FA_MULTIVERSIONED void online_softmax_step(float* s, int64_t lds, int64_t rows, 
   for (int64_t m = 0; m < rows; ++m) {
     float* s_row = s + m * lds;
     const auto [begin, end] = visible.of_row(m, cols);
-    const float new_max = std::max(running_max[m], row_max(s_row + begin, end - begin));
+    const float new_max = std::max(running_max[m], max_of(s_row + begin, end - begin));
     if (new_max == -kInf) {  // this row has seen no key yet: nothing to add, nothing to rescale
       std::fill(s_row, s_row + cols, 0.0f);
       continue;
     }
     for (int64_t n = begin; n < end; ++n) s_row[n] = clamp_exponent(s_row[n] - new_max);
     for (int64_t n = begin; n < end; ++n) s_row[n] = exp2_poly(s_row[n]);
-    const float tile_sum = row_sum(s_row + begin, end - begin);
+    const float tile_sum = sum_of(s_row + begin, end - begin);
     std::fill(s_row, s_row + begin, 0.0f);
     std::fill(s_row + end, s_row + cols, 0.0f);
     const float correction = exp2_poly(clamp_exponent(running_max[m] - new_max));  // 0 while the max is -inf
