@@ -168,6 +168,17 @@ def load_rows(base, rows, row_stride, n_rows, cols, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def load_row_tile(rows, start, offs, row_stride, n_rows, cols, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """Rows offs = start + arange(...) of an (n_rows, HEAD_DIM) matrix, zero outside it: through rows, a TMA
+    descriptor of the matrix (TMA), or by load_rows from rows, its first row's pointer."""
+    if TMA:
+        tile = rows.load([start, 0])
+    else:
+        tile = load_rows(rows, offs, row_stride, n_rows, cols, HEAD_DIM)
+    return tile
+
+
+@triton.jit
 def store_rows(base, tile, rows, row_stride, n_rows, cols, HEAD_DIM: tl.constexpr, kept_rows=None):
     """Store the rows of `tile` in bounds (and, if kept_rows is given, where it is True); the mirror of load_rows."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)

@@ -12,6 +12,7 @@ from .common import (
     dot_precision,
     dropout_keep,
     key_range,
+    load_row_tile,
     load_rows,
     modified_scores,
     n_bucket,
@@ -189,12 +190,8 @@ def _attend_key_tiles(
     seed, offset, batch_head, threshold = dropout
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if TMA:
-            k = k_rows.load([start_n, 0])
-            v = v_rows.load([start_n, 0])
-        else:
-            k = load_rows(k_rows, offs_n, stride_kn, n_k, offs_d, HEAD_DIM)
-            v = load_rows(v_rows, offs_n, stride_vn, n_k, offs_d, HEAD_DIM)
+        k = load_row_tile(k_rows, start_n, offs_n, stride_kn, n_k, offs_d, HEAD_DIM, TMA)
+        v = load_row_tile(v_rows, start_n, offs_n, stride_vn, n_k, offs_d, HEAD_DIM, TMA)
 
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
