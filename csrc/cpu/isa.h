@@ -1,4 +1,4 @@
-// Which x86-64 instructions the CPU kernels' tile products use (tiles.h: gemm and gemm_bf16_pairs).
+// Which x86-64 instructions the CPU kernels' tile products use (tiles.h: gemm; bf16_pairs.h: gemm_bf16_pairs).
 //
 // Chosen once, at the first call, from what the CPU has, capped by the environment variable
 // FUSED_ATTENTION_CPU_ISA (baseline, avx2, avx512 or avx512_bf16), so that every path can be tested on

@@ -1,6 +1,6 @@
 // The tile products of the forward and backward passes (attention_cpu.cpp), two ways: float tiles
 // through gemm, for every dtype, and bf16 pairs through gemm_bf16_pairs, for bf16 inputs where the CPU
-// has AVX512_BF16 (tiles.h, bf16_products()). A pass holds one of these per thread and asks it for
+// has AVX512_BF16 (bf16_pairs.h; bf16_products() below). A pass holds one of these per thread and asks it for
 // whole products; the softmax math between them is the pass's, in float, either way.
 //
 // Scores come out in log2 units (or, with softcap, as the argument of its tanh): the float path folds

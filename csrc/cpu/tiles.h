@@ -1,6 +1,6 @@
 // The tile machinery shared by the C++ CPU kernels (attention_cpu.cpp: fwd and bwd; decode_cpu.cpp:
 // fwd_kvcache): inputs are converted tile by tile into float scratch buffers and multiplied by gemm
-// (or, bf16 on AVX512_BF16, packed as bf16 pairs for gemm_bf16_pairs: products.h), and the online
+// (or, bf16 on AVX512_BF16, packed as bf16 pairs for gemm_bf16_pairs: bf16_pairs.h, products.h), and the online
 // softmax, softcap and ALiBi run on the float score tiles.
 //
 // Everything here has internal linkage (an unnamed namespace): each kernel file compiles its own
