@@ -83,7 +83,8 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, backend="auto", r
     "cpu" or "naive"; ``explain`` tells which one a call takes and why. With ``return_lse`` also
     returns the float32 log-sum-exp of the scaled scores, shape (B, Hq, Nq), without gradient.
     ``deterministic=False`` lets the Triton backward add dq with atomics in its dk/dv pass (fewer
-    matmuls; dq's last bits vary between runs). With the default, gradients are bitwise repeatable for
+    matmuls; dq's last bits vary between runs) at head dims up to 128; above, it runs the deterministic
+    kernels (a fused pass there spills registers). With the default, gradients are bitwise repeatable for
     a given kernel config (the Triton autotuner picks one per process and may pick another elsewhere).
     """
     q, k, v = autocast_inputs(q, k, v)

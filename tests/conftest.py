@@ -46,9 +46,31 @@ def fix_interpreter_bf16():
     InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl = create_dot, cast_impl
 
 
+def add_interpreter_descriptor_add():
+    """Give the Triton interpreter the TMA reduction it lacks (tests only): ``desc.atomic_add(offsets,
+    value)``, which the fused-dQ backward issues on sm_90, has no interpreter builder method in triton
+    3.9. It adds value to the descriptor's block at offsets, within the descriptor's bounds, as
+    ``cp.reduce.async.bulk.tensor`` does; the interpreter runs one program at a time, so no atomics."""
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    if hasattr(InterpreterBuilder, "create_descriptor_reduce"):
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        assert kind == ir.DESCRIPTOR_REDUCE_KIND.ADD and value.dtype.scalar == tl.float32, "only float32 adds"
+        ptrs, mask = desc.materialize_pointers(indices)
+        old = self.create_masked_load(ptrs, mask, None, cache_policy=None, is_volatile=False)
+        return self.create_masked_store(ptrs, TensorHandle(old.data + value.data, value.dtype), mask, None)
+
+    InterpreterBuilder.create_descriptor_reduce = create_descriptor_reduce
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     try:
         fix_interpreter_bf16()
+        add_interpreter_descriptor_add()
     except ImportError:  # no triton: the Triton tests skip themselves
         pass
 

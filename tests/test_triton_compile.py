@@ -1,19 +1,22 @@
 """The Triton compile gate: what every kept config compiles to on sm_80 and sm_90, checked without a GPU.
 
-Each kernel is compiled, at head dims 64, 128 and 256, with every fp16/bf16 config it keeps for that head
-dim, its key-padding and varlen variants (the decode kernel: its paged-cache variant) at head dim 128, and its
+Each kernel is compiled, at head dims 64, 128 and 256 (those it has configs for: the dK/dV kernel with dQ
+fused in, deterministic=False, stops at 128), with every fp16/bf16 config it keeps for that head dim, its
+key-padding and varlen variants (the decode kernel: its paged-cache variant) at head dim 128, and its
 score-option variants (sliding window, softcap with ALiBi, dropout) at head dim 128 on sm_90
 (triton_kernels/resources.py, VARIANTS; it also writes the committed table triton_kernels/RESOURCES.md):
 - no register spills, on either architecture;
 - sm_90: every tl.dot a warp-group MMA (wgmma), no mma.sync fallback, but in the decode kernel's 16-row tiles
   (a warp group's wgmma takes 64 rows): mma.sync there;
-- the forward's TMA variant (what sm_90+ runs where TMA can address the tiles, at every head dim): its loads
-  are TMA (cp.async.bulk.tensor);
+- the training kernels' TMA variant (what sm_90+ runs where TMA can address the tiles, at every head dim): its
+  loads are TMA (cp.async.bulk.tensor), and so are the fused dQ's adds (cp.reduce.async.bulk.tensor) but in
+  varlen;
 - sm_80: mma.sync, with cp.async loads;
 - no transposes of matmul results (a round trip through shared memory each);
 - the shared memory the autotuner's pruner estimates is what the build uses (wgmma builds, within 8 KiB), or
   more (mma.sync builds, which keep one pipeline stage fewer in shared memory; TMA builds, whose estimate
-  adds common.TMA_SHARED_BYTES for their barriers).
+  adds KernelConfigs.tma_shared_memory: their barriers, and the fused dQ's staged tile); sm_80 builds' estimate
+  adds KernelConfigs.mma_sync_shared_memory (the fused dQ's copy of K).
 A failing case is named by kernel, variant, architecture, head dim and config. Each compile runs ptxas (a few
 seconds); select the gate alone with `pytest -m compile_gate`.
 """
@@ -27,7 +30,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from attention.triton_kernels import backward, common, decode, forward, resources  # noqa: E402
+from attention.triton_kernels import resources  # noqa: E402
 
 pytestmark = pytest.mark.compile_gate
 
@@ -35,8 +38,7 @@ pytestmark = pytest.mark.compile_gate
 # at head dim 256 keeps two (BLOCK_N, 256) fp32 accumulators; no kept tile shape avoids spilling on sm_90.
 KNOWN_SPILLS = {("dkdv", 90, 256): 600}
 
-CONFIGS = {"forward": forward.CONFIGS, "dkdv": backward.DKDV_CONFIGS, "dq": backward.DQ_CONFIGS,
-           "decode": decode.CONFIGS}
+CONFIGS = {name: configs for name, (_, configs) in resources.KERNELS.items()}
 # The smallest tile a warp group's wgmma takes has 64 rows.
 WGMMA_MIN_ROWS = 64
 HEAD_DIMS = (64, 128, 256)
@@ -95,20 +97,28 @@ def test_kept_config_compiles_clean(compiled, name, variant, arch, head_dim, con
     else:
         assert r["mma_sync"], f"{case}: no mma.sync in the PTX"
         assert r["cp_async"], f"{case}: no cp.async in the PTX"
-    if variant == "tma":
+    tma = resources.VARIANTS[variant].get("TMA", False)
+    if tma:
         assert r["tma"], f"{case}: no TMA (cp.async.bulk.tensor) in the PTX"
+    # The fused dQ's adds: a TMA reduction where its tiles start 16-byte aligned (not varlen's), else atomics.
+    if name == "dkdv_fused":
+        expected = variant == "tma"
+        assert r["tma_reduce"] == expected, f"{case}: TMA reduction {'missing' if expected else 'unexpected'}"
     estimate = CONFIGS[name].shared_memory(config, head_dim, 2)
-    if variant == "tma":  # the pruner adds common.TMA_SHARED_BYTES to the estimate of a TMA build
-        estimate += common.TMA_SHARED_BYTES
+    if tma:  # the pruner adds these to its estimate
+        estimate += CONFIGS[name].tma_shared_memory(config, head_dim)
+    if arch < 90:
+        estimate += CONFIGS[name].mma_sync_shared_memory(config, head_dim, 2)
     # mma.sync and TMA builds use less shared memory than wgmma builds with cp.async: there the estimate need
     # only be an upper bound, so that it never keeps a config that does not fit.
-    fits = abs(estimate - r["shared_bytes"]) <= 8192 if wgmma and variant != "tma" else estimate >= r["shared_bytes"]
+    fits = abs(estimate - r["shared_bytes"]) <= 8192 if wgmma and not tma else estimate >= r["shared_bytes"]
     assert fits, f"{case}: shared memory estimated {estimate} bytes, compiled {r['shared_bytes']}"
 
 
 @pytest.mark.parametrize("arch, limit", [(80, 166912), (90, 232448)], ids=["A100", "H100"])
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize(
+    "name, head_dim", [(name, d) for name, configs in CONFIGS.items() for d in HEAD_DIMS if configs.serves(d)]
+)
 def test_some_config_fits_shared_memory(compiled, name, head_dim, arch, limit):
     """The pruner falls back to the smallest config when none fits, so at least one must (A100: 163 KiB,
     H100: 227 KiB of shared memory per block)."""

@@ -223,6 +223,34 @@ def test_keys_past_nk_never_meet_inf():
     assert torch.equal(exact[1], fused[1]) and torch.equal(exact[2], fused[2])
 
 
+class LaunchCounter:
+    """Stands in for a Triton kernel and counts its launches (kernel[grid](...))."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("head_dim, fused", [(64, True), (128, True), (160, False)])
+def test_fused_dq_up_to_head_dim_128(head_dim, fused, monkeypatch):
+    """deterministic=False fuses dQ into the dK/dV kernel where FUSED_DKDV_CONFIGS has configs (head dim up
+    to 128); above, it runs the deterministic kernels, and gives their gradients bit for bit."""
+    q, k, v, do = random_inputs((1, 2, 17, 20, head_dim), torch.float16, seed=head_dim)
+    o, lse = attention_forward(q, k, v, True, 0.1)
+    exact = attention_backward(do, q, k, v, o, lse, True, 0.1)
+    dq_kernel = LaunchCounter(backward._dq_kernel)
+    monkeypatch.setattr(backward, "_dq_kernel", dq_kernel)
+    grads = attention_backward(do, q, k, v, o, lse, True, 0.1, deterministic=False)
+    assert dq_kernel.launches == (0 if fused else 1)
+    if fused:
+        torch.testing.assert_close(grads, exact, rtol=1e-2, atol=1e-3)
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(grads, exact))
+
+
 def test_flash_attention_deterministic_keyword():
     """The public keyword reaches the Triton backward through autograd; it must be a bool."""
     import attention
@@ -375,20 +403,34 @@ def test_tma_never_reads_outside_the_views(tma, causal):
     assert not any(x.isnan().any() for x in results)
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_tma_varlen(tma, causal):
-    """A descriptor per sequence: rows past a sequence's end read as zeros, not as the next sequence."""
+def test_tma_varlen(tma, causal, deterministic):
+    """A descriptor per sequence: rows past a sequence's end read as zeros, not as the next sequence; the
+    fused dQ (atomic_dq: by pointer, as varlen's sequences need) adds within its own sequence's rows."""
     lengths_q, lengths_k = VARLEN_CASES[0]
     q, k, v, do, cu_q, cu_k = packed_inputs(lengths_q, lengths_k, 4, 2, 32, torch.bfloat16, seed=4)
     assert common.uses_tma(q, k, v)
-    check_options_against_plain(q, k, v, do, causal, 0.2, True, None, cu_q, cu_k, max(lengths_q), max(lengths_k))
+    check_options_against_plain(q, k, v, do, causal, 0.2, deterministic, None, cu_q, cu_k, max(lengths_q),
+                                max(lengths_k))
 
 
-def test_tma_with_every_score_option(tma):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+def test_tma_with_every_score_option(tma, deterministic):
+    """Grouped heads, a window, softcap, ALiBi and dropout together; atomic_dq: through the TMA reduction."""
     q, k, v, do = grouped_inputs(1, 4, 2, 23, 30, 16, torch.float16, seed=9)
     assert common.uses_tma(q, k, v)
     check_score_options(q, k, v, do, True, 0.3, window=(9, -1), softcap=1.5, alibi_slopes=slopes(1, 4, seed=1),
-                        dropout_p=0.2, seed=77)
+                        dropout_p=0.2, seed=77, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+def test_tma_no_query_rows(tma, deterministic):
+    """Nq = 0: no gradient anywhere (the fused dQ's TMA buffer still has 16-byte strides)."""
+    q, k, v, do = (torch.randn(1, 2, n, 16, device=DEVICE).half() for n in (0, 9, 9, 0))
+    o, lse = attention_forward(q, k, v, False, 0.25)
+    dq, dk, dv = attention_backward(do, q, k, v, o, lse, False, 0.25, deterministic)
+    assert dq.shape == q.shape and not dk.any() and not dv.any()
 
 
 def test_tma_only_where_it_can_address_the_tiles(tma):
@@ -450,39 +492,65 @@ def config_shapes(configs):
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
 
 
-@pytest.mark.parametrize(
-    "configs", [forward.CONFIGS, backward.DKDV_CONFIGS, backward.DQ_CONFIGS, decode.CONFIGS],
-    ids=["forward", "dkdv", "dq", "decode"],
+KERNEL_CONFIGS = pytest.mark.parametrize(
+    "configs", [forward.CONFIGS, backward.DKDV_CONFIGS, backward.FUSED_DKDV_CONFIGS, backward.DQ_CONFIGS,
+                decode.CONFIGS],
+    ids=["forward", "dkdv", "dkdv_fused", "dq", "decode"],
 )
+
+
+@KERNEL_CONFIGS
 def test_config_pruning(configs, monkeypatch):
     """The autotuner compiles only the configs for the call's dtype and head dim that fit the device."""
     limit = 232448  # bytes of shared memory per block on an H100
 
-    def kept(dtype, head_dim, arch=90):
+    def kept(dtype, head_dim, arch=90, tma=False):
         monkeypatch.setattr(common, "_shared_memory_bytes", lambda device_index: limit)
         monkeypatch.setattr(common, "_arch", lambda device_index: arch)
         q = torch.empty(1, 1, 1, head_dim, dtype=dtype)
         block_d = common.padded_head_dim(head_dim)
-        return config_shapes(configs.prune(configs.all(), {"Q": q}, BLOCK_D=block_d))
+        return config_shapes(configs.prune(configs.all(), {"Q": q}, BLOCK_D=block_d, TMA=tma))
 
-    def fitting(candidates, block_d, element_bytes):
-        return config_shapes(c for c in candidates if configs.shared_memory(c, block_d, element_bytes) <= limit)
+    def fitting(candidates, block_d, element_bytes, tma=False, arch=90):
+        def size(c):
+            extra = configs.tma_shared_memory(c, block_d) if tma else 0
+            if arch < 90 and element_bytes == 2:
+                extra += configs.mma_sync_shared_memory(c, block_d, element_bytes)
+            return configs.shared_memory(c, block_d, element_bytes) + extra
 
+        return config_shapes([c for c in candidates if size(c) <= limit] or [min(candidates, key=size)])
+
+    head_dims = [d for d in (64, 128, 256) if configs.serves(d)]
     assert kept(torch.float32, 64) == fitting(configs.fp32, 64, 4)
     assert kept(torch.float16, 40) == fitting(configs.for_head_dim(64, 90), 64, 2)
     assert kept(torch.bfloat16, 80) == fitting(configs.for_head_dim(128, 90), 128, 2)
-    assert kept(torch.bfloat16, 256) == fitting(configs.for_head_dim(256, 90), 256, 2)
-    for head_dim in (64, 128, 256):  # Hopper-only configs are dropped on Ampere
+    assert kept(torch.bfloat16, head_dims[-1]) == fitting(configs.for_head_dim(head_dims[-1], 90), head_dims[-1], 2)
+    for head_dim in head_dims:  # Hopper-only configs are dropped on Ampere
         assert kept(torch.float16, head_dim, arch=80) == fitting(configs.for_head_dim(head_dim, 80), head_dim, 2)
+    for limit in (150 * 1024, 100 * 1024):  # a TMA build's extra shared memory counts, and an sm_80 build's
+        for head_dim in head_dims:
+            assert kept(torch.bfloat16, head_dim, tma=True) == fitting(configs.for_head_dim(head_dim, 90), head_dim,
+                                                                       2, tma=True)
+            assert kept(torch.bfloat16, head_dim, arch=80) == fitting(configs.for_head_dim(head_dim, 80), head_dim,
+                                                                      2, arch=80)
     limit = 1  # nothing fits: the smallest config stays
     smallest = min(configs.for_head_dim(128, 90), key=lambda c: configs.shared_memory(c, 128, 2))
     assert kept(torch.float16, 128) == config_shapes([smallest])
 
 
-@pytest.mark.parametrize(
-    "configs", [forward.CONFIGS, backward.DKDV_CONFIGS, backward.DQ_CONFIGS, decode.CONFIGS],
-    ids=["forward", "dkdv", "dq", "decode"],
-)
+def test_dkdv_prunes_from_its_own_list(monkeypatch):
+    """The dK/dV kernel autotunes over both lists; each call keeps only its own: FUSED_DQ's or the other's."""
+    monkeypatch.setattr(common, "_shared_memory_bytes", lambda device_index: 232448)
+    monkeypatch.setattr(common, "_arch", lambda device_index: 90)
+    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+    for fused, configs in ((False, backward.DKDV_CONFIGS), (True, backward.FUSED_DKDV_CONFIGS)):
+        args = {"Q": q, "BLOCK_D": 128, "TMA": False}
+        kept = backward._prune_dkdv(backward._dkdv_kernel.configs, args, FUSED_DQ=fused)
+        assert config_shapes(kept) == config_shapes(configs.prune(configs.all(), args))
+    assert not backward.FUSED_DKDV_CONFIGS.serves(256) and backward.FUSED_DKDV_CONFIGS.serves(128)
+
+
+@KERNEL_CONFIGS
 def test_no_tuning_during_graph_capture(configs, monkeypatch):
     """Under CUDA-graph capture the pruner keeps one config, so the autotuner benchmarks nothing there."""
     monkeypatch.setattr(common, "_shared_memory_bytes", lambda device_index: 232448)

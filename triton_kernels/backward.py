@@ -6,8 +6,9 @@
 3. dQ: one program per query tile, looping over the key tiles it sees.
 Both loops rebuild P = exp2(scale_log2 * q.k - lse_log2) from the forward's lse instead of storing P.
 Splitting dK/dV from dQ costs one extra recomputation of P (7 matmuls per tile pair instead of 5) but
-lets each kernel own its accumulators in registers and write them once. With deterministic=False the
-dK/dV kernel also adds dQ into a float32 buffer with atomics, and kernel 3 is skipped.
+lets each kernel own its accumulators in registers and write them once. With deterministic=False (at
+head dims up to 128, FUSED_DKDV_CONFIGS) the dK/dV kernel also adds dQ into a float32 buffer, atomically
+or through TMA reductions, and kernel 3 is skipped.
 """
 import torch
 import triton
@@ -16,11 +17,13 @@ import triton.language as tl
 from .common import (
     INTERPRETING,
     LOG2E,
+    TMA_SHARED_BYTES,
     KernelConfigs,
     alibi_slope_log2,
     any_key,
     batch_stride,
     dot_precision,
+    distinct,
     dropout_keep,
     key_range,
     load_row_tile,
@@ -70,6 +73,42 @@ DKDV_CONFIGS = KernelConfigs(
     shared_memory=_dkdv_shared_memory,
     interpreter_shape=(16, 32, 4, 1),
 )
+
+
+def _fused_dkdv_shared_memory(config, block_d, element_bytes):
+    """dK/dV's tiles and dS^T, which the fused dQ^T = k^T.dS^T reads from shared memory."""
+    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    return _dkdv_shared_memory(config, block_d, element_bytes) + block_n * block_m * element_bytes
+
+
+def _fused_dkdv_mma_sync_shared_memory(config, block_d, element_bytes):
+    """sm_80's copy of the K tile for kT, dQ^T's left operand: mma.sync reads it from shared memory."""
+    return config.kwargs["BLOCK_N"] * block_d * element_bytes
+
+
+def _fused_dkdv_tma_shared_memory(config, block_d):
+    """A TMA build's barriers and its float32 dQ^T tile, staged in shared memory for the TMA reduction."""
+    return TMA_SHARED_BYTES + 4 * block_d * config.kwargs["BLOCK_M"]
+
+
+# deterministic=False: dK/dV with dQ fused in, its own configs. The dQ^T tile (BLOCK_D x BLOCK_M, fp32) is
+# live next to dK and dV, so the tiles are smaller than dK/dV's alone; its dot's M is BLOCK_D, so BLOCK_M
+# 16 still runs it on wgmma (as it does sT and dpT, with N 16). At head dim 128 every BLOCK_M 32
+# shape tried spills with some option; at 256 every shape does (benchmarks/NOTES.md): there, and for any head
+# dim above the largest listed, deterministic=False runs the deterministic kernels.
+FUSED_DKDV_CONFIGS = KernelConfigs(
+    tensor_core={
+        64: [(64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
+        128: [(16, 128, 8, 2), (16, 64, 8, 2), (16, 64, 4, 2)],
+    },
+    fp32=[(16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)],
+    shared_memory=_fused_dkdv_shared_memory,
+    tma_shared_memory=_fused_dkdv_tma_shared_memory,
+    mma_sync_shared_memory=_fused_dkdv_mma_sync_shared_memory,
+    interpreter_shape=DKDV_CONFIGS.interpreter_shape,
+)
+
+
 DQ_CONFIGS = KernelConfigs(
     tensor_core={
         64: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
@@ -114,18 +153,23 @@ def _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q):
     return lse, delta
 
 
+def _prune_dkdv(configs, named_args, **kwargs):
+    fused = {**named_args, **kwargs}["FUSED_DQ"]
+    return (FUSED_DKDV_CONFIGS if fused else DKDV_CONFIGS).prune(configs, named_args, **kwargs)
+
+
 @triton.autotune(
-    configs=DKDV_CONFIGS.all(),
+    configs=distinct(DKDV_CONFIGS.all() + FUSED_DKDV_CONFIGS.all()),
     # lengths as buckets, as in the forward
     key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "FUSED_DQ", "TMA",
          "q_bucket", "k_bucket"],
-    prune_configs_by={"early_config_prune": DKDV_CONFIGS.prune},
+    prune_configs_by={"early_config_prune": _prune_dkdv},
     reset_to_zero=["DQ_ACCUM"],  # the timing runs of the autotuner add to it too
 )
 @triton.jit(do_not_specialize=["dropout_seed", "dropout_offset"])  # as the forward's
 def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    DQ_ACCUM,  # FUSED_DQ: float32, zeroed, for dQ / softmax_scale; laid out as LSE with HEAD_DIM per row
+    DQ_ACCUM,  # FUSED_DQ: float32, zeroed, for dQ / softmax_scale; see new_dq_accumulator
     KEY_MASK,  # PADDED: the bool (B, n_k) key padding mask, True for a real key
     CU_SEQLENS_Q, CU_SEQLENS_K,  # VARLEN: int32 (B + 1,) first rows of the sequences in the packed tensors
     ALIBI_SLOPES,  # ALIBI: float32 (B, n_kv_heads * group)
@@ -136,6 +180,7 @@ def _dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_lseb, stride_lseh,  # of LSE and DELTA, contiguous (B, Hq, rows)
+    stride_dqab, stride_dqah, stride_dqad,  # FUSED_DQ: of DQ_ACCUM (stride_dqad: TMA only)
     n_kv_heads, group, n_q, n_k,  # VARLEN: n_q, n_k are the longest sequences' lengths, for the grid
     q_bucket, k_bucket,  # autotune key only
     softmax_scale,
@@ -205,28 +250,39 @@ def _dkdv_kernel(
         start_n, n_q, n_k, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     row_offset = batch * stride_lseb + q_first
     first_head = kv_head * group
+    # dQ through TMA where it reduces tiles whose first row is 16-byte aligned (4 rows of fp32, in dQ^T's
+    # inner dimension), as TMA requires: not varlen's, whose sequences start anywhere.
+    DQ_TMA: tl.constexpr = TMA and not VARLEN
+    if FUSED_DQ and DQ_TMA:  # (head, column, row)
+        dq_rows = tl.make_tensor_descriptor(DQ_ACCUM + batch * stride_dqab,
+                                            [n_kv_heads * group, HEAD_DIM, (q_first + n_q).to(tl.int32)],
+                                            [stride_dqah, stride_dqad, 1], [1, BLOCK_D, BLOCK_M])
+    else:  # (head, row, column), rows HEAD_DIM apart: a constant stride keeps sm_80's addresses spill-free
+        dq_rows = DQ_ACCUM + batch * stride_dqab + q_first * HEAD_DIM
+    # Where the loops add dQ (FUSED_DQ; unused otherwise).
+    dq_out = (dq_rows, stride_dqah, stride_dqad, q_first)
     # The options' values, bundled for the loops (unused ones are never read); the heads' ALiBi slopes and
     # dropout counters are the loop's, which runs over several query heads.
     options = (window_left, window_right, softcap_log2, ALIBI_SLOPES, batch, n_kv_heads * group, dropout_seed,
                dropout_offset, dropout_threshold, dropout_scale)
     dk, dv = _accumulate_dkdv(
         dk, dv, k, v, q_rows, do_rows, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
-        stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
+        stride_lseh, dq_out, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
         options, masked_start, unmasked_start, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
-        DOT_PRECISION, FUSED_DQ, TMA, BLOCK_M, BLOCK_N,
+        DOT_PRECISION, FUSED_DQ, DQ_TMA, TMA, BLOCK_M, BLOCK_N,
     )
     dk, dv = _accumulate_dkdv(
         dk, dv, k, v, q_rows, do_rows, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
-        stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
+        stride_lseh, dq_out, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
         options, unmasked_start, unmasked_end, False, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
-        DOT_PRECISION, FUSED_DQ, TMA, BLOCK_M, BLOCK_N,
+        DOT_PRECISION, FUSED_DQ, DQ_TMA, TMA, BLOCK_M, BLOCK_N,
     )
     if WINDOW:  # the query tiles below those that see the key tile whole
         dk, dv = _accumulate_dkdv(
             dk, dv, k, v, q_rows, do_rows, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
-            stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
+            stride_lseh, dq_out, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
             options, unmasked_end, visible_end, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
-            DOT_PRECISION, FUSED_DQ, TMA, BLOCK_M, BLOCK_N,
+            DOT_PRECISION, FUSED_DQ, DQ_TMA, TMA, BLOCK_M, BLOCK_N,
         )
 
     dk_base = DK + batch * stride_dkb + kv_head * stride_dkh + k_first * stride_dkn
@@ -246,7 +302,7 @@ def _dkdv_kernel(
 @triton.jit
 def _accumulate_dkdv(
     dk, dv, k, v, q_rows, do_rows, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
-    stride_lseh, DQ_ACCUM, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2, options,
+    stride_lseh, dq_out, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2, options,
     start, end,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -258,13 +314,15 @@ def _accumulate_dkdv(
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr,
+    DQ_TMA: tl.constexpr,
     TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Add query tiles [start, end) of query heads first_head .. first_head + group - 1 (those that read this
     K/V head) to dK (unscaled) and dV; mask (bounds, causal, window) only when MASKED.
-    With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM, atomically.
+    With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM, atomically: dq_out is
+    (dQ's descriptor if DQ_TMA, else its rows' pointer at head 0; its head and column strides; q_first).
 
     The group's heads are summed one after the other into the same accumulators: in a fixed order, with no
     atomics. One loop runs over (head, query tile) pairs: a loop over heads around the loop over tiles
@@ -327,13 +385,19 @@ def _accumulate_dkdv(
         if FUSED_DQ:
             # Keys past n_k load as zeros but their ds may be inf (see _dkdv_kernel), and padding keys are
             # unmasked: drop both before they meet k. Every key tile's program adds to these rows, so the
-            # order of the float32 additions, and the last bits of dQ, vary from run to run. ds is transposed
-            # here, once: dQ = ds.k needs the queries as rows.
+            # order of the float32 additions, and the last bits of dQ, vary from run to run. dQ is computed
+            # transposed, dQT = kT.dsT, so that dsT is the right operand as it stands (dQ = ds.k would
+            # transpose it in registers, through shared memory).
             ds_t = tl.where(real_keys(key_mask_row, offs_n, n_k, PADDED)[:, None], ds_t, 0.0)
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
-            rows = head_rows + offs_m.to(tl.int64)
-            mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-            tl.atomic_add(DQ_ACCUM + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=mask)
+            dq_t = tl.dot(tl.trans(k), ds_t.to(k.dtype), input_precision=DOT_PRECISION)
+            dq_rows, stride_dqah, stride_dqad, q_first = dq_out
+            if DQ_TMA:  # a bulk reduction: no per-element addresses in registers
+                dq_rows.atomic_add([head.to(tl.int32), 0, (q_first + start_m).to(tl.int32)],
+                                   dq_t.reshape(1, dq_rows.block_shape[1], BLOCK_M))
+            else:
+                mask = (offs_d[:, None] < HEAD_DIM) & (offs_m[None, :] < n_q)
+                tl.atomic_add(dq_rows + head * stride_dqah + offs_d[:, None]
+                              + offs_m[None, :].to(tl.int64) * HEAD_DIM, dq_t, mask=mask)
     return dk, dv
 
 
@@ -458,9 +522,9 @@ def _accumulate_dq(
     BLOCK_N: tl.constexpr,
 ):
     """Add key tiles [start, end) to dQ (unscaled); mask keys (bounds, causal, window, padding) only when
-    MASKED. k_rows, v_rows: TMA descriptors (TMA) or the first rows' pointers. options: (window_left, window_right, softcap_log2, slope_log2, dropout_seed, dropout_offset,
-    batch * Hq + head, dropout_threshold, dropout_scale), as _dq_kernel bundles them; the options' gradient
-    terms as in _accumulate_dkdv."""
+    MASKED. k_rows, v_rows: TMA descriptors (TMA) or the first rows' pointers. options: (window_left,
+    window_right, softcap_log2, slope_log2, dropout_seed, dropout_offset, batch * Hq + head, dropout_threshold,
+    dropout_scale), as _dq_kernel bundles them; the options' gradient terms as in _accumulate_dkdv."""
     window_left, window_right, softcap_log2, slope_log2, seed, offset, batch_head, threshold, dropout_scale = options
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -489,6 +553,22 @@ def _accumulate_dq(
     return dq
 
 
+def new_dq_accumulator(batch, heads, rows, head_dim, fused_dq, dq_tma, device):
+    """The fused-dQ kernel's float32 accumulator, zeroed (empty, and unused, without FUSED_DQ).
+
+    Through TMA (_dkdv_kernel's DQ_TMA): (batch, heads, head_dim, rows rounded up to 4), dQ transposed as the
+    kernel computes it, so that its bulk reduction adds a tile as it stands (TMA's strides must be multiples
+    of 16 bytes). Pointers: (batch, heads, rows, head_dim), contiguous.
+    """
+    if not fused_dq:
+        shape = (0, 0, 0, 0)
+    elif dq_tma:
+        shape = (batch, heads, head_dim, max(4, -(-rows // 4) * 4))  # no rows: still 16-byte strides
+    else:
+        shape = (batch, heads, rows, head_dim)
+    return torch.zeros(shape, device=device, dtype=torch.float32)
+
+
 def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, deterministic: bool = True,
                        key_padding_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
                        window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0,
@@ -504,7 +584,8 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
     deterministic=True: the dK/dV and dQ kernels each own their accumulators; for a given config the same
     inputs give bitwise the same gradients (the autotuner picks the config per process, so two processes
     may differ). deterministic=False: dQ is added into a float32 buffer with atomics by the dK/dV kernel
-    (5 matmuls per tile pair instead of 7, no dQ kernel); dQ's last bits then vary from run to run.
+    (5 matmuls per tile pair instead of 7, no dQ kernel); dQ's last bits then vary from run to run. Only
+    where FUSED_DKDV_CONFIGS serves the head dim (up to 128): above, the deterministic kernels run.
     """
     rows_batch, heads, rows_q, head_dim = q.shape
     kv_heads, rows_k = k.shape[1], k.shape[2]
@@ -543,10 +624,9 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
     if batch * n_k == 0:  # no key rows: nothing reaches dq (CUDA refuses an empty grid)
         return dq.zero_(), dk, dv
 
-    fused_dq = not deterministic
-    # Unused (and empty) in the deterministic kernel.
-    dq_accum = torch.zeros((rows_batch, heads, rows_q, head_dim) if fused_dq else 0, device=q.device,
-                           dtype=torch.float32)
+    fused_dq = not deterministic and FUSED_DKDV_CONFIGS.serves(block_d)
+    dq_tma = tma and not varlen  # as _dkdv_kernel's DQ_TMA
+    dq_accum = new_dq_accumulator(rows_batch, heads, rows_q, head_dim, fused_dq, dq_tma, q.device)
     _dkdv_kernel[program_grid(n_k, kv_heads, batch, "BLOCK_N")](
         q, k, v, do, lse, delta, dk, dv,
         dq_accum,
@@ -559,6 +639,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
         batch_stride(dk, varlen), dk.stride(1), dk.stride(2),
         batch_stride(dv, varlen), dv.stride(1), dv.stride(2),
         batch_stride(lse, varlen), lse.stride(1),
+        batch_stride(dq_accum, varlen), dq_accum.stride(1), dq_accum.stride(2),
         kv_heads, heads // kv_heads, n_q, n_k,
         n_bucket(n_q), n_bucket(n_k),
         softmax_scale,
@@ -573,6 +654,8 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
         TMA=tma,
     )
     if fused_dq:
+        if dq_tma:
+            dq_accum = dq_accum[..., :rows_q].transpose(2, 3)
         return dq.copy_(dq_accum * softmax_scale), dk, dv
     if batch * n_q == 0:
         return dq, dk, dv

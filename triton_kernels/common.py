@@ -40,6 +40,14 @@ def make_configs(shapes):
     ]
 
 
+def distinct(configs):
+    """configs without repeats (the same tiles, warps and stages), in order: two kernels' lists may share some."""
+    seen = {}
+    for config in configs:
+        seen.setdefault((tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages), config)
+    return list(seen.values())
+
+
 def n_bucket(n: int) -> int:
     """What the autotuner keys on for a length: its next power of two, so that tiles are tuned per length
     scale (20 buckets up to 2**20 tokens) without retuning and recompiling for every new length."""
@@ -75,18 +83,28 @@ class KernelConfigs:
     sm_80 and sm_90 (where kept; its KNOWN_SPILLS lists the exceptions) and every dot a wgmma on sm_90;
     triton_kernels/RESOURCES.md lists their registers and shared memory. fp32 inputs get their own small
     tiles: "ieee" dots run on CUDA cores.
-    shared_memory(config, block_d, element_bytes) estimates a config's shared memory.
+    shared_memory(config, block_d, element_bytes) estimates a config's shared memory; a TMA build takes
+    tma_shared_memory(config, block_d) more (by default TMA_SHARED_BYTES, its barriers), an fp16/bf16
+    build for sm_80 (mma.sync) mma_sync_shared_memory(config, block_d, element_bytes) more (by default 0).
     """
 
-    def __init__(self, tensor_core, fp32, shared_memory, interpreter_shape):
+    def __init__(self, tensor_core, fp32, shared_memory, interpreter_shape, tma_shared_memory=None,
+                 mma_sync_shared_memory=None):
         self.tensor_core = {
             head_dim: [(make_configs([shape[:4]])[0], shape[4] if len(shape) > 4 else 0) for shape in shapes]
             for head_dim, shapes in sorted(tensor_core.items())
         }
         self.fp32 = make_configs(fp32)
         self.shared_memory = shared_memory
+        self.tma_shared_memory = tma_shared_memory or (lambda config, block_d: TMA_SHARED_BYTES)
+        self.mma_sync_shared_memory = mma_sync_shared_memory or (lambda config, block_d, element_bytes: 0)
         # The interpreter runs each program as numpy code: one small tile, nothing to tune.
+        self.interpreter_shape = interpreter_shape
         self.interpreter = make_configs([interpreter_shape])
+
+    def serves(self, block_d):
+        """Whether some fp16/bf16 list serves this padded head dim."""
+        return block_d <= max(self.tensor_core)
 
     def for_head_dim(self, block_d, arch=None):
         """The fp16/bf16 configs for a padded head dim kept on sm_<arch> (on any, if arch is None)."""
@@ -110,14 +128,17 @@ class KernelConfigs:
         what gets the tuned config."""
         args = {**named_args, **kwargs}
         q, block_d = args["Q"], args["BLOCK_D"]
+        mma_sync = False
         if q.dtype == torch.float32:
             candidates = self.fp32
         else:
-            candidates = self.for_head_dim(block_d, _arch(q.device.index))
-
-        extra = TMA_SHARED_BYTES if args.get("TMA") else 0
+            arch = _arch(q.device.index)
+            candidates, mma_sync = self.for_head_dim(block_d, arch), arch < 90
 
         def size(config):
+            extra = self.tma_shared_memory(config, block_d) if args.get("TMA") else 0
+            if mma_sync:
+                extra += self.mma_sync_shared_memory(config, block_d, q.element_size())
             return self.shared_memory(config, block_d, q.element_size()) + extra
 
         limit = _shared_memory_bytes(q.device.index)

@@ -8,8 +8,8 @@ the transposes (``tt.trans`` in TTGIR), those of matmul results costing a round 
     python -m attention.triton_kernels.resources --write triton_kernels/RESOURCES.md   # the committed table
     python -m attention.triton_kernels.resources --json FILE     # the same as JSON (the compile gate reads it)
 
-Each kernel is compiled at head dims 64, 128 and 256 with the configs it keeps for that head dim
-(KernelConfigs.for_head_dim), and its variants at head dim 128 (VARIANTS, VARIANT_KERNELS). The
+Each kernel is compiled at head dims 64, 128 and 256 (those it has configs for) with the configs it keeps
+for that head dim (KernelConfigs.for_head_dim), and its variants at head dim 128 (VARIANTS, VARIANT_KERNELS). The
 compile gate (tests/test_triton_compile.py) checks the results; the config lists were chosen from this
 table. Must run without TRITON_INTERPRET=1 (under it, the kernels are the interpreter's and cannot be
 compiled).
@@ -46,20 +46,23 @@ VARIANTS = {
     "softcap_alibi": {"SOFTCAP": True, "ALIBI": True},
     "dropout": {"DROPOUT": True},
     "tma": {"TMA": True},  # the tiles through TMA descriptors, as sm_90+ runs them where TMA can address them
+    "tma_varlen": {"TMA": True, "VARLEN": True},  # varlen on sm_90+: per-sequence descriptors; dQ's adds by pointer
 }
 VARIANT_HEAD_DIMS = {variant: HEAD_DIMS if variant in ("plain", "tma") else (128,) for variant in VARIANTS}
 VARIANT_ARCHS = {
-    variant: (90,) if variant in ("window", "softcap_alibi", "dropout", "tma") else ARCHS for variant in VARIANTS
+    variant: ARCHS if variant in ("plain", "padded", "varlen", "paged") else (90,) for variant in VARIANTS
 }
 # The kernels that have each variant: the decode kernel has no key padding, varlen or dropout, only it
 # reads a paged cache.
-TRAINING_KERNELS = ("forward", "dkdv", "dq")
+TRAINING_KERNELS = ("forward", "dkdv", "dkdv_fused", "dq")
 VARIANT_KERNELS = {
     "plain": (*TRAINING_KERNELS, "decode"), "padded": TRAINING_KERNELS, "varlen": TRAINING_KERNELS,
     "paged": ("decode",), "window": (*TRAINING_KERNELS, "decode"), "softcap_alibi": (*TRAINING_KERNELS, "decode"),
     "dropout": TRAINING_KERNELS,
-    "tma": TRAINING_KERNELS,
+    "tma": TRAINING_KERNELS, "tma_varlen": TRAINING_KERNELS,
 }
+# Constexprs a kernel entry compiles with beyond its variant's.
+KERNEL_CONSTEXPRS = {"dkdv_fused": {"FUSED_DQ": True}}
 DTYPE = "bf16"  # fp16 compiles to the same instructions and resources
 
 # (kernel, its KernelConfigs) for every autotuned kernel. Only the fp16/bf16 configs are compiled: the fp32
@@ -67,6 +70,7 @@ DTYPE = "bf16"  # fp16 compiles to the same instructions and resources
 KERNELS = {
     "forward": (forward._forward_kernel, forward.CONFIGS),
     "dkdv": (backward._dkdv_kernel, backward.DKDV_CONFIGS),
+    "dkdv_fused": (backward._dkdv_kernel, backward.FUSED_DKDV_CONFIGS),  # deterministic=False: dQ fused in
     "dq": (backward._dq_kernel, backward.DQ_CONFIGS),
     "decode": (decode._decode_kernel, decode.CONFIGS),
 }
@@ -97,7 +101,8 @@ class Resources:
     wgmma_dots: int  # of those, warp-group (wgmma) dots in TTGIR; the rest run as mma.sync
     mma_sync: bool
     cp_async: bool
-    tma: bool
+    tma: bool  # TMA loads
+    tma_reduce: bool  # TMA reductions (the fused dQ's adds)
     transposes: int  # tt.trans ops in TTGIR: of loaded tiles (a change of view) or of computed ones
     result_transposes: int  # of those, transposes of a matmul result (MMA layout): a trip through shared memory
 
@@ -128,7 +133,7 @@ def _signature(fn):
     return signature, {(index,): [["tt.divisibility", 16]] for index in aligned}
 
 
-def _constexprs(fn, config, head_dim, variant):
+def _constexprs(kernel_name, fn, config, head_dim, variant):
     values = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": head_dim,
@@ -144,6 +149,7 @@ def _constexprs(fn, config, head_dim, variant):
         "FUSED_DQ": False,  # the default, deterministic backward
         "TMA": False,  # the pointer path, which every GPU runs where TMA cannot address the tiles
         **VARIANTS[variant],
+        **KERNEL_CONSTEXPRS.get(kernel_name, {}),
         **config.kwargs,
     }
     return {p.name: values[p.name] for p in fn.params if p.is_constexpr}
@@ -160,7 +166,8 @@ def compile_config(kernel_name, config, arch, head_dim, variant="plain"):
     kernel, _ = KERNELS[kernel_name]
     fn = kernel.fn
     signature, attrs = _signature(fn)
-    source = ASTSource(fn=fn, signature=signature, constexprs=_constexprs(fn, config, head_dim, variant), attrs=attrs)
+    constexprs = _constexprs(kernel_name, fn, config, head_dim, variant)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
     with knobs.compilation.scope(), knobs.nvidia.scope():
         knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
@@ -190,6 +197,7 @@ def compile_config(kernel_name, config, arch, head_dim, variant="plain"):
         mma_sync="mma.sync.aligned" in ptx,
         cp_async="cp.async.cg" in ptx or "cp.async.ca" in ptx,
         tma="cp.async.bulk.tensor" in ptx,
+        tma_reduce="cp.reduce.async.bulk.tensor" in ptx,
         transposes=len(re.findall(r"= tt\.trans ", ttgir)),
         result_transposes=len(re.findall(r"= tt\.trans %\S+ \{[^}]*\} : tensor<[^>]*#mma", ttgir)),
     )
@@ -197,13 +205,14 @@ def compile_config(kernel_name, config, arch, head_dim, variant="plain"):
 
 def all_jobs(kernels=None, variants=None):
     """(kernel, config, arch, head dim, variant) for each variant of each kernel at the variant's head dims
-    and architectures, with every config the kernel keeps for that head dim and arch."""
+    and architectures it serves, with every config the kernel keeps for that head dim and arch."""
     return [
         (name, config, arch, head_dim, variant)
         for variant in variants or VARIANTS
         for name in kernels or KERNELS
         if name in VARIANT_KERNELS[variant]
         for head_dim in VARIANT_HEAD_DIMS[variant]
+        if KERNELS[name][1].serves(head_dim)
         for arch in VARIANT_ARCHS[variant]
         for config in KERNELS[name][1].for_head_dim(head_dim, arch)
     ]
@@ -243,7 +252,8 @@ def format_table(results):
         lines.append(
             f"| {r.kernel} | {r.variant} | {r.arch} | {r.head_dim} | {r.config} | {r.registers} | {r.spill_bytes} | "
             f"{r.shared_bytes / 1024:.0f} | {r.wgmma_dots}/{r.dots} | {'yes' if r.mma_sync else 'no'} | "
-            f"{'yes' if r.cp_async else 'no'} | {'yes' if r.tma else 'no'} | {r.result_transposes}/{r.transposes} |"
+            f"{'yes' if r.cp_async else 'no'} | {'yes' if r.tma else 'no'}{' + reduce' if r.tma_reduce else ''} | "
+            f"{r.result_transposes}/{r.transposes} |"
         )
     return "\n".join(lines)
 
