@@ -67,12 +67,24 @@ DKDV_CONFIGS = KernelConfigs(
     tensor_core={
         64: [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
         128: [(32, 128, 8, 3, 90), (16, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2)],  # 90: spills on sm_80
-        256: [(16, 64, 8, 2), (32, 64, 8, 2)],  # both spill on sm_90 (tests/test_triton_compile.py KNOWN_SPILLS)
+        # Run by each of dkdv_passes' two passes (benchmarks/NOTES.md); 90: past sm_80's shared memory.
+        256: [(16, 64, 8, 2), (16, 128, 8, 2), (32, 128, 8, 2, 90)],
     },
     fp32=[(16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)],
     shared_memory=_dkdv_shared_memory,
     interpreter_shape=(16, 32, 4, 1),
 )
+
+
+# Up to this padded head dim the dK/dV kernel computes both in one pass. Above, two (BLOCK_N, BLOCK_D) fp32
+# accumulators spill on sm_90 with every tile tried (benchmarks/NOTES.md): one launch computes dK and a
+# second dV, recomputing sT = k.qT (5 matmuls per tile pair instead of 4), each holding one accumulator.
+DKDV_ONE_PASS_HEAD_DIM = 128
+
+
+def dkdv_passes(block_d):
+    """(WITH_DK, WITH_DV) of each launch of the dK/dV kernel at a padded head dim."""
+    return [(True, True)] if block_d <= DKDV_ONE_PASS_HEAD_DIM else [(True, False), (False, True)]
 
 
 def _fused_dkdv_shared_memory(config, block_d, element_bytes):
@@ -94,8 +106,8 @@ def _fused_dkdv_tma_shared_memory(config, block_d):
 # deterministic=False: dK/dV with dQ fused in, its own configs. The dQ^T tile (BLOCK_D x BLOCK_M, fp32) is
 # live next to dK and dV, so the tiles are smaller than dK/dV's alone; its dot's M is BLOCK_D, so BLOCK_M
 # 16 still runs it on wgmma (as it does sT and dpT, with N 16). At head dim 128 every BLOCK_M 32
-# shape tried spills with some option; at 256 every shape does (benchmarks/NOTES.md): there, and for any head
-# dim above the largest listed, deterministic=False runs the deterministic kernels.
+# shape tried spills with some option; at 256 every shape does, in one pass or fused into dK's pass of
+# dkdv_passes (benchmarks/NOTES.md): there deterministic=False runs the deterministic kernels.
 FUSED_DKDV_CONFIGS = KernelConfigs(
     tensor_core={
         64: [(64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
@@ -162,7 +174,7 @@ def _prune_dkdv(configs, named_args, **kwargs):
     configs=distinct(DKDV_CONFIGS.all() + FUSED_DKDV_CONFIGS.all()),
     # lengths as buckets, as in the forward
     key=["BLOCK_D", "CAUSAL", "PADDED", "VARLEN", "WINDOW", "SOFTCAP", "ALIBI", "DROPOUT", "FUSED_DQ", "TMA",
-         "q_bucket", "k_bucket"],
+         "WITH_DK", "WITH_DV", "q_bucket", "k_bucket"],
     prune_configs_by={"early_config_prune": _prune_dkdv},
     reset_to_zero=["DQ_ACCUM"],  # the timing runs of the autotuner add to it too
 )
@@ -202,6 +214,8 @@ def _dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr,
     TMA: tl.constexpr,  # tiles through TMA descriptors (sm_90+), as in the forward
+    WITH_DK: tl.constexpr,  # which of dK (and, with FUSED_DQ, dQ) and dV this launch computes: dkdv_passes
+    WITH_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -269,34 +283,32 @@ def _dkdv_kernel(
         dk, dv, k, v, q_rows, do_rows, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
         stride_lseh, dq_out, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
         options, masked_start, unmasked_start, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
-        DOT_PRECISION, FUSED_DQ, DQ_TMA, TMA, BLOCK_M, BLOCK_N,
+        DOT_PRECISION, FUSED_DQ, DQ_TMA, TMA, WITH_DK, WITH_DV, BLOCK_M, BLOCK_N,
     )
     dk, dv = _accumulate_dkdv(
         dk, dv, k, v, q_rows, do_rows, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
         stride_lseh, dq_out, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
         options, unmasked_start, unmasked_end, False, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
-        DOT_PRECISION, FUSED_DQ, DQ_TMA, TMA, BLOCK_M, BLOCK_N,
+        DOT_PRECISION, FUSED_DQ, DQ_TMA, TMA, WITH_DK, WITH_DV, BLOCK_M, BLOCK_N,
     )
     if WINDOW:  # the query tiles below those that see the key tile whole
         dk, dv = _accumulate_dkdv(
             dk, dv, k, v, q_rows, do_rows, stride_qh, stride_qn, stride_doh, stride_don, LSE, DELTA, row_offset,
             stride_lseh, dq_out, first_head, group, start_n, offs_n, offs_d, key_mask_row, n_q, n_k, scale_log2,
             options, unmasked_end, visible_end, True, CAUSAL, PADDED, WINDOW, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM,
-            DOT_PRECISION, FUSED_DQ, DQ_TMA, TMA, BLOCK_M, BLOCK_N,
+            DOT_PRECISION, FUSED_DQ, DQ_TMA, TMA, WITH_DK, WITH_DV, BLOCK_M, BLOCK_N,
         )
 
     dk_base = DK + batch * stride_dkb + kv_head * stride_dkh + k_first * stride_dkn
     dv_base = DV + batch * stride_dvb + kv_head * stride_dvh + k_first * stride_dvn
-    if PADDED:
-        # Padding keys' rows are left alone: the launcher allocated DK and DV zeroed. (Zeroing them here, in
-        # registers, costs spills at head dim 128.)
-        real = real_keys(key_mask_row, offs_n, n_k, PADDED)
+    # Padding keys' rows are left alone: the launcher allocated DK and DV zeroed. (Zeroing them here, in
+    # registers, costs spills at head dim 128.)
+    real = real_keys(key_mask_row, offs_n, n_k, PADDED) if PADDED else None
+    if WITH_DK:
         store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, n_k, offs_d, HEAD_DIM,
                    real)
+    if WITH_DV:
         store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, n_k, offs_d, HEAD_DIM, real)
-    else:
-        store_rows(dk_base, (dk * softmax_scale).to(DK.dtype.element_ty), offs_n, stride_dkn, n_k, offs_d, HEAD_DIM)
-        store_rows(dv_base, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, n_k, offs_d, HEAD_DIM)
 
 
 @triton.jit
@@ -316,11 +328,13 @@ def _accumulate_dkdv(
     FUSED_DQ: tl.constexpr,
     DQ_TMA: tl.constexpr,
     TMA: tl.constexpr,
+    WITH_DK: tl.constexpr,
+    WITH_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Add query tiles [start, end) of query heads first_head .. first_head + group - 1 (those that read this
-    K/V head) to dK (unscaled) and dV; mask (bounds, causal, window) only when MASKED.
+    K/V head) to dK (unscaled, if WITH_DK) and dV (if WITH_DV); mask (bounds, causal, window) only when MASKED.
     With FUSED_DQ, also add each query tile's share of dQ (unscaled) to DQ_ACCUM, atomically: dq_out is
     (dQ's descriptor if DQ_TMA, else its rows' pointer at head 0; its head and column strides; q_first).
 
@@ -371,18 +385,21 @@ def _accumulate_dkdv(
                                    CAUSAL, WINDOW), p_t, 0.0)
         if DROPOUT:
             keep_t = tl.trans(dropout_keep(seed, offset, batch * n_heads + head, offs_m, start_n, threshold, BLOCK_N))
-            dv = tl.dot((tl.where(keep_t, p_t, 0.0) * dropout_scale).to(do.dtype), do, dv,
-                        input_precision=DOT_PRECISION)
+        if WITH_DV:
+            if DROPOUT:
+                dv = tl.dot((tl.where(keep_t, p_t, 0.0) * dropout_scale).to(do.dtype), do, dv,
+                            input_precision=DOT_PRECISION)
+            else:
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if WITH_DK:
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
-        else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP:
-            ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-        if FUSED_DQ:
+            if DROPOUT:
+                dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if FUSED_DQ:  # WITH_DK: it needs ds_t
             # Keys past n_k load as zeros but their ds may be inf (see _dkdv_kernel), and padding keys are
             # unmasked: drop both before they meet k. Every key tile's program adds to these rows, so the
             # order of the float32 additions, and the last bits of dQ, vary from run to run. dQ is computed
@@ -586,6 +603,7 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
     may differ). deterministic=False: dQ is added into a float32 buffer with atomics by the dK/dV kernel
     (5 matmuls per tile pair instead of 7, no dQ kernel); dQ's last bits then vary from run to run. Only
     where FUSED_DKDV_CONFIGS serves the head dim (up to 128): above, the deterministic kernels run.
+    Above head dim 128 the dK/dV kernel runs twice, for dK and for dV (dkdv_passes).
     """
     rows_batch, heads, rows_q, head_dim = q.shape
     kv_heads, rows_k = k.shape[1], k.shape[2]
@@ -627,32 +645,35 @@ def attention_backward(do, q, k, v, o, lse, causal: bool, softmax_scale: float, 
     fused_dq = not deterministic and FUSED_DKDV_CONFIGS.serves(block_d)
     dq_tma = tma and not varlen  # as _dkdv_kernel's DQ_TMA
     dq_accum = new_dq_accumulator(rows_batch, heads, rows_q, head_dim, fused_dq, dq_tma, q.device)
-    _dkdv_kernel[program_grid(n_k, kv_heads, batch, "BLOCK_N")](
-        q, k, v, do, lse, delta, dk, dv,
-        dq_accum,
-        key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-        alibi_slopes,
-        batch_stride(q, varlen), q.stride(1), q.stride(2),
-        batch_stride(k, varlen), k.stride(1), k.stride(2),
-        batch_stride(v, varlen), v.stride(1), v.stride(2),
-        batch_stride(do, varlen), do.stride(1), do.stride(2),
-        batch_stride(dk, varlen), dk.stride(1), dk.stride(2),
-        batch_stride(dv, varlen), dv.stride(1), dv.stride(2),
-        batch_stride(lse, varlen), lse.stride(1),
-        batch_stride(dq_accum, varlen), dq_accum.stride(1), dq_accum.stride(2),
-        kv_heads, heads // kv_heads, n_q, n_k,
-        n_bucket(n_q), n_bucket(n_k),
-        softmax_scale,
-        scale_log2,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        PADDED=padded,
-        VARLEN=varlen,
-        DOT_PRECISION=precision,
-        **options,
-        FUSED_DQ=fused_dq,
-        TMA=tma,
-    )
+    for with_dk, with_dv in dkdv_passes(block_d):
+        _dkdv_kernel[program_grid(n_k, kv_heads, batch, "BLOCK_N")](
+            q, k, v, do, lse, delta, dk, dv,
+            dq_accum,
+            key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+            alibi_slopes,
+            batch_stride(q, varlen), q.stride(1), q.stride(2),
+            batch_stride(k, varlen), k.stride(1), k.stride(2),
+            batch_stride(v, varlen), v.stride(1), v.stride(2),
+            batch_stride(do, varlen), do.stride(1), do.stride(2),
+            batch_stride(dk, varlen), dk.stride(1), dk.stride(2),
+            batch_stride(dv, varlen), dv.stride(1), dv.stride(2),
+            batch_stride(lse, varlen), lse.stride(1),
+            batch_stride(dq_accum, varlen), dq_accum.stride(1), dq_accum.stride(2),
+            kv_heads, heads // kv_heads, n_q, n_k,
+            n_bucket(n_q), n_bucket(n_k),
+            softmax_scale,
+            scale_log2,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            PADDED=padded,
+            VARLEN=varlen,
+            DOT_PRECISION=precision,
+            **options,
+            FUSED_DQ=fused_dq and with_dk,
+            TMA=tma,
+            WITH_DK=with_dk,
+            WITH_DV=with_dv,
+        )
     if fused_dq:
         if dq_tma:
             dq_accum = dq_accum[..., :rows_q].transpose(2, 3)

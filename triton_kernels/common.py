@@ -78,9 +78,9 @@ class KernelConfigs:
 
     tensor_core maps the largest padded head dim a list serves to its (BLOCK_M, BLOCK_N, num_warps,
     num_stages) tuples, with an optional fifth entry, the lowest architecture that keeps the config (90:
-    Hopper only, where it spills on sm_80). Head dim 64 takes the list of 64, head dim 80 that of 128.
-    The compile gate (tests/test_triton_compile.py) holds every config, at its head dim, to no spills on
-    sm_80 and sm_90 (where kept; its KNOWN_SPILLS lists the exceptions) and every dot a wgmma on sm_90;
+    Hopper only, where it spills on sm_80 or overflows its shared memory). Head dim 64 takes the list of
+    64, head dim 80 that of 128. The compile gate (tests/test_triton_compile.py) holds every config, at its
+    head dim, to no spills on sm_80 and sm_90 (where kept) and every dot a wgmma on sm_90;
     triton_kernels/RESOURCES.md lists their registers and shared memory. fp32 inputs get their own small
     tiles: "ieee" dots run on CUDA cores.
     shared_memory(config, block_d, element_bytes) estimates a config's shared memory; a TMA build takes

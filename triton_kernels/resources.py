@@ -33,12 +33,12 @@ from . import backward, decode, forward
 ARCHS = (80, 90)
 HEAD_DIMS = (64, 128, 256)  # the two common ones and the largest supported
 # The constexpr variants of the kernels: "plain" (no key padding, not varlen: what a call without options
-# runs), compiled at every head dim, and one variant per option, compiled at one head dim (128: the
-# largest at which no kept config spills) to hold the option's own code (the padding mask's loads and tile
-# skipping; varlen's sequence bounds; the window's third, masked loop; softcap's tanh and ALiBi's bias,
-# together; dropout's Philox) to the same checks without doubling the gate's time. The score options
-# (window, softcap and ALiBi, dropout) only on sm_90, the architecture they are tuned for. Grouped-query
-# heads are a runtime argument, in every variant.
+# runs), compiled at every head dim, and one variant per option, compiled at one head dim (128: the largest at
+# which the dK/dV kernel computes dK and dV in one pass) to hold the option's own code (the padding mask's
+# loads and tile skipping; varlen's sequence bounds; the window's third, masked loop; softcap's tanh and
+# ALiBi's bias, together; dropout's Philox) to the same checks without doubling the gate's time. The score
+# options (window, softcap and ALiBi, dropout) only on sm_90, the architecture they are tuned for.
+# Grouped-query heads are a runtime argument, in every variant.
 VARIANTS = {
     "plain": {}, "padded": {"PADDED": True}, "varlen": {"VARLEN": True},
     "paged": {"PAGED": True},  # decode from a paged KV cache: its per-key-row block gather
@@ -54,15 +54,21 @@ VARIANT_ARCHS = {
 }
 # The kernels that have each variant: the decode kernel has no key padding, varlen or dropout, only it
 # reads a paged cache.
-TRAINING_KERNELS = ("forward", "dkdv", "dkdv_fused", "dq")
+TRAINING_KERNELS = ("forward", "dkdv", "dk_pass", "dv_pass", "dkdv_fused", "dq")
 VARIANT_KERNELS = {
     "plain": (*TRAINING_KERNELS, "decode"), "padded": TRAINING_KERNELS, "varlen": TRAINING_KERNELS,
     "paged": ("decode",), "window": (*TRAINING_KERNELS, "decode"), "softcap_alibi": (*TRAINING_KERNELS, "decode"),
     "dropout": TRAINING_KERNELS,
     "tma": TRAINING_KERNELS, "tma_varlen": TRAINING_KERNELS,
 }
-# Constexprs a kernel entry compiles with beyond its variant's.
-KERNEL_CONSTEXPRS = {"dkdv_fused": {"FUSED_DQ": True}}
+# Constexprs a kernel entry compiles with beyond its variant's: the dK/dV kernel's passes (launched where
+# backward.dkdv_passes runs them) and its fused dQ.
+KERNEL_CONSTEXPRS = {
+    "dkdv": {"WITH_DK": True, "WITH_DV": True},
+    "dk_pass": {"WITH_DK": True, "WITH_DV": False},
+    "dv_pass": {"WITH_DK": False, "WITH_DV": True},
+    "dkdv_fused": {"WITH_DK": True, "WITH_DV": True, "FUSED_DQ": True},
+}
 DTYPE = "bf16"  # fp16 compiles to the same instructions and resources
 
 # (kernel, its KernelConfigs) for every autotuned kernel. Only the fp16/bf16 configs are compiled: the fp32
@@ -70,6 +76,8 @@ DTYPE = "bf16"  # fp16 compiles to the same instructions and resources
 KERNELS = {
     "forward": (forward._forward_kernel, forward.CONFIGS),
     "dkdv": (backward._dkdv_kernel, backward.DKDV_CONFIGS),
+    "dk_pass": (backward._dkdv_kernel, backward.DKDV_CONFIGS),  # above head dim 128, dK's pass of the same kernel
+    "dv_pass": (backward._dkdv_kernel, backward.DKDV_CONFIGS),  # and dV's
     "dkdv_fused": (backward._dkdv_kernel, backward.FUSED_DKDV_CONFIGS),  # deterministic=False: dQ fused in
     "dq": (backward._dq_kernel, backward.DQ_CONFIGS),
     "decode": (decode._decode_kernel, decode.CONFIGS),
@@ -147,6 +155,8 @@ def _constexprs(kernel_name, fn, config, head_dim, variant):
         "DROPOUT": False,
         "DOT_PRECISION": "tf32",
         "FUSED_DQ": False,  # the default, deterministic backward
+        "WITH_DK": True,
+        "WITH_DV": True,
         "TMA": False,  # the pointer path, which every GPU runs where TMA cannot address the tiles
         **VARIANTS[variant],
         **KERNEL_CONSTEXPRS.get(kernel_name, {}),
@@ -203,16 +213,25 @@ def compile_config(kernel_name, config, arch, head_dim, variant="plain"):
     )
 
 
+def launched(name, head_dim):
+    """Whether the kernel entry runs at this head dim: it has configs for it, and a dK/dV entry's pass is one
+    that backward.dkdv_passes launches there."""
+    constexprs = KERNEL_CONSTEXPRS.get(name, {})
+    if "WITH_DK" in constexprs and (constexprs["WITH_DK"], constexprs["WITH_DV"]) not in backward.dkdv_passes(head_dim):
+        return False
+    return KERNELS[name][1].serves(head_dim)
+
+
 def all_jobs(kernels=None, variants=None):
     """(kernel, config, arch, head dim, variant) for each variant of each kernel at the variant's head dims
-    and architectures it serves, with every config the kernel keeps for that head dim and arch."""
+    and architectures where it runs, with every config the kernel keeps for that head dim and arch."""
     return [
         (name, config, arch, head_dim, variant)
         for variant in variants or VARIANTS
         for name in kernels or KERNELS
         if name in VARIANT_KERNELS[variant]
         for head_dim in VARIANT_HEAD_DIMS[variant]
-        if KERNELS[name][1].serves(head_dim)
+        if launched(name, head_dim)
         for arch in VARIANT_ARCHS[variant]
         for config in KERNELS[name][1].for_head_dim(head_dim, arch)
     ]
