@@ -3,9 +3,9 @@
 Each kernel is compiled, at head dims 64, 128 and 256 (those it runs at: the dK/dV kernel with dQ fused in,
 deterministic=False, stops at 128; above 128 the dK/dV kernel runs as two passes, dk_pass and dv_pass), with
 every fp16/bf16 config it keeps for that head dim, its key-padding and varlen variants (the decode kernel: its
-paged-cache variant) at head dim 128, and its score-option variants (sliding window, softcap with ALiBi,
-dropout) at head dim 128 on sm_90 (triton_kernels/resources.py, VARIANTS; it also writes the committed table
-triton_kernels/RESOURCES.md):
+paged-cache variant), and its score-option variants (sliding window, softcap with ALiBi, dropout) on sm_90,
+these at head dim 128 (the two passes: 256) (triton_kernels/resources.py, VARIANTS; it also writes the
+committed table triton_kernels/RESOURCES.md):
 - no register spills, on either architecture, in any kernel at any head dim;
 - sm_90: every tl.dot a warp-group MMA (wgmma), no mma.sync fallback, but in the decode kernel's 16-row tiles
   (a warp group's wgmma takes 64 rows): mma.sync there;
@@ -101,14 +101,15 @@ def test_kept_config_compiles_clean(compiled, name, variant, arch, head_dim, con
         expected = variant == "tma"
         assert r["tma_reduce"] == expected, f"{case}: TMA reduction {'missing' if expected else 'unexpected'}"
     estimate = CONFIGS[name].shared_memory(config, head_dim, 2)
+    if name == "dv_pass":  # it loads no V tile, which the dK/dV estimate (the pruner's, an upper bound) counts
+        estimate -= config.kwargs["BLOCK_N"] * head_dim * 2
     if tma:  # the pruner adds these to its estimate
         estimate += CONFIGS[name].tma_shared_memory(config, head_dim)
     if arch < 90:
         estimate += CONFIGS[name].mma_sync_shared_memory(config, head_dim, 2)
-    # mma.sync and TMA builds use less shared memory than wgmma builds with cp.async, and dV's pass loads no V
-    # tile: there the estimate need only be an upper bound, so that it never keeps a config that does not fit.
-    exact = wgmma and not tma and name != "dv_pass"
-    fits = abs(estimate - r["shared_bytes"]) <= 8192 if exact else estimate >= r["shared_bytes"]
+    # mma.sync and TMA builds use less shared memory than wgmma builds with cp.async: there the estimate need
+    # only be an upper bound, so that it never keeps a config that does not fit.
+    fits = abs(estimate - r["shared_bytes"]) <= 8192 if wgmma and not tma else estimate >= r["shared_bytes"]
     assert fits, f"{case}: shared memory estimated {estimate} bytes, compiled {r['shared_bytes']}"
 
 

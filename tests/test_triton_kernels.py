@@ -252,27 +252,30 @@ def test_fused_dq_up_to_head_dim_128(head_dim, fused, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(grads, exact))
 
 
-EVERY_OPTION = dict(key_padding_mask=True, window_left=5, window_right=0, softcap=0.8, alibi_slopes=True, dropout_p=0.25,
-                    dropout_seed=3)
-
-
-@pytest.mark.parametrize("options", [{}, EVERY_OPTION], ids=["plain", "every_option"])
-def test_dkdv_in_two_passes(options, monkeypatch):
-    """Above head dim 128 the dK/dV kernel runs once for dK and once for dV (dkdv_passes): the same arithmetic
-    as the one pass, so the same gradients bit for bit. Checked by lowering the threshold at a small head dim
-    (test_matches_reference holds a head dim above 128 to the tolerance rule)."""
-    batch, heads, kv_heads, n_q, n_k = 2, 4, 2, 19, 37
-    q, k, v, do = grouped_inputs(batch, heads, kv_heads, n_q, n_k, 24, torch.bfloat16, seed=13)
-    arguments = dict(options)
-    if options:
+@pytest.mark.parametrize("case", ["plain", "every_option", "atomic_dq", "varlen"])
+def test_dkdv_in_two_passes(case, monkeypatch):
+    """Above head dim 128 the dK/dV kernel runs once for dV and once for dK (dkdv_passes): the same arithmetic
+    as the one pass, so the same gradients bit for bit (the interpreter runs the programs in order, so the
+    atomic dQ too). Checked by lowering the threshold at a small head dim (test_matches_reference holds a
+    head dim above 128 to the tolerance rule). every_option: key padding, window, softcap, ALiBi and
+    dropout with grouped heads."""
+    batch, heads, kv_heads, n_q, n_k, head_dim = 2, 4, 2, 19, 37, 24
+    arguments, deterministic = {}, case != "atomic_dq"
+    if case == "varlen":
+        q, k, v, do, cu_q, cu_k = packed_inputs([19, 5], [37, 12], heads, kv_heads, head_dim, torch.bfloat16, seed=8)
+        arguments = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=19, max_seqlen_k=37)
+    else:
+        q, k, v, do = grouped_inputs(batch, heads, kv_heads, n_q, n_k, head_dim, torch.bfloat16, seed=13)
+    if case == "every_option":
         mask = torch.rand(batch, n_k, generator=torch.Generator().manual_seed(2)) > 0.3
-        arguments.update(key_padding_mask=mask.to(DEVICE), alibi_slopes=slopes(batch, heads, seed=4))
+        arguments = dict(key_padding_mask=mask.to(DEVICE), window_left=5, window_right=0, softcap=0.8,
+                         alibi_slopes=slopes(batch, heads, seed=4), dropout_p=0.25, dropout_seed=3)
     o, lse = attention_forward(q, k, v, True, 0.3, **arguments)
-    one_pass = attention_backward(do, q, k, v, o, lse, True, 0.3, **arguments)
+    one_pass = attention_backward(do, q, k, v, o, lse, True, 0.3, deterministic, **arguments)
     dkdv_kernel = LaunchCounter(backward._dkdv_kernel)
     monkeypatch.setattr(backward, "_dkdv_kernel", dkdv_kernel)
     monkeypatch.setattr(backward, "DKDV_ONE_PASS_HEAD_DIM", 16)
-    two_passes = attention_backward(do, q, k, v, o, lse, True, 0.3, **arguments)
+    two_passes = attention_backward(do, q, k, v, o, lse, True, 0.3, deterministic, **arguments)
     assert dkdv_kernel.launches == 2
     assert all(torch.equal(a, b) for a, b in zip(one_pass, two_passes))
 

@@ -2,7 +2,8 @@
 
 1. delta = rowsum(dO * O), the softmax-gradient term every score of a row shares.
 2. dK, dV: one program per key tile of a K/V head, looping over the query heads that read that K/V head
-   (several with grouped-query attention) and the query tiles that see the key tile.
+   (several with grouped-query attention) and the query tiles that see the key tile. Above head dim 128,
+   two launches, one for dV and one for dK (dkdv_passes: 8 matmuls per tile pair in all).
 3. dQ: one program per query tile, looping over the key tiles it sees.
 Both loops rebuild P = exp2(scale_log2 * q.k - lse_log2) from the forward's lse instead of storing P.
 Splitting dK/dV from dQ costs one extra recomputation of P (7 matmuls per tile pair instead of 5) but
@@ -62,7 +63,8 @@ def _dq_shared_memory(config, block_d, element_bytes):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim; see KernelConfigs for what they are held to.
-# dK/dV keeps a key tile and two fp32 accumulators resident and streams query tiles; dQ is the mirror image.
+# dK/dV keeps a key tile and two fp32 accumulators (one per pass above head dim 128) resident and streams query
+# tiles; dQ is the mirror image.
 DKDV_CONFIGS = KernelConfigs(
     tensor_core={
         64: [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
@@ -83,8 +85,9 @@ DKDV_ONE_PASS_HEAD_DIM = 128
 
 
 def dkdv_passes(block_d):
-    """(WITH_DK, WITH_DV) of each launch of the dK/dV kernel at a padded head dim."""
-    return [(True, True)] if block_d <= DKDV_ONE_PASS_HEAD_DIM else [(True, False), (False, True)]
+    """(WITH_DK, WITH_DV) of each launch of the dK/dV kernel at a padded head dim. dK's pass, which adds the
+    fused dQ, runs last: the autotuner zeroes DQ_ACCUM before it tunes a launch (reset_to_zero)."""
+    return [(True, True)] if block_d <= DKDV_ONE_PASS_HEAD_DIM else [(False, True), (True, False)]
 
 
 def _fused_dkdv_shared_memory(config, block_d, element_bytes):
@@ -219,6 +222,7 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    tl.static_assert(WITH_DK or not FUSED_DQ, "the fused dQ needs dS, which dK's pass computes")
     start_n, batch, kv_head = program_tile(n_k, n_kv_heads, BLOCK_N)
     q_first, n_q = sequence(CU_SEQLENS_Q, batch, n_q, VARLEN)
     k_first, n_k = sequence(CU_SEQLENS_K, batch, n_k, VARLEN)

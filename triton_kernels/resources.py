@@ -8,9 +8,9 @@ the transposes (``tt.trans`` in TTGIR), those of matmul results costing a round 
     python -m attention.triton_kernels.resources --write triton_kernels/RESOURCES.md   # the committed table
     python -m attention.triton_kernels.resources --json FILE     # the same as JSON (the compile gate reads it)
 
-Each kernel is compiled at head dims 64, 128 and 256 (those it has configs for) with the configs it keeps
-for that head dim (KernelConfigs.for_head_dim), and its variants at head dim 128 (VARIANTS, VARIANT_KERNELS). The
-compile gate (tests/test_triton_compile.py) checks the results; the config lists were chosen from this
+Each kernel is compiled at head dims 64, 128 and 256 (those it runs at: `launched`) with the configs it keeps
+for that head dim (KernelConfigs.for_head_dim), and its option variants at one head dim (VARIANTS,
+VARIANT_KERNELS, `compiled_head_dims`). The compile gate (tests/test_triton_compile.py) checks the results; the config lists were chosen from this
 table. Must run without TRITON_INTERPRET=1 (under it, the kernels are the interpreter's and cannot be
 compiled).
 """
@@ -33,12 +33,12 @@ from . import backward, decode, forward
 ARCHS = (80, 90)
 HEAD_DIMS = (64, 128, 256)  # the two common ones and the largest supported
 # The constexpr variants of the kernels: "plain" (no key padding, not varlen: what a call without options
-# runs), compiled at every head dim, and one variant per option, compiled at one head dim (128: the largest at
-# which the dK/dV kernel computes dK and dV in one pass) to hold the option's own code (the padding mask's
-# loads and tile skipping; varlen's sequence bounds; the window's third, masked loop; softcap's tanh and
-# ALiBi's bias, together; dropout's Philox) to the same checks without doubling the gate's time. The score
-# options (window, softcap and ALiBi, dropout) only on sm_90, the architecture they are tuned for.
-# Grouped-query heads are a runtime argument, in every variant.
+# runs), compiled at every head dim, and one variant per option, compiled at one head dim (128, the largest at
+# which the dK/dV kernel computes dK and dV in one pass; 256 for its two passes) to hold the option's own code
+# (the padding mask's loads and tile skipping; varlen's sequence bounds; the window's third, masked loop;
+# softcap's tanh and ALiBi's bias, together; dropout's Philox) to the same checks without doubling the gate's
+# time. The score options (window, softcap and ALiBi, dropout) only on sm_90, the architecture they are tuned
+# for. Grouped-query heads are a runtime argument, in every variant.
 VARIANTS = {
     "plain": {}, "padded": {"PADDED": True}, "varlen": {"VARLEN": True},
     "paged": {"PAGED": True},  # decode from a paged KV cache: its per-key-row block gather
@@ -48,7 +48,7 @@ VARIANTS = {
     "tma": {"TMA": True},  # the tiles through TMA descriptors, as sm_90+ runs them where TMA can address them
     "tma_varlen": {"TMA": True, "VARLEN": True},  # varlen on sm_90+: per-sequence descriptors; dQ's adds by pointer
 }
-VARIANT_HEAD_DIMS = {variant: HEAD_DIMS if variant in ("plain", "tma") else (128,) for variant in VARIANTS}
+OPTION_HEAD_DIMS = (128, 256)  # an option variant's head dim: the first of these at which the kernel runs
 VARIANT_ARCHS = {
     variant: ARCHS if variant in ("plain", "padded", "varlen", "paged") else (90,) for variant in VARIANTS
 }
@@ -222,6 +222,14 @@ def launched(name, head_dim):
     return KERNELS[name][1].serves(head_dim)
 
 
+def compiled_head_dims(name, variant):
+    """The head dims a kernel entry's variant is compiled at: those it runs at for plain and tma, the first
+    of OPTION_HEAD_DIMS it runs at for an option's variant."""
+    if variant in ("plain", "tma"):
+        return [d for d in HEAD_DIMS if launched(name, d)]
+    return [d for d in OPTION_HEAD_DIMS if launched(name, d)][:1]
+
+
 def all_jobs(kernels=None, variants=None):
     """(kernel, config, arch, head dim, variant) for each variant of each kernel at the variant's head dims
     and architectures where it runs, with every config the kernel keeps for that head dim and arch."""
@@ -230,8 +238,7 @@ def all_jobs(kernels=None, variants=None):
         for variant in variants or VARIANTS
         for name in kernels or KERNELS
         if name in VARIANT_KERNELS[variant]
-        for head_dim in VARIANT_HEAD_DIMS[variant]
-        if launched(name, head_dim)
+        for head_dim in compiled_head_dims(name, variant)
         for arch in VARIANT_ARCHS[variant]
         for config in KERNELS[name][1].for_head_dim(head_dim, arch)
     ]
