@@ -568,14 +568,23 @@ def test_config_pruning(configs, monkeypatch):
 
 
 def test_dkdv_prunes_from_its_own_list(monkeypatch):
-    """The dK/dV kernel autotunes over both lists; each call keeps only its own: FUSED_DQ's or the other's."""
-    monkeypatch.setattr(common, "_shared_memory_bytes", lambda device_index: 232448)
+    """The dK/dV kernel autotunes over both lists; each call keeps only its own: FUSED_DQ's or the other's,
+    with dV's pass's own shared-memory estimate (no V tile), which keeps more tiles where memory is short."""
     monkeypatch.setattr(common, "_arch", lambda device_index: 90)
-    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
-    for fused, configs in ((False, backward.DKDV_CONFIGS), (True, backward.FUSED_DKDV_CONFIGS)):
-        args = {"Q": q, "BLOCK_D": 128, "TMA": False}
-        kept = backward._prune_dkdv(backward._dkdv_kernel.configs, args, FUSED_DQ=fused)
-        assert config_shapes(kept) == config_shapes(configs.prune(configs.all(), args))
+    cases = [(128, False, True, backward.DKDV_CONFIGS), (128, True, True, backward.FUSED_DKDV_CONFIGS),
+             (256, False, True, backward.DKDV_CONFIGS), (256, False, False, backward.DV_PASS_CONFIGS)]
+    for limit in (232448, 101376):  # H100; the 99 KiB of sm_86/sm_89
+        monkeypatch.setattr(common, "_shared_memory_bytes", lambda device_index: limit)
+        for block_d, fused, with_dk, configs in cases:
+            q = torch.empty(1, 1, 1, block_d, dtype=torch.bfloat16)
+            args = {"Q": q, "BLOCK_D": block_d, "TMA": False}
+            kept = backward._prune_dkdv(backward._dkdv_kernel.configs, args, FUSED_DQ=fused, WITH_DK=with_dk)
+            assert config_shapes(kept) == config_shapes(configs.prune(configs.all(), args))
+    # At 99 KiB and head dim 256, 16x128 fits dV's pass (96 KiB) but not dK's (160 KiB).
+    dv_pass, dk_pass = (backward._prune_dkdv(backward._dkdv_kernel.configs, args, FUSED_DQ=False, WITH_DK=with_dk)
+                        for with_dk in (False, True))
+    assert config_shapes(dv_pass) == config_shapes(dk_pass) + [(16, 128, 8, 2)]
+    assert not backward.FUSED_DKDV_CONFIGS.serves(256) and backward.FUSED_DKDV_CONFIGS.serves(128)
     assert not backward.FUSED_DKDV_CONFIGS.serves(256) and backward.FUSED_DKDV_CONFIGS.serves(128)
 
 

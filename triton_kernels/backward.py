@@ -84,6 +84,14 @@ DKDV_CONFIGS = KernelConfigs(
 DKDV_ONE_PASS_HEAD_DIM = 128
 
 
+def _dv_pass_shared_memory(config, block_d, element_bytes):
+    """dV's pass (dkdv_passes) loads no V tile."""
+    return _dkdv_shared_memory(config, block_d, element_bytes) - config.kwargs["BLOCK_N"] * block_d * element_bytes
+
+
+DV_PASS_CONFIGS = DKDV_CONFIGS.with_shared_memory(_dv_pass_shared_memory)
+
+
 def dkdv_passes(block_d):
     """(WITH_DK, WITH_DV) of each launch of the dK/dV kernel at a padded head dim. dK's pass, which adds the
     fused dQ, runs last: the autotuner zeroes DQ_ACCUM before it tunes a launch (reset_to_zero)."""
@@ -169,8 +177,14 @@ def _load_row_stats(LSE, DELTA, row_offset, offs_m, n_q):
 
 
 def _prune_dkdv(configs, named_args, **kwargs):
-    fused = {**named_args, **kwargs}["FUSED_DQ"]
-    return (FUSED_DKDV_CONFIGS if fused else DKDV_CONFIGS).prune(configs, named_args, **kwargs)
+    args = {**named_args, **kwargs}
+    if args["FUSED_DQ"]:
+        kernel_configs = FUSED_DKDV_CONFIGS
+    elif not args["WITH_DK"]:
+        kernel_configs = DV_PASS_CONFIGS
+    else:
+        kernel_configs = DKDV_CONFIGS
+    return kernel_configs.prune(configs, named_args, **kwargs)
 
 
 @triton.autotune(

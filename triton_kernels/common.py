@@ -1,6 +1,7 @@
 """Pieces shared by the forward and backward kernels: tile loads, which keys a query sees (causal, sliding
 window, key padding, varlen sequences), the score modifications (softcap, ALiBi), the dropout keep-mask,
 config rules."""
+import copy
 import functools
 import math
 import os
@@ -101,6 +102,12 @@ class KernelConfigs:
         # The interpreter runs each program as numpy code: one small tile, nothing to tune.
         self.interpreter_shape = interpreter_shape
         self.interpreter = make_configs([interpreter_shape])
+
+    def with_shared_memory(self, shared_memory):
+        """The same configs for a build of the kernel whose shared memory shared_memory estimates."""
+        other = copy.copy(self)
+        other.shared_memory = shared_memory
+        return other
 
     def serves(self, block_d):
         """Whether some fp16/bf16 list serves this padded head dim."""

@@ -77,7 +77,7 @@ KERNELS = {
     "forward": (forward._forward_kernel, forward.CONFIGS),
     "dkdv": (backward._dkdv_kernel, backward.DKDV_CONFIGS),
     "dk_pass": (backward._dkdv_kernel, backward.DKDV_CONFIGS),  # above head dim 128, dK's pass of the same kernel
-    "dv_pass": (backward._dkdv_kernel, backward.DKDV_CONFIGS),  # and dV's
+    "dv_pass": (backward._dkdv_kernel, backward.DV_PASS_CONFIGS),  # and dV's
     "dkdv_fused": (backward._dkdv_kernel, backward.FUSED_DKDV_CONFIGS),  # deterministic=False: dQ fused in
     "dq": (backward._dq_kernel, backward.DQ_CONFIGS),
     "decode": (decode._decode_kernel, decode.CONFIGS),
