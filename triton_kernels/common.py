@@ -532,9 +532,10 @@ def _set_tma_allocator():
         triton.set_allocator(_tma_allocator)
 
 
-def batch_stride(x, varlen):
-    """x.stride(0) for a kernel's batch offset; 0 in varlen, where every sequence lives in batch 0."""
-    return 0 if varlen else x.stride(0)
+def kernel_strides(x, varlen):
+    """x's strides as the kernels take them: all but the last, a unit stride, with the batch's 0 in varlen,
+    where every sequence lives in batch 0."""
+    return (0 if varlen else x.stride(0), *x.stride()[1:-1])
 
 
 def new_rows(batch, heads, n_rows, head_dim, varlen, like):

@@ -10,9 +10,9 @@ the transposes (``tt.trans`` in TTGIR), those of matmul results costing a round 
 
 Each kernel is compiled at head dims 64, 128 and 256 (those it runs at: `launched`) with the configs it keeps
 for that head dim (KernelConfigs.for_head_dim), and its option variants at one head dim (VARIANTS,
-VARIANT_KERNELS, `compiled_head_dims`). The compile gate (tests/test_triton_compile.py) checks the results; the config lists were chosen from this
-table. Must run without TRITON_INTERPRET=1 (under it, the kernels are the interpreter's and cannot be
-compiled).
+VARIANT_KERNELS, `compiled_head_dims`). The compile gate (tests/test_triton_compile.py) checks the results;
+the config lists were chosen from this table. Must run without TRITON_INTERPRET=1 (under it, the kernels are
+the interpreter's and cannot be compiled).
 """
 import argparse
 import contextlib
@@ -155,8 +155,6 @@ def _constexprs(kernel_name, fn, config, head_dim, variant):
         "DROPOUT": False,
         "DOT_PRECISION": "tf32",
         "FUSED_DQ": False,  # the default, deterministic backward
-        "WITH_DK": True,
-        "WITH_DV": True,
         "TMA": False,  # the pointer path, which every GPU runs where TMA cannot address the tiles
         **VARIANTS[variant],
         **KERNEL_CONSTEXPRS.get(kernel_name, {}),
@@ -217,7 +215,8 @@ def launched(name, head_dim):
     """Whether the kernel entry runs at this head dim: it has configs for it, and a dK/dV entry's pass is one
     that backward.dkdv_passes launches there."""
     constexprs = KERNEL_CONSTEXPRS.get(name, {})
-    if "WITH_DK" in constexprs and (constexprs["WITH_DK"], constexprs["WITH_DV"]) not in backward.dkdv_passes(head_dim):
+    dkdv_pass = (constexprs.get("WITH_DK"), constexprs.get("WITH_DV"))
+    if "WITH_DK" in constexprs and dkdv_pass not in backward.dkdv_passes(head_dim):
         return False
     return KERNELS[name][1].serves(head_dim)
 
